@@ -1,0 +1,64 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from adaskip_rag import AdaSkipEngine
+from adaskip_rag.loading import default_model_path
+
+VOCAB = 49152  # the default model's tokenizer, so tiny models can be driven with text
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2, bos_token_id=1, pad_token_id=2,
+)
+ARCHS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),
+    # a window shorter than the test prompts, so the sliding-window masks and cache are exercised
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=16)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16)),
+}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    model = ARCHS[arch]().eval()
+    # random weights give near-uniform logits; sharpen them so greedy choices are stable, not ties
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def default_path():
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_path):
+    return AutoTokenizer.from_pretrained(default_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tokenizer):
+    return AdaSkipEngine(tiny_model("llama"), tokenizer, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def default_engine():
+    torch.set_num_threads(2)
+    return AdaSkipEngine.from_pretrained("default")

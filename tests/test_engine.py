@@ -1,0 +1,264 @@
+"""Generation, streaming, stop handling, thread safety, stats and bad input of AdaSkipEngine (tiny model)."""
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from adaskip_rag import AdaSkipEngine, CostModel, SkipPlan
+
+PROMPT = "Retrieved context: the quick brown fox jumps over the lazy dog. Question: what jumps?"
+NO_EOS = {"max_new_tokens": 24}
+
+
+def test_greedy_matches_model_generate(tiny_engine):
+    ids = tiny_engine.encode(PROMPT)
+    result = tiny_engine.generate(ids, max_new_tokens=20)
+    with torch.no_grad():
+        out = tiny_engine.model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=2)
+    assert result.token_ids == out[0, len(ids) :].tolist()
+    assert result.text == tiny_engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    assert result.stats.prompt_tokens == len(ids) and result.stats.generated_tokens == len(result.token_ids)
+
+
+def test_sampling_is_seeded_and_uses_the_processors(tiny_engine):
+    a = tiny_engine.generate(PROMPT, temperature=1.5, seed=7, **NO_EOS)
+    b = tiny_engine.generate(PROMPT, temperature=1.5, seed=7, **NO_EOS)
+    c = tiny_engine.generate(PROMPT, temperature=1.5, seed=8, **NO_EOS)
+    assert a.token_ids == b.token_ids != c.token_ids
+    greedy = tiny_engine.generate(PROMPT, **NO_EOS)
+    assert tiny_engine.generate(PROMPT, temperature=5.0, top_k=1, seed=3, **NO_EOS).token_ids == greedy.token_ids
+    assert tiny_engine.generate(PROMPT, temperature=5.0, top_p=1e-6, seed=3, **NO_EOS).token_ids == greedy.token_ids
+    penalised = tiny_engine.generate(PROMPT, repetition_penalty=50.0, **NO_EOS).token_ids
+    assert len(set(penalised)) == len(penalised)  # a huge penalty never repeats a token
+
+
+def test_stop_strings_cut_the_text_and_the_stream(tiny_engine):
+    full = tiny_engine.generate(PROMPT, max_new_tokens=40)
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    assert stop.strip(), "the tiny model's text should be long enough to pick a stop string from"
+    expected = full.text[: full.text.find(stop)]
+    result = tiny_engine.generate(PROMPT, max_new_tokens=40, stop=[stop, "never-appears"])
+    assert result.text == expected and result.stats.finish_reason == "stop"
+    deltas = list(tiny_engine.stream(PROMPT, max_new_tokens=40, stop=stop))
+    assert "".join(deltas) == expected and all(stop not in d for d in deltas)
+
+
+def test_stop_token_ids_end_generation_without_their_text(tiny_engine):
+    full = tiny_engine.generate(PROMPT, max_new_tokens=30)
+    stop_token = full.token_ids[5]
+    first = full.token_ids.index(stop_token)
+    result = tiny_engine.generate(PROMPT, max_new_tokens=30, stop_token_ids=[stop_token])
+    assert result.token_ids == full.token_ids[: first + 1]
+    assert result.text == tiny_engine.tokenizer.decode(full.token_ids[:first], skip_special_tokens=True)
+    assert result.stats.finish_reason == "stop"
+
+
+def test_stream_deltas_join_to_generated_text(tiny_engine):
+    plan = SkipPlan(attn={1: 1.0}, ffn={4: 0.9})
+    result = tiny_engine.generate(PROMPT, plan, max_new_tokens=30)
+    stream = tiny_engine.stream(PROMPT, plan, max_new_tokens=30)
+    deltas = list(stream)
+    assert len(deltas) > 3 and "".join(deltas) == result.text
+    assert stream.result.token_ids == result.token_ids
+
+
+class CountingEngine:
+    """Counts forward steps of an engine and optionally fails at one of them."""
+
+    def __init__(self, engine: AdaSkipEngine, monkeypatch, fail_at: int | None = None):
+        self.calls = 0
+        forward = engine.forward
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            if self.calls == fail_at:
+                raise RuntimeError("injected failure")
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "forward", counted)
+
+
+def test_stopping_to_read_stops_generation(tiny_engine, monkeypatch):
+    counter = CountingEngine(tiny_engine, monkeypatch)
+    stream = tiny_engine.stream(PROMPT, max_new_tokens=200)
+    for _ in range(3):
+        next(stream)
+    stream.close()
+    calls = counter.calls
+    assert calls < 10
+    time.sleep(0.2)
+    assert counter.calls == calls
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+def test_error_in_generation_reaches_the_consumer(tiny_engine, monkeypatch):
+    CountingEngine(tiny_engine, monkeypatch, fail_at=4)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        for _ in tiny_engine.stream(PROMPT, max_new_tokens=50):
+            pass
+
+
+def test_async_stream_joins_cancels_and_raises(tiny_engine, monkeypatch):
+    expected = tiny_engine.generate(PROMPT, max_new_tokens=30).text
+
+    async def collect(**kwargs):
+        return [d async for d in tiny_engine.astream(PROMPT, **kwargs)]
+
+    assert "".join(asyncio.run(collect(max_new_tokens=30))) == expected
+    assert asyncio.run(tiny_engine.agenerate(PROMPT, max_new_tokens=30)).text == expected
+
+    counter = CountingEngine(tiny_engine, monkeypatch)
+
+    async def read_two():
+        stream = tiny_engine.astream(PROMPT, max_new_tokens=200)
+        await stream.__anext__()
+        await stream.__anext__()
+        await stream.aclose()  # returns once the worker has stopped
+
+    asyncio.run(read_two())
+    calls = counter.calls
+    assert calls < 200
+    time.sleep(0.2)
+    assert counter.calls == calls
+
+    monkeypatch.undo()
+    CountingEngine(tiny_engine, monkeypatch, fail_at=3)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        asyncio.run(asyncio.wait_for(collect(max_new_tokens=50), timeout=60))
+
+
+def test_eight_threads_with_different_plans_reproduce_serial_outputs(tiny_engine):
+    plans = [
+        SkipPlan(),
+        SkipPlan(attn={0: 1.0}),
+        SkipPlan(attn={2: 0.9, 5: 1.1}),
+        SkipPlan(ffn={1: 1.0, 3: 0.8}),
+        SkipPlan(attn={4: 1.0}, ffn={4: 1.0}),
+        SkipPlan(decode_ffn={2: 1.2}),
+        SkipPlan(attn={1: 1.0, 3: 1.0}, decode_ffn={5: 0.9}),
+        SkipPlan(ffn={0: 1.0}),
+    ]
+    requests = [dict(plan=p, max_new_tokens=20, probe=i % 2 == 0) for i, p in enumerate(plans)]
+    requests[3].update(temperature=1.0, seed=11)
+    serial = [tiny_engine.generate(PROMPT, **r) for r in requests]
+    assert len({tuple(r.token_ids) for r in serial}) > 4, "the plans should lead to different outputs"
+
+    results: list = [None] * len(requests)
+    barrier = threading.Barrier(len(requests))
+
+    def run(i):
+        barrier.wait()
+        results[i] = tiny_engine.generate(PROMPT, **requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, serial):
+        assert got.token_ids == want.token_ids
+        assert got.prefill_probes == want.prefill_probes
+
+
+def test_chat_messages_use_the_chat_template(tiny_engine):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = tiny_engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert tiny_engine.encode(messages) == tiny_engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_stats_are_json_and_count_what_was_skipped(tiny_engine):
+    plan = SkipPlan(attn={0: 1.0, 5: 1.0}, ffn={2: 1.0}, decode_ffn={3: 1.0})
+    result = tiny_engine.generate(PROMPT, plan, max_new_tokens=10, stop_token_ids=[])
+    stats = json.loads(json.dumps(result.stats.to_dict()))
+    n, g = stats["prompt_tokens"], stats["generated_tokens"]
+    assert g == 10 and stats["finish_reason"] == "length"
+    assert stats["skipped_attention"] == [0, 5]
+    assert stats["skipped_ffn_prefill"] == [2] and stats["skipped_ffn_decode"] == [2, 3]
+    cfg = tiny_engine.config  # 2 layers x (K and V) x kv heads x head dim x fp32, for every cached token
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert stats["kv_bytes_saved"] == 2 * 2 * cfg.num_key_value_heads * head_dim * 4 * (n + g - 1)
+    costs = CostModel.from_config(cfg)
+    assert stats["estimated_prefill_speedup"] == pytest.approx(costs.speedup(n, 2, 1, "prefill"))
+    assert stats["estimated_decode_speedup"] == pytest.approx(costs.speedup(n, 2, 2, "decode"))
+    assert stats["prefill_seconds"] > 0 and stats["decode_tokens_per_s"] > 0
+
+
+def test_cost_model_matches_hand_computation():
+    class SmolLM2:  # the default model's shape
+        hidden_size, intermediate_size, num_attention_heads, num_key_value_heads = 576, 1536, 9, 3
+        vocab_size, num_hidden_layers = 49152, 30
+
+    costs = CostModel.from_config(SmolLM2)
+    d, dff, n = 576, 1536, 2048
+    attn = 4 * d * d * (1 + 3 / 9) + 2 * n * d
+    assert costs.attention(n) == pytest.approx(attn)
+    assert costs.ffn() == 6 * d * dff
+    full = 30 * (attn + 6 * d * dff)
+    assert costs.speedup(n, 16, 0) == pytest.approx(full / (full - 16 * attn))
+    assert costs.speedup(2048, 16, 0) == pytest.approx(1.30, abs=0.01)
+    assert costs.speedup(4096, 16, 0) == pytest.approx(1.42, abs=0.01)
+    decode_attn = 4 * d * d * (1 + 3 / 9) + 4 * n * d
+    decode_full = 30 * (decode_attn + 6 * d * dff) + 2 * d * 49152
+    assert costs.speedup(n, 0, 4, "decode") == pytest.approx(decode_full / (decode_full - 4 * 6 * d * dff))
+
+
+@pytest.mark.parametrize(
+    "prompt, kwargs, message",
+    [
+        ("", {}, "prompt is empty"),
+        ("   ", {}, "prompt is empty"),
+        ([], {}, "prompt is empty"),
+        ([10**9], {}, "out of range for vocabulary"),
+        ([{"role": "user"}, 3], {}, "prompt must be"),
+        ("hi", {"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+        ("hi", {"temperature": -1.0}, "temperature"),
+        ("hi", {"temperature": float("nan")}, "temperature"),
+        ("hi", {"top_p": 0.0}, "top_p"),
+        ("hi", {"top_k": -2}, "top_k"),
+        ("hi", {"stop": [""]}, "stop strings"),
+        ("hi", {"plan": SkipPlan(attn={6: 1.0})}, "out of range for a 6-layer model"),
+        ("hi", {"truncation": "middle"}, "truncation"),
+        ("word " * 600, {}, "context window is 512"),
+    ],
+)
+def test_bad_input_raises_value_error(tiny_engine, prompt, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_engine.generate(prompt, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        tiny_engine.stream(prompt, **kwargs)  # before any work is done
+
+
+def test_left_truncation_keeps_the_prompt_end(tiny_engine):
+    ids = tiny_engine.encode("word " * 600)
+    result = tiny_engine.generate(ids, max_new_tokens=8, truncation="left")
+    assert result.stats.prompt_tokens == 512 - 8
+    assert result.stats.generated_tokens <= 8
+
+
+def test_generation_stops_at_the_context_window(tiny_engine):
+    ids = [100] * 508
+    result = tiny_engine.generate(ids, max_new_tokens=50, stop_token_ids=[])
+    assert result.stats.generated_tokens == 512 - 508 and result.stats.finish_reason == "length"
+
+
+def test_engine_rejects_models_it_cannot_drive(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(ValueError, match="not a decoder-only causal LM"):
+        AdaSkipEngine(model, tokenizer)
+
+
+def test_one_model_serves_many_architectures(tokenizer):
+    for arch in ("qwen2", "mistral", "qwen3"):
+        engine = AdaSkipEngine(tiny_model(arch), tokenizer)
+        ids = engine.encode(PROMPT)
+        result = engine.generate(ids, SkipPlan(attn={0: 1.0}), max_new_tokens=5)
+        assert result.stats.generated_tokens >= 1 and result.stats.skipped_attention == [0]
