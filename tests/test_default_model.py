@@ -1,0 +1,26 @@
+"""The real default model (SmolLM2-135M-Instruct from its PyPI package), loaded offline."""
+
+import pytest
+
+from adaskip_rag import SkipPlan
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_default_model_answers_paris(default_engine):
+    assert default_engine.name == "SmolLM2-135M-Instruct" and default_engine.num_layers == 30
+    result = default_engine.generate(QUESTION, max_new_tokens=30)
+    assert "Paris" in result.text
+    assert result.stats.finish_reason == "stop"
+
+
+def test_default_model_answers_paris_with_a_light_plan(default_engine):
+    probed = default_engine.generate(QUESTION, max_new_tokens=30, probe=True)
+    attn = sorted((p.similarity, s.layer, p.scale_no_sink) for s, p in probed.prefill_probes.items() if s.kind == "attn")
+    plan = SkipPlan(attn={layer: scale for _, layer, scale in attn[-4:]})  # the four most redundant attentions
+    result = default_engine.generate(QUESTION, plan, max_new_tokens=30)
+    assert "Paris" in result.text
+    assert result.stats.skipped_attention == sorted(plan.attn)
+    assert result.stats.estimated_prefill_speedup > 1.0
