@@ -1,0 +1,14 @@
+# The two commands a new machine needs: `make demo` and `make test`. Both install what they need first.
+.PHONY: demo test bench setup
+
+setup:
+	@scripts/bootstrap.sh
+
+demo: setup
+	.venv/bin/adaskip-rag --threads 2 demo
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+bench: setup
+	.venv/bin/python benchmarks/bench_engine.py
