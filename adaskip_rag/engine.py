@@ -216,6 +216,7 @@ class AdaSkipEngine:
         stop_token_ids: Sequence[int] | None = None,
         probe: bool = False,
         truncation: Literal["error", "left"] = "error",
+        ignore_eos: bool = False,
     ) -> _Request:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -248,6 +249,8 @@ class AdaSkipEngine:
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
+        if ignore_eos:
+            eos_ids.clear()
         return _Request(
             input_ids=ids, plan=plan, max_new_tokens=max_new_tokens, temperature=float(temperature),
             top_p=float(top_p), top_k=top_k, repetition_penalty=float(repetition_penalty), seed=seed, stop=stops,
@@ -364,8 +367,9 @@ class AdaSkipEngine:
 
         Keyword arguments: ``max_new_tokens`` (256), ``temperature`` (0 = greedy), ``top_p``, ``top_k``,
         ``repetition_penalty``, ``seed``, ``stop`` (strings; never part of the returned text), ``stop_token_ids``
-        (added to the model's EOS), ``probe`` (measure every executed sublayer), ``truncation`` ('error' or
-        'left': keep the last tokens of a prompt that does not fit the context window).
+        (added to the model's EOS), ``ignore_eos`` (do not stop at the model's EOS), ``probe`` (measure every
+        executed sublayer), ``truncation`` ('error' or 'left': keep the last tokens of a prompt that does not fit
+        the context window).
         """
         stream = self.stream(prompt, plan, **kwargs)
         for _ in stream:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -101,11 +100,17 @@ class Probe:
 
 
 def _measure(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[similarity, scale, scale_no_sink] of a sublayer with input x and output y, shape (batch, tokens, d)."""
+    """[similarity, scale, scale_no_sink] of a sublayer with input x and output y, shape (batch, tokens, d).
+
+    Three reductions per token (x.y, |x|, |y|); the whole-tensor norms follow from the per-token ones.
+    """
     x, y = x.float(), y.float()
-    similarity = F.cosine_similarity(x, y, dim=-1).mean()
-    scale = y.norm() / x.norm()
-    scale_no_sink = y[:, 1:].norm() / x[:, 1:].norm() if x.shape[1] > 1 else scale
+    dot = torch.einsum("btd,btd->bt", x, y)
+    nx, ny = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)
+    similarity = (dot / (nx * ny).clamp_min(1e-12)).mean()
+    sx, sy = nx.square(), ny.square()
+    scale = (sy.sum() / sx.sum()).sqrt()
+    scale_no_sink = (sy[:, 1:].sum() / sx[:, 1:].sum()).sqrt() if x.shape[1] > 1 else scale
     return torch.stack([similarity, scale, scale_no_sink])
 
 

@@ -24,3 +24,9 @@ def test_default_model_answers_paris_with_a_light_plan(default_engine):
     assert "Paris" in result.text
     assert result.stats.skipped_attention == sorted(plan.attn)
     assert result.stats.estimated_prefill_speedup > 1.0
+
+
+def test_ignore_eos_generates_the_full_budget(default_engine):
+    result = default_engine.generate(QUESTION, max_new_tokens=24, ignore_eos=True)
+    assert result.stats.generated_tokens == 24 and result.stats.finish_reason == "length"
+    assert result.text.startswith("The capital of France is Paris.")

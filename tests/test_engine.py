@@ -175,7 +175,7 @@ def test_chat_messages_use_the_chat_template(tiny_engine):
 
 def test_stats_are_json_and_count_what_was_skipped(tiny_engine):
     plan = SkipPlan(attn={0: 1.0, 5: 1.0}, ffn={2: 1.0}, decode_ffn={3: 1.0})
-    result = tiny_engine.generate(PROMPT, plan, max_new_tokens=10, stop_token_ids=[])
+    result = tiny_engine.generate(PROMPT, plan, max_new_tokens=10, ignore_eos=True)
     stats = json.loads(json.dumps(result.stats.to_dict()))
     n, g = stats["prompt_tokens"], stats["generated_tokens"]
     assert g == 10 and stats["finish_reason"] == "length"
@@ -244,7 +244,7 @@ def test_left_truncation_keeps_the_prompt_end(tiny_engine):
 
 def test_generation_stops_at_the_context_window(tiny_engine):
     ids = [100] * 508
-    result = tiny_engine.generate(ids, max_new_tokens=50, stop_token_ids=[])
+    result = tiny_engine.generate(ids, max_new_tokens=50, ignore_eos=True)
     assert result.stats.generated_tokens == 512 - 508 and result.stats.finish_reason == "length"
 
 
