@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .engine import AdaSkipEngine
-from .policies import top_k_plan
+from .policies import plan_from_probes
 
 DEMO_ARTICLE = "Sky_(United_Kingdom)"
 SYSTEM = "Answer the question from the document. Answer in one short sentence."
@@ -38,7 +38,7 @@ def ask(engine: AdaSkipEngine, document: str, question: str, budget: int, max_ne
     ]
     engine.generate("Hello", max_new_tokens=2)  # warm-up, so the timings below compare like with like
     full = engine.generate(messages, max_new_tokens=max_new_tokens, probe=True)
-    plan = top_k_plan(full.prefill_probes, budget)
+    plan = plan_from_probes(full.prefill_probes, budget)
     skip = engine.generate(messages, plan, max_new_tokens=max_new_tokens)
     print(f"Question: {question}")
     print(f"\nFull model ({full.stats.prompt_tokens} prompt tokens, prefill {full.stats.prefill_seconds:.2f}s with probes):")

@@ -45,8 +45,11 @@ class CostModel:
     def head(self, phase: str) -> float:
         return 2 * self.hidden * self.vocab if phase == "decode" else 0.0
 
+    def flops(self, n: int, skipped_attn: int = 0, skipped_ffn: int = 0, phase: str = "prefill") -> float:
+        """FLOPs per token at context length n with the given numbers of sublayers skipped."""
+        attn, ffn = self.attention(n, phase), self.ffn()
+        return (self.layers - skipped_attn) * attn + (self.layers - skipped_ffn) * ffn + self.head(phase)
+
     def speedup(self, n: int, skipped_attn: int, skipped_ffn: int, phase: str = "prefill") -> float:
         """Full-model FLOPs per token divided by the FLOPs left after skipping the given numbers of sublayers."""
-        attn, ffn, head = self.attention(n, phase), self.ffn(), self.head(phase)
-        full = self.layers * (attn + ffn) + head
-        return full / (full - skipped_attn * attn - skipped_ffn * ffn)
+        return self.flops(n, 0, 0, phase) / self.flops(n, skipped_attn, skipped_ffn, phase)

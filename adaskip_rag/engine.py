@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
+import hashlib
+import json
 import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -23,7 +28,10 @@ from transformers import (
 
 from . import loading
 from .costs import CostModel
-from .skipping import Probe, SkipPlan, Sublayer, new_cache, skip_forward
+from .history import ProfileStore, SQLiteProfileStore
+from .learning import Decision, Learner, shipped_profile
+from .policies import AdaSkipPolicy
+from .skipping import PlanSchedule, Probe, SkipPlan, StaticSchedule, Sublayer, new_cache, skip_forward
 from .stats import SkipStats
 
 Prompt = str | Sequence[Mapping[str, Any]] | Sequence[int]
@@ -43,7 +51,7 @@ class _Request:
     """A validated request: prompt tokens plus generation settings."""
 
     input_ids: list[int]
-    plan: SkipPlan
+    schedule: PlanSchedule
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -52,7 +60,6 @@ class _Request:
     seed: int | None
     stop: tuple[str, ...]
     stop_token_ids: frozenset[int]
-    probe: bool
 
 
 class TextStream(Iterator[str]):
@@ -135,9 +142,21 @@ class AdaSkipEngine:
     Every request carries its own :class:`SkipPlan`; nothing request-specific is stored on the model, so one
     engine can be shared by many threads. Forward passes are serialised by a lock (step by step, so concurrent
     streams interleave).
+
+    With ``collection="..."`` instead of a plan, the engine learns which sublayers to skip for that collection
+    (``policy``, default :class:`AdaSkipPolicy`) and keeps the profile in ``store`` (default: SQLite in the
+    cache folder); see ``learning.py``.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str | None = None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str | None = None,
+        *,
+        policy: AdaSkipPolicy | None = None,
+        store: ProfileStore | None = None,
+    ):
         loading.check_layers(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -147,7 +166,28 @@ class AdaSkipEngine:
         self.context_window: int = model.config.max_position_embeddings
         self.costs = CostModel.from_config(model.config)
         self.device = model.get_input_embeddings().weight.device
+        self.policy = policy or AdaSkipPolicy()
+        self._store = store
         self._lock = threading.Lock()
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identifies the model's weights: profiles are only used for the model they were learned on."""
+        cfg = self.config
+        shape = [cfg.model_type, self.num_layers, cfg.hidden_size, cfg.num_attention_heads,
+                 cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size]
+        digest = hashlib.sha256(json.dumps(shape).encode())
+        layers = self.model.model.layers
+        for tensor in (self.model.get_input_embeddings().weight, *layers[0].parameters(), *layers[-1].parameters()):
+            digest.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+        return f"{cfg.model_type}-{self.num_layers}L-{digest.hexdigest()[:12]}"
+
+    @functools.cached_property
+    def learner(self) -> Learner:
+        store = self._store or SQLiteProfileStore(loading.cache_dir() / "profiles.sqlite")
+        return Learner(
+            self.fingerprint, self.num_layers, self.costs, store, self.policy, shipped_profile(self.fingerprint, self.name)
+        )
 
     @classmethod
     def from_pretrained(
@@ -157,14 +197,16 @@ class AdaSkipEngine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         device_map: str | dict | None = None,
+        policy: AdaSkipPolicy | None = None,
+        store: ProfileStore | None = None,
     ) -> "AdaSkipEngine":
         """Load ``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder.
 
         fp32 on CPU unless ``dtype`` says otherwise; ``device_map`` is passed to transformers (accelerate).
         """
         model, tokenizer = loading.load(name_or_path, device=device, dtype=dtype, device_map=device_map)
-        name = loading.DEFAULT_MODEL if str(name_or_path) == "default" else str(name_or_path)
-        return cls(model, tokenizer, name=name)
+        name = loading.DEFAULT_MODEL if str(name_or_path) == "default" else Path(name_or_path).name
+        return cls(model, tokenizer, name=name, policy=policy, store=store)
 
     # ----------------------------------------------------------------- prompts
 
@@ -204,7 +246,7 @@ class AdaSkipEngine:
     def _request(
         self,
         prompt: Prompt,
-        plan: SkipPlan | None = None,
+        plan: SkipPlan | PlanSchedule | None = None,
         *,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
@@ -231,7 +273,9 @@ class AdaSkipEngine:
         if truncation not in ("error", "left"):
             raise ValueError(f"truncation must be 'error' or 'left', got {truncation!r}")
         plan = plan or SkipPlan()
-        plan.check(self.num_layers)
+        if isinstance(plan, SkipPlan):
+            plan.check(self.num_layers)
+            plan = StaticSchedule(plan, probe)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
@@ -252,9 +296,9 @@ class AdaSkipEngine:
         if ignore_eos:
             eos_ids.clear()
         return _Request(
-            input_ids=ids, plan=plan, max_new_tokens=max_new_tokens, temperature=float(temperature),
+            input_ids=ids, schedule=plan, max_new_tokens=max_new_tokens, temperature=float(temperature),
             top_p=float(top_p), top_k=top_k, repetition_penalty=float(repetition_penalty), seed=seed, stop=stops,
-            stop_token_ids=frozenset(eos_ids | set(stop_token_ids or ())), probe=probe,
+            stop_token_ids=frozenset(eos_ids | set(stop_token_ids or ())),
         )
 
     def _sampler(self, req: _Request) -> Callable[[torch.Tensor, torch.Tensor], int]:
@@ -286,6 +330,11 @@ class AdaSkipEngine:
         with self._lock:
             return skip_forward(self.model, input_ids.to(self.device), position, cache, plan, phase, **kw)
 
+    def _plan(self, answer: tuple[SkipPlan, bool]) -> tuple[SkipPlan, bool]:
+        plan, probe = answer
+        plan.check(self.num_layers)
+        return plan, probe
+
     def _steps(self, req: _Request) -> Iterator[str | GenerationResult]:
         """Generate, yielding text deltas and finally the GenerationResult."""
         n = len(req.input_ids)
@@ -294,14 +343,18 @@ class AdaSkipEngine:
         ids[0, :n] = torch.tensor(req.input_ids)
         cache = new_cache(self.model)
         choose = self._sampler(req)
+        record = _PlanRecord(self.costs, n)
 
         start = time.perf_counter()
-        logits, prefill_probes = self.forward(ids[:, :n], 0, cache, req.plan, "prefill", probe=req.probe)
+        plan, probe = self._plan(req.schedule.prefill())
+        record.prefill(plan)
+        logits, prefill_probes = self.forward(ids[:, :n], 0, cache, plan, "prefill", probe=probe)
         token = choose(ids[:, :n], logits[:, -1])
         prefill_seconds = time.perf_counter() - start
 
         generated: list[int] = []
         decode_probes: list[dict[Sublayer, Probe]] = []
+        probes = None
         text, emitted, finish = "", 0, "length"
         decode_start = time.perf_counter()
         while True:
@@ -322,47 +375,36 @@ class AdaSkipEngine:
             if len(generated) >= max_new:
                 break
             position = n + len(generated) - 1
-            logits, probes = self.forward(ids[:, position : position + 1], position, cache, req.plan, "decode",
-                                          probe=req.probe)
+            plan, probe = self._plan(req.schedule.decode(len(generated) - 1, probes))
+            record.decode(plan)
+            logits, probes = self.forward(ids[:, position : position + 1], position, cache, plan, "decode", probe=probe)
             if probes is not None:
                 decode_probes.append(probes)
             token = choose(ids[:, : position + 1], logits[:, -1])
         decode_seconds = time.perf_counter() - decode_start
         if len(text) > emitted:
             yield text[emitted:]
+        stats = record.stats(len(generated), prefill_seconds, decode_seconds, finish)
+        cached = n + len(generated) - 1  # the last token was never fed back
+        stats.kv_bytes_saved = self._kv_bytes_per_token() * sum(
+            cached - cache.get_seq_length(i) for i in range(self.num_layers)
+        )
         yield GenerationResult(
-            text=text,
-            token_ids=generated,
-            stats=self._stats(req, len(generated), prefill_seconds, decode_seconds, finish),
-            prefill_probes=prefill_probes,
-            decode_probes=decode_probes,
+            text=text, token_ids=generated, stats=stats, prefill_probes=prefill_probes, decode_probes=decode_probes
         )
 
-    def _stats(self, req: _Request, generated: int, prefill_s: float, decode_s: float, finish: str) -> SkipStats:
-        n = len(req.input_ids)
-        attn, ffn = req.plan.skips("prefill")
-        _, decode_ffn = req.plan.skips("decode")
+    def _kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one layer caches per token."""
         cfg = self.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        bytes_per_token = 2 * cfg.num_key_value_heads * head_dim * self.model.dtype.itemsize
-        cached_tokens = n + max(generated - 1, 0)
-        return SkipStats(
-            prompt_tokens=n,
-            generated_tokens=generated,
-            skipped_attention=sorted(attn),
-            skipped_ffn_prefill=sorted(ffn),
-            skipped_ffn_decode=sorted(decode_ffn),
-            prefill_seconds=prefill_s,
-            decode_seconds=decode_s,
-            kv_bytes_saved=len(attn) * bytes_per_token * cached_tokens,
-            estimated_prefill_speedup=self.costs.speedup(n, len(attn), len(ffn), "prefill"),
-            estimated_decode_speedup=self.costs.speedup(n, len(attn), len(decode_ffn), "decode"),
-            finish_reason=finish,
-        )
+        return 2 * cfg.num_key_value_heads * head_dim * self.model.dtype.itemsize
 
     # ----------------------------------------------------------------- public generation API
 
-    def generate(self, prompt: Prompt, plan: SkipPlan | None = None, **kwargs: Any) -> GenerationResult:
+    def generate(
+        self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, *, collection: str | None = None,
+        **kwargs: Any,
+    ) -> GenerationResult:
         """Generate a completion. ``prompt``: text, chat messages or token ids.
 
         Keyword arguments: ``max_new_tokens`` (256), ``temperature`` (0 = greedy), ``top_p``, ``top_k``,
@@ -370,30 +412,114 @@ class AdaSkipEngine:
         (added to the model's EOS), ``ignore_eos`` (do not stop at the model's EOS), ``probe`` (measure every
         executed sublayer), ``truncation`` ('error' or 'left': keep the last tokens of a prompt that does not fit
         the context window).
+
+        ``collection``: instead of a plan, serve the request for this collection with the learned plan.
         """
-        stream = self.stream(prompt, plan, **kwargs)
+        stream = self.stream(prompt, plan, collection=collection, **kwargs)
         for _ in stream:
             pass
         assert stream.result is not None
         return stream.result
 
-    def stream(self, prompt: Prompt, plan: SkipPlan | None = None, **kwargs: Any) -> TextStream:
+    def stream(
+        self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, *, collection: str | None = None,
+        **kwargs: Any,
+    ) -> TextStream:
         """Like :meth:`generate`, as an iterator of text deltas (``.result`` is set at the end).
 
         Invalid arguments raise ValueError here, before any work is done.
         """
-        return TextStream(self._steps(self._request(prompt, plan, **kwargs)))
+        if collection is None:
+            return TextStream(self._steps(self._request(prompt, plan, **kwargs)))
+        if plan is not None:
+            raise ValueError("pass either a plan or a collection to learn a plan for, not both")
+        req = self._request(prompt, None, **kwargs)
+        decision = self.learner.decide(collection, len(req.input_ids))
+        return TextStream(self._learning_steps(dataclasses.replace(req, schedule=decision.schedule), decision))
 
-    async def agenerate(self, prompt: Prompt, plan: SkipPlan | None = None, **kwargs: Any) -> GenerationResult:
+    def _learning_steps(self, req: _Request, decision: Decision) -> Iterator[str | GenerationResult]:
+        for item in self._steps(req):
+            if isinstance(item, GenerationResult):
+                fidelity = skip_seconds = None
+                if decision.mode == "refresh" and not decision.plan.is_empty:
+                    logits, skip_seconds = self.teacher_forced(req.input_ids, item.token_ids, decision.plan)
+                    answer = torch.tensor(item.token_ids, device=logits.device)
+                    fidelity = (logits.argmax(-1) == answer).float().mean().item()
+                self.learner.record(decision, item.stats, item.prefill_probes, fidelity, skip_seconds)
+            yield item
+
+    def teacher_forced(
+        self, prompt_ids: Sequence[int], answer_ids: Sequence[int], plan: SkipPlan
+    ) -> tuple[torch.Tensor, float]:
+        """Teacher forcing: the logits under ``plan`` at the positions that predict each token of ``answer_ids``
+        (shape (len(answer_ids), vocab); the prompt is prefilled, then the answer fed in one chunk), and the
+        seconds the prompt's prefill took."""
+        plan.check(self.num_layers)
+        n = len(prompt_ids)
+        cache = new_cache(self.model)
+        start = time.perf_counter()
+        first, _ = self.forward(torch.tensor([list(prompt_ids)]), 0, cache, plan, "prefill")
+        prefill_seconds = time.perf_counter() - start
+        logits = [first[0, -1:]]
+        if len(answer_ids) > 1:
+            rest, _ = self.forward(torch.tensor([list(answer_ids[:-1])]), n, cache, plan, "decode", logits_to_keep=0)
+            logits.append(rest[0])
+        return torch.cat(logits), prefill_seconds
+
+    async def agenerate(self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, **kwargs: Any
+                        ) -> GenerationResult:
         """:meth:`generate` in a worker thread, so the event loop keeps running."""
-        return await asyncio.to_thread(self.generate, prompt, plan, **kwargs)
+        return await asyncio.to_thread(functools.partial(self.generate, prompt, plan, **kwargs))
 
-    def astream(self, prompt: Prompt, plan: SkipPlan | None = None, **kwargs: Any) -> AsyncTextStream:
+    def astream(self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, **kwargs: Any
+                ) -> AsyncTextStream:
         """:meth:`stream` for asyncio: an async iterator of text deltas, generated in a worker thread.
 
         Must be called inside a running event loop.
         """
         return AsyncTextStream(self.stream(prompt, plan, **kwargs))
+
+
+class _PlanRecord:
+    """What a request skipped, step by step, and the FLOP-estimated speedup of that."""
+
+    def __init__(self, costs: CostModel, n: int):
+        self.costs, self.n = costs, n
+        self.attn: list[int] = []
+        self.ffn: list[int] = []
+        self.decode_attn: set[int] = set()
+        self.decode_ffn: set[int] = set()
+        self.decode_flops: list[float] = []
+        self.last = SkipPlan()
+
+    def prefill(self, plan: SkipPlan) -> None:
+        self.attn, self.ffn, self.last = sorted(plan.attn), sorted(plan.ffn), plan
+
+    def decode(self, plan: SkipPlan) -> None:
+        attn, ffn = plan.skips("decode")
+        self.decode_attn |= set(attn)
+        self.decode_ffn |= set(ffn)
+        self.decode_flops.append(self.costs.flops(self.n, len(attn), len(ffn), "decode"))
+        self.last = plan
+
+    def stats(self, generated: int, prefill_s: float, decode_s: float, finish: str) -> SkipStats:
+        if not self.decode_flops:  # a single token: nothing was decoded, estimate with the prefill plan
+            self.decode(self.last)
+        full = self.costs.flops(self.n, 0, 0, "decode")
+        return SkipStats(
+            prompt_tokens=self.n,
+            generated_tokens=generated,
+            skipped_attention=self.attn,
+            skipped_ffn_prefill=self.ffn,
+            skipped_attention_decode=sorted(self.decode_attn),
+            skipped_ffn_decode=sorted(self.decode_ffn),
+            prefill_seconds=prefill_s,
+            decode_seconds=decode_s,
+            kv_bytes_saved=0,
+            estimated_prefill_speedup=self.costs.speedup(self.n, len(self.attn), len(self.ffn), "prefill"),
+            estimated_decode_speedup=full * len(self.decode_flops) / sum(self.decode_flops),
+            finish_reason=finish,
+        )
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -1,22 +1,185 @@
-"""Choosing a SkipPlan from measured sublayer importance (AdaSkip's ranking)."""
+"""Which sublayers to skip: AdaSkip (offline + online importance learning), cost-aware AdaSkip, baselines.
+
+A policy turns a profile (mean IO similarity and scale of every sublayer, see ``history.py``) into a
+:class:`~adaskip_rag.skipping.PlanSchedule` for one request.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from .skipping import Probe, SkipPlan, Sublayer
+from .costs import CostModel
+from .history import Profile
+from .skipping import Probe, SkipPlan, StaticSchedule, Sublayer
 
 
-def top_k_plan(probes: Mapping[Sublayer, Probe], budget: int, robust_scale: bool = True) -> SkipPlan:
-    """Skip the ``budget`` sublayers with the highest IO similarity, attention and FFN pooled.
+def budget_count(budget: int | float, num_layers: int) -> int:
+    """A budget as a number of sublayers: an int count, or a float fraction of all 2L sublayers."""
+    total = 2 * num_layers
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget):
+        raise ValueError(f"budget must be a sublayer count or a fraction in [0, 1), got {budget!r}")
+    if isinstance(budget, float):
+        if not 0 <= budget < 1:
+            raise ValueError(f"a fractional budget must be in [0, 1), got {budget}")
+        return int(budget * total)
+    if not 0 <= budget <= total:
+        raise ValueError(f"budget must be between 0 and {total} sublayers, got {budget}")
+    return budget
 
-    Each skipped sublayer is replaced by its input times its measured scale: the whole-prompt norm ratio
-    (the paper's) or, with ``robust_scale``, the ratio without the attention-sink token 0.
+
+def rank(
+    similarity: Mapping[Sublayer, float], costs: CostModel | None = None, n: int = 0
+) -> list[Sublayer]:
+    """Sublayers, most skippable first.
+
+    AdaSkip: by IO similarity, highest first (attention and FFN pooled). Cost-aware (``costs`` given): by
+    importance per FLOP at context length ``n``, lowest first, where importance = 1 - similarity, so among
+    equally redundant sublayers the expensive ones go first.
     """
-    if budget < 0:
-        raise ValueError(f"budget must be >= 0, got {budget}")
-    ranked = sorted(probes.items(), key=lambda item: item[1].similarity, reverse=True)[:budget]
+    if costs is None:
+        return sorted(similarity, key=lambda s: (-similarity[s], s))
+
+    def per_flop(s: Sublayer) -> float:
+        cost = costs.attention(n, "prefill") if s.kind == "attn" else costs.ffn()
+        return (1.0 - similarity[s]) / cost
+
+    return sorted(similarity, key=lambda s: (per_flop(s), s))
+
+
+def top_k_plan(
+    similarity: Mapping[Sublayer, float],
+    scales: Mapping[Sublayer, float],
+    budget: int,
+    costs: CostModel | None = None,
+    n: int = 0,
+) -> SkipPlan:
+    """Skip the first ``budget`` sublayers of :func:`rank`, each replaced by its input times its scale."""
     chosen: dict[str, dict[int, float]] = {"attn": {}, "ffn": {}}
-    for sub, probe in ranked:
-        chosen[sub.kind][sub.layer] = probe.scale_no_sink if robust_scale else probe.scale
+    for sub in rank(similarity, costs, n)[:budget]:
+        chosen[sub.kind][sub.layer] = scales[sub]
     return SkipPlan(attn=chosen["attn"], ffn=chosen["ffn"])
+
+
+def plan_from_probes(probes: Mapping[Sublayer, Probe], budget: int, robust_scale: bool = True) -> SkipPlan:
+    """AdaSkip's plan from one request's own probes (the demo's calibration)."""
+    similarity = {s: p.similarity for s, p in probes.items()}
+    scales = {s: p.scale_no_sink if robust_scale else p.scale for s, p in probes.items()}
+    return top_k_plan(similarity, scales, budget)
+
+
+class OnlineSchedule:
+    """AdaSkip's decode phase: probe the FFNs still running for the first ``window`` tokens, then also skip
+    every FFN whose window-mean similarity is at least ``beta``, with the scale measured in the window."""
+
+    def __init__(self, plan: SkipPlan, beta: float, window: int, robust_scale: bool = True):
+        self.plan, self.beta, self.window, self.robust_scale = plan, beta, window, robust_scale
+        self._sums: dict[int, list[float]] = {}  # FFN layer -> [similarity sum, scale sum, count]
+        self.decode_plan = plan
+
+    def prefill(self) -> tuple[SkipPlan, bool]:
+        return self.plan, True
+
+    def decode(self, step: int, probes: Mapping[Sublayer, Probe] | None) -> tuple[SkipPlan, bool]:
+        for sub, p in (probes or {}).items():
+            if sub.kind == "ffn":
+                acc = self._sums.setdefault(sub.layer, [0.0, 0.0, 0])
+                acc[0] += p.similarity
+                acc[1] += p.scale
+                acc[2] += 1
+        if step < self.window:
+            return self.plan, True
+        if step == self.window and self.window > 0:
+            extra = {
+                layer: s_sum / count
+                for layer, (sim_sum, s_sum, count) in self._sums.items()
+                if count and sim_sum / count >= self.beta and layer not in self.plan.ffn
+            }
+            self.decode_plan = SkipPlan(attn=self.plan.attn, ffn=self.plan.ffn, decode_ffn=extra)
+        return self.decode_plan, False
+
+
+@dataclass(frozen=True)
+class AdaSkipPolicy:
+    """AdaSkip with the settings of one engine or collection.
+
+    ``budget``: sublayers to skip in prefill (count, or fraction of all 2L). ``warmup``: queries a collection
+    runs in full before skipping. ``window``: decoded tokens probed before the online decode skips (0 = none).
+    ``refresh_every``: every n-th query of a collection runs in full to re-measure and time it (0 = never).
+    ``cost_aware``: rank by importance per FLOP at the request's context length. ``robust_scale``: scales
+    without the attention-sink token 0 (else the paper's whole-prompt ratio). ``quality_target``: if set, a
+    teacher-forced top-1 agreement with the full model (0..1) that the quality guard keeps the budget above.
+    """
+
+    budget: int | float = 8
+    warmup: int = 20
+    window: int = 20
+    refresh_every: int = 10
+    cost_aware: bool = False
+    robust_scale: bool = True
+    quality_target: float | None = None
+    guard_step: int = 2
+
+    def __post_init__(self) -> None:
+        budget_count(self.budget, 10**6)  # type and range of the value itself
+        for name in ("warmup", "window", "refresh_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.quality_target is not None and not 0 < self.quality_target <= 1:
+            raise ValueError(f"quality_target must be in (0, 1], got {self.quality_target!r}")
+        if isinstance(self.guard_step, bool) or not isinstance(self.guard_step, int) or self.guard_step < 1:
+            raise ValueError(f"guard_step must be an integer >= 1, got {self.guard_step!r}")
+
+    def prefill_plan(self, profile: Profile, n: int, costs: CostModel, budget: int) -> SkipPlan:
+        similarity = profile.mean("similarity")
+        scales = profile.mean("scale_no_sink" if self.robust_scale else "scale")
+        return top_k_plan(similarity, scales, budget, costs if self.cost_aware else None, n)
+
+    @staticmethod
+    def beta(profile: Profile, budget: int) -> float:
+        """The ``budget``-th largest historical mean similarity (pooled); infinite when there is none."""
+        ranked = sorted(profile.mean("similarity").values(), reverse=True)
+        return ranked[budget - 1] if 0 < budget <= len(ranked) else math.inf
+
+    def schedule(self, profile: Profile, n: int, costs: CostModel, budget: int) -> OnlineSchedule:
+        plan = self.prefill_plan(profile, n, costs, budget)
+        return OnlineSchedule(plan, self.beta(profile, budget), self.window, self.robust_scale)
+
+
+# ----------------------------------------------------------------- baselines (whole layers, scale 1)
+
+
+def _layers_plan(layers: set[int]) -> SkipPlan:
+    return SkipPlan(attn={i: 1.0 for i in layers}, ffn={i: 1.0 for i in layers})
+
+
+def early_exit(num_layers: int, k: int) -> StaticSchedule:
+    """Early Exit: skip the last k layers."""
+    return StaticSchedule(_layers_plan({i for i in range(num_layers) if num_layers - i <= k}))
+
+
+def unified_skipping(num_layers: int, k: int) -> StaticSchedule:
+    """Unified Skipping: skip the layers with index % (L // k) == 1 (the reference definition)."""
+    if k < 1:
+        return StaticSchedule(SkipPlan())
+    return StaticSchedule(_layers_plan({i for i in range(num_layers) if i % (num_layers // k) == 1}))
+
+
+class SkipDecode:
+    """SkipDecode: skip layers 1 .. m, where m grows with the decode step t from 1 towards k:
+    m(t) = ceil(t / max_new_tokens * (k - 1)) + 1, capped at k (the reference definition)."""
+
+    def __init__(self, num_layers: int, k: int, max_new_tokens: int):
+        self.num_layers, self.k, self.max_new_tokens = num_layers, k, max_new_tokens
+
+    def layers(self, t: int) -> set[int]:
+        m = math.ceil(t / self.max_new_tokens * (self.k - 1)) + 1
+        return set(range(1, min(m, self.k, self.num_layers - 1) + 1)) if self.k >= 1 else set()
+
+    def prefill(self) -> tuple[SkipPlan, bool]:
+        return _layers_plan(self.layers(0)), False
+
+    def decode(self, step: int, probes: Mapping[Sublayer, Probe] | None) -> tuple[SkipPlan, bool]:
+        return _layers_plan(self.layers(step + 1)), False

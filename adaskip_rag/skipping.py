@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -83,6 +83,30 @@ class SkipPlan:
         if unknown:
             raise ValueError(f"SkipPlan: unknown fields {sorted(unknown)}")
         return cls(**{k: dict(v) for k, v in data.items()})
+
+
+class PlanSchedule(Protocol):
+    """Chooses the plan of every step of one request, and whether to probe it.
+
+    ``decode(step, probes)`` is asked before decode step ``step`` (0-based) with the probes of the previous step
+    (None when it was not probed). A plain :class:`SkipPlan` is wrapped in :class:`StaticSchedule`.
+    """
+
+    def prefill(self) -> tuple[SkipPlan, bool]: ...
+
+    def decode(self, step: int, probes: "dict[Sublayer, Probe] | None") -> tuple[SkipPlan, bool]: ...
+
+
+@dataclass(frozen=True)
+class StaticSchedule:
+    plan: SkipPlan
+    probe: bool = False
+
+    def prefill(self) -> tuple[SkipPlan, bool]:
+        return self.plan, self.probe
+
+    def decode(self, step: int, probes: "dict[Sublayer, Probe] | None") -> tuple[SkipPlan, bool]:
+        return self.plan, self.probe
 
 
 @dataclass(frozen=True)

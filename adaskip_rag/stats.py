@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -18,6 +18,7 @@ class SkipStats:
     generated_tokens: int
     skipped_attention: list[int]
     skipped_ffn_prefill: list[int]
+    skipped_attention_decode: list[int]
     skipped_ffn_decode: list[int]
     prefill_seconds: float
     decode_seconds: float
@@ -26,8 +27,17 @@ class SkipStats:
     estimated_decode_speedup: float
     finish_reason: str
     measured_prefill_speedup: float | None = None
+    measured_in_this_request: bool = False
+    # set when the request was served for a collection (learned plan); None for explicit plans
     collection: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    mode: str | None = None  # warmup (full model, learning), skip, or refresh (full model, re-measuring)
+    warming_up: bool = False
+    profile_source: str | None = None  # collection, global, default or none
+    queries_seen: int | None = None  # by the collection, this one included
+    budget: int | None = None
+    budget_reason: str | None = None
+    skip_set_changed: bool = False
+    fidelity: float | None = None  # teacher-forced top-1 agreement of the plan with the full answer (refresh)
 
     @property
     def skipped_sublayers(self) -> int:
@@ -52,7 +62,8 @@ class SkipStats:
     def summary(self) -> str:
         """One human-readable line."""
         measured = f", measured {self.measured_prefill_speedup:.2f}x" if self.measured_prefill_speedup else ""
-        return (
+        where = f"[{self.collection}: {self.mode}] " if self.collection else ""
+        return where + (
             f"{self.prompt_tokens} prompt tokens, {self.generated_tokens} generated; skipped attention "
             f"{self.skipped_attention or '-'}, FFN {self.skipped_ffn_prefill or '-'} (decode FFN "
             f"{self.skipped_ffn_decode or '-'}); prefill {self.prefill_seconds:.2f}s "

@@ -22,7 +22,7 @@ import torch
 
 from adaskip_rag import AdaSkipEngine, SkipPlan
 from adaskip_rag.cli import squad_article
-from adaskip_rag.policies import top_k_plan
+from adaskip_rag.policies import plan_from_probes
 
 DECODE_TOKENS = 32
 
@@ -78,7 +78,7 @@ def main() -> None:
         prompt = torch.tensor([ids])
         calibration = engine.generate(ids, max_new_tokens=1, probe=True)  # also the warm-up at this n
         attn_probes = {s: p for s, p in calibration.prefill_probes.items() if s.kind == "attn"}
-        plan16 = top_k_plan(attn_probes, 16)
+        plan16 = plan_from_probes(attn_probes, 16)
 
         def hf(tokens: int) -> Callable[[], float]:
             kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=2)

@@ -1,0 +1,259 @@
+"""Per-collection profiles of sublayer importance, and the stores that keep them.
+
+A :class:`Profile` holds, for one (model fingerprint, collection), running *sums and counts* of the prefill
+IO similarity and scale of every sublayer, so merging profiles (collections into a global profile, or
+replicas into one) is exact and order-free. :class:`SQLiteProfileStore` is the default store: one file, WAL,
+every update one transaction, safe across threads and processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .skipping import Probe, Sublayer
+
+FORMAT = 1
+KINDS = ("attn", "ffn")
+METRICS = ("similarity", "scale", "scale_no_sink")
+MAX_COLLECTION_KEY = 256
+
+
+def check_collection(key: str) -> str:
+    if not isinstance(key, str) or not key.strip():
+        raise ValueError(f"collection key must be a non-empty string, got {key!r}")
+    if len(key) > MAX_COLLECTION_KEY:
+        raise ValueError(f"collection key is {len(key)} characters long; the limit is {MAX_COLLECTION_KEY}")
+    return key
+
+
+@dataclass
+class Profile:
+    """Sums and counts of prefill probes of one (model, collection), plus what the learner keeps beside them.
+
+    ``sums[f"{kind}.{metric}"][layer]`` and ``counts[kind][layer]``; ``state`` holds per-collection settings
+    that are not sums (the quality guard's budget, the latest measured speedup): last writer wins.
+    """
+
+    model: str
+    collection: str
+    num_layers: int
+    queries: int = 0
+    context_tokens: int = 0
+    max_context: int = 0
+    sums: dict[str, list[float]] = field(default_factory=dict)
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for kind in KINDS:
+            self.counts.setdefault(kind, [0] * self.num_layers)
+            for metric in METRICS:
+                self.sums.setdefault(f"{kind}.{metric}", [0.0] * self.num_layers)
+
+    @classmethod
+    def from_probes(
+        cls, model: str, collection: str, num_layers: int, probes: Mapping[Sublayer, Probe], context_tokens: int
+    ) -> "Profile":
+        """The contribution of one served query: its prompt length and the probes of the sublayers it ran."""
+        delta = cls(model, collection, num_layers, queries=1, context_tokens=context_tokens, max_context=context_tokens)
+        for (kind, layer), probe in probes.items():
+            delta.counts[kind][layer] += 1
+            for metric in METRICS:
+                delta.sums[f"{kind}.{metric}"][layer] += getattr(probe, metric)
+        return delta
+
+    def merge(self, other: "Profile") -> "Profile":
+        """A new profile with both profiles' sums and counts added (``other.state`` wins on conflicts)."""
+        if other.model != self.model or other.num_layers != self.num_layers:
+            raise ValueError(f"cannot merge a profile of {other.model} into one of {self.model}")
+        return Profile(
+            model=self.model,
+            collection=self.collection,
+            num_layers=self.num_layers,
+            queries=self.queries + other.queries,
+            context_tokens=self.context_tokens + other.context_tokens,
+            max_context=max(self.max_context, other.max_context),
+            sums={k: [a + b for a, b in zip(v, other.sums[k])] for k, v in self.sums.items()},
+            counts={k: [a + b for a, b in zip(v, other.counts[k])] for k, v in self.counts.items()},
+            state={**self.state, **other.state},
+        )
+
+    def mean(self, metric: str = "similarity") -> dict[Sublayer, float]:
+        """Mean of ``metric`` for every sublayer measured at least once."""
+        return {
+            Sublayer(kind, layer): self.sums[f"{kind}.{metric}"][layer] / count
+            for kind in KINDS
+            for layer, count in enumerate(self.counts[kind])
+            if count
+        }
+
+    @property
+    def mean_context(self) -> float:
+        return self.context_tokens / self.queries if self.queries else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Profile":
+        """Parse and validate; raises ValueError on anything malformed."""
+        try:
+            if data.get("format") != FORMAT:
+                raise ValueError(f"unknown profile format {data.get('format')!r}")
+            fields = {k: data[k] for k in ("model", "collection", "num_layers", "queries", "context_tokens",
+                                           "max_context", "sums", "counts", "state")}
+            profile = cls(**fields)
+            L = profile.num_layers
+            ok = (
+                isinstance(L, int) and L > 0 and isinstance(profile.queries, int) and profile.queries >= 0
+                and set(profile.sums) == {f"{k}.{m}" for k in KINDS for m in METRICS}
+                and set(profile.counts) == set(KINDS)
+                and all(len(v) == L and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+                        for v in profile.sums.values())
+                and all(len(v) == L and all(isinstance(x, int) and 0 <= x <= profile.queries for x in v)
+                        for v in profile.counts.values())
+                and isinstance(profile.state, dict)
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed profile: {exc!r}") from None
+        if not ok:
+            raise ValueError("malformed profile: sums or counts do not fit its layer count")
+        return profile
+
+
+def merged(profiles: Iterable[Profile], collection: str) -> Profile | None:
+    """All profiles added into one under the name ``collection`` (None when there are none)."""
+    total: Profile | None = None
+    for p in profiles:
+        total = Profile(p.model, collection, p.num_layers).merge(p) if total is None else total.merge(p)
+    return total
+
+
+class ProfileStore(ABC):
+    """Where profiles live. ``add`` must be atomic: concurrent adders never lose an update."""
+
+    @abstractmethod
+    def get(self, model: str, collection: str) -> Profile | None: ...
+
+    @abstractmethod
+    def add(self, delta: Profile) -> Profile:
+        """Merge ``delta`` into the stored profile of its (model, collection) and return the result."""
+
+    @abstractmethod
+    def profiles(self, model: str | None = None) -> list[Profile]:
+        """Every valid stored profile (of one model, if given)."""
+
+    @abstractmethod
+    def delete(self, model: str, collection: str | None = None) -> int:
+        """Remove one collection's profile (or all of a model's); returns how many were removed."""
+
+    def global_profile(self, model: str) -> Profile | None:
+        """All collections of ``model`` merged (exact: sums add)."""
+        return merged(self.profiles(model), "*")
+
+    def export_json(self, model: str | None = None) -> str:
+        return json.dumps([p.to_dict() for p in self.profiles(model)], indent=1)
+
+    def import_json(self, text: str) -> int:
+        """Add every profile in ``text`` (from :meth:`export_json`) to this store; returns how many were added."""
+        items = json.loads(text)
+        if not isinstance(items, list):
+            raise ValueError("profile JSON must be a list of profiles")
+        profiles = [Profile.from_dict(item) for item in items]  # all valid, or nothing is written
+        for p in profiles:
+            self.add(p)
+        return len(profiles)
+
+
+class SQLiteProfileStore(ProfileStore):
+    """Profiles in one SQLite file (WAL). Each :meth:`add` is one ``BEGIN IMMEDIATE`` transaction.
+
+    A row that does not parse is never used: reads skip it with a warning, and the next update of that
+    collection moves it to the ``corrupt_profiles`` table (kept for inspection) before starting afresh.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS profiles (model TEXT, collection TEXT, data TEXT NOT NULL, "
+                "updated REAL NOT NULL, PRIMARY KEY (model, collection))"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS corrupt_profiles (model TEXT, collection TEXT, data TEXT, moved REAL)"
+            )
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)  # autocommit; add() opens its own
+        try:
+            db.execute("PRAGMA busy_timeout=60000")
+            yield db
+        finally:
+            db.close()
+
+    @staticmethod
+    def _parse(model: str, collection: str, data: str) -> Profile | None:
+        try:
+            profile = Profile.from_dict(json.loads(data))
+            if (profile.model, profile.collection) != (model, collection):
+                raise ValueError("row key does not match its content")
+            return profile
+        except (ValueError, TypeError) as exc:
+            warnings.warn(f"ignoring corrupt profile row ({model}, {collection}): {exc}", stacklevel=3)
+            return None
+
+    def get(self, model: str, collection: str) -> Profile | None:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT data FROM profiles WHERE model = ? AND collection = ?", (model, collection)
+            ).fetchone()
+        return self._parse(model, collection, row[0]) if row else None
+
+    def add(self, delta: Profile) -> Profile:
+        check_collection(delta.collection)
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute(
+                "SELECT data FROM profiles WHERE model = ? AND collection = ?", (delta.model, delta.collection)
+            ).fetchone()
+            current = self._parse(delta.model, delta.collection, row[0]) if row else None
+            if row and current is None:
+                db.execute(
+                    "INSERT INTO corrupt_profiles VALUES (?, ?, ?, ?)", (delta.model, delta.collection, row[0], time.time())
+                )
+            base = current or Profile(delta.model, delta.collection, delta.num_layers)
+            result = base.merge(delta)
+            db.execute(
+                "INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?)",
+                (delta.model, delta.collection, json.dumps(result.to_dict()), time.time()),
+            )
+            db.execute("COMMIT")  # a crash before this line rolls the whole update back
+            return result
+
+    def profiles(self, model: str | None = None) -> list[Profile]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT model, collection, data FROM profiles WHERE ? IS NULL OR model = ? ORDER BY model, collection",
+                (model, model),
+            ).fetchall()
+        return [p for p in (self._parse(*row) for row in rows) if p is not None]
+
+    def delete(self, model: str, collection: str | None = None) -> int:
+        with self._connect() as db:
+            cur = db.execute(
+                "DELETE FROM profiles WHERE model = ? AND (? IS NULL OR collection = ?)", (model, collection, collection)
+            )
+            return cur.rowcount
