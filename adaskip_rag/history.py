@@ -112,12 +112,14 @@ class Profile:
                 raise ValueError(f"unknown profile format {data.get('format')!r}")
             fields = {k: data[k] for k in ("model", "collection", "num_layers", "queries", "context_tokens",
                                            "max_context", "sums", "counts", "state")}
+            complete = (
+                set(fields["sums"]) == {f"{k}.{m}" for k in KINDS for m in METRICS}
+                and set(fields["counts"]) == set(KINDS)
+            )
             profile = cls(**fields)
             L = profile.num_layers
             ok = (
-                isinstance(L, int) and L > 0 and isinstance(profile.queries, int) and profile.queries >= 0
-                and set(profile.sums) == {f"{k}.{m}" for k in KINDS for m in METRICS}
-                and set(profile.counts) == set(KINDS)
+                complete and isinstance(L, int) and L > 0 and isinstance(profile.queries, int) and profile.queries >= 0
                 and all(len(v) == L and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
                         for v in profile.sums.values())
                 and all(len(v) == L and all(isinstance(x, int) and 0 <= x <= profile.queries for x in v)

@@ -1,0 +1,277 @@
+"""AdaSkip learning: ranking, warm-up, online decode skips, baselines, refresh, cold start, quality guard."""
+
+import json
+import math
+
+import pytest
+from conftest import tiny_model
+
+from adaskip_rag import AdaSkipEngine, CostModel, SkipPlan, Sublayer
+from adaskip_rag.history import Profile, SQLiteProfileStore
+from adaskip_rag.learning import Learner
+from adaskip_rag.policies import (
+    AdaSkipPolicy,
+    OnlineSchedule,
+    SkipDecode,
+    budget_count,
+    early_exit,
+    rank,
+    unified_skipping,
+)
+from adaskip_rag.skipping import Probe
+from adaskip_rag.stats import SkipStats
+
+QUESTIONS = [
+    "Context: the river Rhine flows into the North Sea. Question: where does the Rhine flow?",
+    "Context: oxygen has atomic number eight. Question: what is the atomic number of oxygen?",
+    "Context: Fresno is a city in California. Question: which state is Fresno in?",
+]
+
+
+def known_profile() -> Profile:
+    """3 layers; means: attn sim .90 .99 .95, ffn sim .80 .97 .60; every sublayer seen twice but ffn 2 once."""
+    p = Profile("m", "c", 3, queries=2)
+    sims = {"attn": [0.90, 0.99, 0.95], "ffn": [0.80, 0.97, 0.60]}
+    for kind in ("attn", "ffn"):
+        p.counts[kind] = [2, 2, 1] if kind == "ffn" else [2, 2, 2]
+        p.sums[f"{kind}.similarity"] = [s * c for s, c in zip(sims[kind], p.counts[kind])]
+        p.sums[f"{kind}.scale"] = [1.5 * c for c in p.counts[kind]]
+        p.sums[f"{kind}.scale_no_sink"] = [(1.0 + i / 10) * c for i, c in enumerate(p.counts[kind])]
+    return p
+
+
+def test_ranking_and_scales_equal_hand_computation():
+    profile = known_profile()
+    costs = CostModel(hidden=8, ffn_hidden=16, kv_ratio=1.0, vocab=10, layers=3)
+    plan = AdaSkipPolicy(budget=3).prefill_plan(profile, 100, costs, 3)
+    # pooled ranking by mean similarity: attn1 .99, ffn1 .97, attn2 .95
+    assert plan.attn == pytest.approx({1: 1.1, 2: 1.2}) and plan.ffn == pytest.approx({1: 1.1})
+    paper = AdaSkipPolicy(budget=3, robust_scale=False).prefill_plan(profile, 100, costs, 3)
+    assert paper.attn == pytest.approx({1: 1.5, 2: 1.5}) and paper.ffn == pytest.approx({1: 1.5})
+    assert AdaSkipPolicy.beta(profile, 3) == pytest.approx(0.95)
+    assert AdaSkipPolicy.beta(profile, 7) == math.inf
+
+
+def test_cost_aware_ranking_prefers_expensive_sublayers_per_unit_of_importance():
+    costs = CostModel(hidden=64, ffn_hidden=128, kv_ratio=0.5, vocab=100, layers=2)
+    sims = {Sublayer("ffn", 0): 0.97, Sublayer("attn", 1): 0.96}
+    assert rank(sims) == [Sublayer("ffn", 0), Sublayer("attn", 1)]
+    n = 4096  # attention costs 4*64^2*1.5 + 2*4096*64 = 548,864 FLOPs, the FFN 49,152
+    assert (1 - 0.96) / costs.attention(n) < (1 - 0.97) / costs.ffn()
+    assert rank(sims, costs, n) == [Sublayer("attn", 1), Sublayer("ffn", 0)]
+    assert rank(sims, costs, 1) == [Sublayer("ffn", 0), Sublayer("attn", 1)]  # at short contexts the FFN is dearer
+
+
+def test_budget_counts_and_fractions():
+    assert budget_count(8, 30) == 8 and budget_count(0.25, 30) == 15 and budget_count(0.0, 30) == 0
+    for bad in (-1, 61, 1.5, -0.1, "8", float("nan"), True):
+        with pytest.raises(ValueError, match="budget"):
+            budget_count(bad, 30)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"budget": -2}, "budget"),
+        ({"budget": 1.0}, "budget"),
+        ({"warmup": -1}, "warmup"),
+        ({"window": 2.5}, "window"),
+        ({"refresh_every": -3}, "refresh_every"),
+        ({"quality_target": 1.5}, "quality_target"),
+        ({"guard_step": 0}, "guard_step"),
+    ],
+)
+def test_policy_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AdaSkipPolicy(**kwargs)
+
+
+def test_online_decode_skips_follow_beta():
+    plan = SkipPlan(attn={4: 1.0}, ffn={0: 1.0})
+    schedule = OnlineSchedule(plan, beta=0.9, window=3)
+    assert schedule.prefill() == (plan, True)
+    window_probes = [
+        {Sublayer("ffn", 1): Probe(0.95, 1.2, 1.2), Sublayer("ffn", 2): Probe(0.85, 2.0, 2.0),
+         Sublayer("ffn", 3): Probe(0.92, 1.0, 1.0), Sublayer("attn", 2): Probe(0.999, 1.0, 1.0)},
+        {Sublayer("ffn", 1): Probe(0.93, 1.4, 1.4), Sublayer("ffn", 2): Probe(0.97, 2.0, 2.0),
+         Sublayer("ffn", 3): Probe(0.86, 1.0, 1.0)},
+        {Sublayer("ffn", 1): Probe(0.91, 0.9, 0.9), Sublayer("ffn", 2): Probe(0.80, 2.0, 2.0),
+         Sublayer("ffn", 3): Probe(0.93, 1.3, 1.3)},
+    ]
+    assert schedule.decode(0, None) == (plan, True)
+    assert schedule.decode(1, window_probes[0]) == (plan, True)
+    assert schedule.decode(2, window_probes[1]) == (plan, True)
+    decode_plan, probe = schedule.decode(3, window_probes[2])
+    # window means: ffn1 .93 (>= .9, scale 1.1667), ffn2 .873 (< .9), ffn3 .9033 (>= .9, scale 1.1)
+    assert not probe
+    assert decode_plan.decode_ffn == pytest.approx({1: 3.5 / 3, 3: 3.3 / 3})
+    assert decode_plan.attn == plan.attn and decode_plan.ffn == plan.ffn
+    assert schedule.decode(4, None) == (decode_plan, False)
+
+
+@pytest.mark.parametrize(
+    "k, ee, us",
+    [
+        (4, {26, 27, 28, 29}, {1, 8, 15, 22, 29}),
+        (6, {24, 25, 26, 27, 28, 29}, {1, 6, 11, 16, 21, 26}),
+        (8, set(range(22, 30)), {1, 4, 7, 10, 13, 16, 19, 22, 25, 28}),
+    ],
+)
+def test_baselines_give_the_reference_layer_sets(k, ee, us):
+    for schedule, layers in ((early_exit(30, k), ee), (unified_skipping(30, k), us)):
+        plan, _ = schedule.prefill()
+        assert set(plan.attn) == set(plan.ffn) == layers and set(plan.attn.values()) == {1.0}
+    sd = SkipDecode(30, k, max_new_tokens=100)
+    assert set(sd.prefill()[0].attn) == {1}
+    # m(t) = ceil(t / 100 * (k - 1)) + 1, capped at k
+    for step in (0, 9, 49, 99, 150):
+        t = step + 1
+        m = min(math.ceil(t / 100 * (k - 1)) + 1, k)
+        plan, _ = sd.decode(step, None)
+        assert set(plan.attn) == set(plan.ffn) == set(range(1, m + 1))
+
+
+def learning_engine(tokenizer, tmp_path, **policy) -> AdaSkipEngine:
+    store = SQLiteProfileStore(tmp_path / "profiles.sqlite")
+    return AdaSkipEngine(tiny_model("llama"), tokenizer, name="tiny", policy=AdaSkipPolicy(**policy), store=store)
+
+
+def test_switch_from_full_to_skipping_happens_exactly_at_warmup(tokenizer, tmp_path):
+    engine = learning_engine(tokenizer, tmp_path, budget=3, warmup=3, window=0, refresh_every=0)
+    modes = []
+    for i in range(5):
+        stats = engine.generate(QUESTIONS[i % 3], collection="docs", max_new_tokens=4).stats
+        modes.append(stats.mode)
+        assert stats.queries_seen == i + 1 and stats.collection == "docs"
+        assert stats.warming_up == (i < 3)
+        assert stats.skipped_sublayers == (0 if i < 3 else 3)
+    assert modes == ["warmup"] * 3 + ["skip"] * 2
+    profile = engine.learner.store.get(engine.fingerprint, "docs")
+    assert profile.queries == 5
+    # warm-up queries measured all 12 sublayers; skipping ones measured the 9 that ran
+    assert sum(profile.counts["attn"]) + sum(profile.counts["ffn"]) == 3 * 12 + 2 * 9
+
+
+def test_online_decode_skips_in_the_engine(tokenizer, tmp_path):
+    engine = learning_engine(tokenizer, tmp_path, budget=2, warmup=1, window=2, refresh_every=0)
+    engine.generate(QUESTIONS[0], collection="docs", max_new_tokens=2)
+    profile = engine.learner.store.get(engine.fingerprint, "docs")
+    beta = AdaSkipPolicy.beta(profile, 2)
+    result = engine.generate(QUESTIONS[1], collection="docs", max_new_tokens=6, ignore_eos=True)
+    assert len(result.decode_probes) == 2  # the window
+    means = {
+        layer: sum(p[Sublayer("ffn", layer)].similarity for p in result.decode_probes) / 2
+        for layer in range(6)
+        if Sublayer("ffn", layer) in result.decode_probes[0]
+    }
+    expected = sorted(set(result.stats.skipped_ffn_prefill) | {layer for layer, m in means.items() if m >= beta})
+    assert result.stats.skipped_ffn_decode == expected
+
+
+def test_two_collections_interleaved_keep_two_profiles(tokenizer, tmp_path):
+    engine = learning_engine(tokenizer, tmp_path, budget=2, warmup=2, window=0, refresh_every=0)
+    lengths = {"a": 0, "b": 0}
+    for i in range(4):
+        for coll, question in (("a", QUESTIONS[0]), ("b", QUESTIONS[1] * 3)):
+            lengths[coll] += engine.generate(question, collection=coll, max_new_tokens=2).stats.prompt_tokens
+    store = engine.learner.store
+    a, b = store.get(engine.fingerprint, "a"), store.get(engine.fingerprint, "b")
+    assert a.queries == b.queries == 4
+    assert a.context_tokens == lengths["a"] and b.context_tokens == lengths["b"]
+    assert a.mean("similarity") != b.mean("similarity")
+    assert store.global_profile(engine.fingerprint).queries == 8
+
+
+def test_cold_start_uses_the_global_profile(tokenizer, tmp_path):
+    engine = learning_engine(tokenizer, tmp_path, budget=2, warmup=2, window=0, refresh_every=0)
+    for _ in range(2):
+        engine.generate(QUESTIONS[0], collection="old", max_new_tokens=2)
+    stats = engine.generate(QUESTIONS[1], collection="new", max_new_tokens=2).stats
+    assert stats.mode == "skip" and stats.profile_source == "global" and stats.skipped_sublayers == 2
+
+
+def test_cold_start_uses_the_shipped_profile_of_the_same_model_only(tokenizer, tmp_path, monkeypatch):
+    engine = learning_engine(tokenizer, tmp_path, budget=2, warmup=2, window=0, refresh_every=0)
+    profile = Profile(engine.fingerprint, "default-corpus", 6, queries=5)
+    for kind in ("attn", "ffn"):
+        profile.counts[kind] = [5] * 6
+        profile.sums[f"{kind}.similarity"] = [5 * (0.9 if kind == "attn" and i in (2, 3) else 0.5) for i in range(6)]
+        profile.sums[f"{kind}.scale"] = profile.sums[f"{kind}.scale_no_sink"] = [5.0] * 6
+    monkeypatch.setenv("ADASKIP_PROFILES", str(tmp_path))
+    (tmp_path / "tiny.json").write_text(json.dumps(profile.to_dict()))
+    stats = engine.generate(QUESTIONS[0], collection="c", max_new_tokens=2).stats
+    assert stats.profile_source == "default" and stats.skipped_attention == [2, 3]
+
+    other = learning_engine(tokenizer, tmp_path / "other", budget=2, warmup=2, window=0, refresh_every=0)
+    other.model.model.layers[0].mlp.down_proj.weight.data.mul_(1.01)  # different weights: another model
+    with pytest.warns(UserWarning, match="written for model"):
+        stats = other.generate(QUESTIONS[0], collection="c", max_new_tokens=2).stats
+    assert stats.mode == "warmup" and stats.profile_source == "none"
+
+
+def test_profile_of_another_model_is_not_used(tokenizer, tmp_path):
+    engine = learning_engine(tokenizer, tmp_path, budget=2, warmup=1, window=0, refresh_every=0)
+    foreign = Profile("llama-6L-000000000000", "docs", 6, queries=50)
+    for kind in ("attn", "ffn"):
+        foreign.counts[kind] = [50] * 6
+        foreign.sums[f"{kind}.similarity"] = [45.0] * 6
+    engine.learner.store.add(foreign)
+    stats = engine.generate(QUESTIONS[0], collection="docs", max_new_tokens=2).stats
+    assert stats.mode == "warmup" and stats.queries_seen == 1
+
+
+def test_refresh_measures_speedup_and_fidelity(tokenizer, tmp_path):
+    engine = learning_engine(tokenizer, tmp_path, budget=4, warmup=2, window=0, refresh_every=4)
+    runs = [engine.generate(QUESTIONS[i % 3], collection="docs", max_new_tokens=6).stats for i in range(6)]
+    assert [s.mode for s in runs] == ["warmup", "warmup", "skip", "refresh", "skip", "skip"]
+    refresh = runs[3]
+    assert refresh.skipped_sublayers == 0 and refresh.measured_in_this_request
+    assert refresh.measured_prefill_speedup > 0 and 0 <= refresh.fidelity <= 1
+    assert runs[4].measured_prefill_speedup == refresh.measured_prefill_speedup
+    assert not runs[4].measured_in_this_request and runs[2].measured_prefill_speedup is None
+    profile = engine.learner.store.get(engine.fingerprint, "docs")
+    assert profile.counts["attn"] == [profile.queries - 2 * (i in runs[5].skipped_attention) for i in range(6)]
+
+
+def test_stats_say_when_the_skip_set_changes(tokenizer, tmp_path):
+    engine = learning_engine(tokenizer, tmp_path, budget=3, warmup=1, window=0, refresh_every=0)
+    changed = [engine.generate(q, collection="docs", max_new_tokens=2).stats.skip_set_changed for q in QUESTIONS * 2]
+    assert changed[0] is False  # the first request has nothing to compare with
+    assert changed[1] is True  # warm-up (no skipping) -> the first learned skip set
+    profile = engine.learner.store.get(engine.fingerprint, "docs")
+    assert profile.state["skip_set"] and len(profile.state["skip_set"]) == 3
+
+
+class FixedFidelity:
+    """Test double of the fidelity measurement of refresh requests."""
+
+    def __init__(self, learner: Learner):
+        self.learner = learner
+        assert self.serve(None) == "warmup"  # the collection's first query: nothing to plan from yet
+
+    def serve(self, fidelity: float | None) -> str:
+        decision = self.learner.decide("docs", 100)
+        stats = SkipStats(100, 5, [], [], [], [], 1.0, 0.1, 0, 1.0, 1.0, "stop")
+        self.learner.record(decision, stats, probes=_all_probes(), fidelity=fidelity, skip_prefill_seconds=0.8)
+        return decision.mode
+
+    def refresh(self, fidelity: float) -> int:
+        assert self.serve(fidelity) == "refresh"
+        return self.learner.decide("docs", 100).budget
+
+
+def _all_probes():
+    return {Sublayer(k, i): Probe(0.9 + i / 100, 1.0, 1.0) for k in ("attn", "ffn") for i in range(6)}
+
+
+def test_quality_guard_shrinks_and_grows_back(tmp_path):
+    policy = AdaSkipPolicy(budget=8, warmup=1, window=0, refresh_every=1, quality_target=0.9, guard_step=2)
+    learner = Learner("m", 6, CostModel(64, 128, 0.5, 100, 6), SQLiteProfileStore(tmp_path / "p.sqlite"), policy)
+    guard = FixedFidelity(learner)
+    assert learner.decide("docs", 100).budget == 8
+    assert guard.refresh(0.5) == 6
+    assert guard.refresh(0.7) == 4
+    assert guard.refresh(0.95) == 6
+    assert guard.refresh(0.99) == 8
+    assert guard.refresh(1.0) == 8  # never above the policy's budget
+    assert "kept at 8" in learner.decide("docs", 100).budget_reason
