@@ -100,7 +100,9 @@ def plot_profile(profile: Profile, budget: int, out: Path) -> None:
     plan = top_k_plan(similarity, profile.mean("scale"), budget)
     grid = [[similarity.get((k, layer), float("nan")) for k in KINDS] for layer in range(profile.num_layers)]
     fig, ax = plt.subplots(figsize=(3.6, 0.22 * profile.num_layers + 1.4))
-    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    values = sorted(v for v in similarity.values())
+    floor = values[len(values) // 10]  # a few outliers (layer 0, the last FFN) would flatten the colour scale
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=floor, vmax=values[-1])
     for layer in range(profile.num_layers):
         for col, skipped in enumerate((layer in plan.attn, layer in plan.ffn)):
             if skipped:
@@ -108,7 +110,7 @@ def plot_profile(profile: Profile, budget: int, out: Path) -> None:
     ax.set_xticks([0, 1], ["attention", "FFN"])
     ax.set_ylabel("layer")
     ax.set_title(f"{profile.collection}: {profile.queries} queries\nx = skipped at budget {budget}", fontsize=9)
-    fig.colorbar(image, ax=ax, label="mean IO cosine similarity")
+    fig.colorbar(image, ax=ax, label="mean IO cosine similarity", extend="min")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

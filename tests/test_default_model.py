@@ -32,12 +32,13 @@ def test_ignore_eos_generates_the_full_budget(default_engine):
     assert result.text.startswith("The capital of France is Paris.")
 
 
-def test_quality_guard_lowers_the_budget_on_the_real_model(default_engine, tmp_path):
+def test_quality_guard_lowers_the_budget_on_the_real_model(default_engine, tmp_path, monkeypatch):
     from adaskip_rag import AdaSkipEngine
     from adaskip_rag.corpora import rag_messages, squad_questions
     from adaskip_rag.history import SQLiteProfileStore
     from adaskip_rag.policies import AdaSkipPolicy
 
+    monkeypatch.setenv("ADASKIP_PROFILES", str(tmp_path))  # no shipped profile: learn from this collection only
     policy = AdaSkipPolicy(budget=16, warmup=1, window=0, refresh_every=2, quality_target=0.99, guard_step=4)
     engine = AdaSkipEngine(default_engine.model, default_engine.tokenizer, default_engine.name, policy=policy,
                            store=SQLiteProfileStore(tmp_path / "p.sqlite"))
@@ -49,3 +50,14 @@ def test_quality_guard_lowers_the_budget_on_the_real_model(default_engine, tmp_p
     assert runs[1].fidelity < 0.99 and runs[1].measured_in_this_request and runs[1].measured_prefill_speedup > 0
     assert runs[2].budget == 12 and runs[2].skipped_sublayers == 12
     assert "lowered to 12" in runs[2].budget_reason
+
+
+def test_new_collection_starts_from_the_shipped_profile(default_engine, tmp_path):
+    from adaskip_rag import AdaSkipEngine
+    from adaskip_rag.history import SQLiteProfileStore
+
+    engine = AdaSkipEngine(default_engine.model, default_engine.tokenizer, default_engine.name,
+                           store=SQLiteProfileStore(tmp_path / "p.sqlite"))
+    stats = engine.generate(QUESTION, collection="fresh", max_new_tokens=8).stats
+    assert stats.profile_source == "default" and stats.mode == "skip" and not stats.warming_up
+    assert stats.skipped_sublayers == engine.policy.budget
