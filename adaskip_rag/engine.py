@@ -144,8 +144,8 @@ class AdaSkipEngine:
     streams interleave).
 
     With ``collection="..."`` instead of a plan, the engine learns which sublayers to skip for that collection
-    (``policy``, default :class:`AdaSkipPolicy`) and keeps the profile in ``store`` (default: SQLite in the
-    cache folder); see ``learning.py``.
+    (``policy``, default :class:`AdaSkipPolicy`, or the collection's entry in ``collection_policies``) and keeps
+    the profile in ``store`` (default: SQLite in the cache folder); see ``learning.py``.
     """
 
     def __init__(
@@ -156,6 +156,7 @@ class AdaSkipEngine:
         *,
         policy: AdaSkipPolicy | None = None,
         store: ProfileStore | None = None,
+        collection_policies: Mapping[str, AdaSkipPolicy] | None = None,
     ):
         loading.check_layers(model)
         self.model = model.eval()
@@ -167,6 +168,7 @@ class AdaSkipEngine:
         self.costs = CostModel.from_config(model.config)
         self.device = model.get_input_embeddings().weight.device
         self.policy = policy or AdaSkipPolicy()
+        self.collection_policies = dict(collection_policies or {})
         self._store = store
         self._lock = threading.Lock()
 
@@ -186,7 +188,8 @@ class AdaSkipEngine:
     def learner(self) -> Learner:
         store = self._store or SQLiteProfileStore(loading.cache_dir() / "profiles.sqlite")
         return Learner(
-            self.fingerprint, self.num_layers, self.costs, store, self.policy, shipped_profile(self.fingerprint, self.name)
+            self.fingerprint, self.num_layers, self.costs, store, self.policy,
+            shipped_profile(self.fingerprint, self.name), self.collection_policies,
         )
 
     @classmethod
@@ -199,6 +202,7 @@ class AdaSkipEngine:
         device_map: str | dict | None = None,
         policy: AdaSkipPolicy | None = None,
         store: ProfileStore | None = None,
+        collection_policies: Mapping[str, AdaSkipPolicy] | None = None,
     ) -> "AdaSkipEngine":
         """Load ``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder.
 
@@ -206,7 +210,7 @@ class AdaSkipEngine:
         """
         model, tokenizer = loading.load(name_or_path, device=device, dtype=dtype, device_map=device_map)
         name = loading.DEFAULT_MODEL if str(name_or_path) == "default" else Path(name_or_path).name
-        return cls(model, tokenizer, name=name, policy=policy, store=store)
+        return cls(model, tokenizer, name=name, policy=policy, store=store, collection_policies=collection_policies)
 
     # ----------------------------------------------------------------- prompts
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -60,7 +61,8 @@ class Decision:
     queries_seen: int
     budget: int
     budget_reason: str
-    previous_skip_set: list[str] | None
+    policy: AdaSkipPolicy
+    state: dict  # the collection's profile state when the request started
 
 
 def _skip_set(plan: SkipPlan) -> list[str]:
@@ -68,45 +70,54 @@ def _skip_set(plan: SkipPlan) -> list[str]:
 
 
 class Learner:
-    """Chooses plans for the requests of each collection and records what they measured."""
+    """Chooses plans for the requests of each collection and records what they measured.
+
+    ``policy`` applies to every collection but those given their own in ``policies``.
+    """
 
     def __init__(
         self, model_id: str, num_layers: int, costs: CostModel, store: ProfileStore, policy: AdaSkipPolicy,
-        default_profile: Profile | None = None,
+        default_profile: Profile | None = None, policies: Mapping[str, AdaSkipPolicy] | None = None,
     ):
         self.model_id, self.num_layers, self.costs = model_id, num_layers, costs
         self.store, self.policy, self.default_profile = store, policy, default_profile
-        self.max_budget = budget_count(policy.budget, num_layers)
+        self.policies = dict(policies or {})
+        for p in (policy, *self.policies.values()):
+            budget_count(p.budget, num_layers)  # a budget this model cannot meet fails here, not per request
 
-    def _budget(self, profile: Profile | None) -> tuple[int, str]:
-        if self.policy.quality_target is None:
-            return self.max_budget, f"fixed budget {self.max_budget}"
-        guard = (profile.state.get("guard") if profile else None) or {}
-        budget = guard.get("budget", self.max_budget)
-        return budget, guard.get("reason", f"quality guard: starting at the maximum budget {budget}")
+    def policy_for(self, collection: str) -> AdaSkipPolicy:
+        return self.policies.get(collection, self.policy)
 
     def decide(self, collection: str, n: int) -> Decision:
         check_collection(collection)
+        policy = self.policy_for(collection)
         own = self.store.get(self.model_id, collection)
+        state = own.state if own else {}
         seen = own.queries if own else 0
-        budget, reason = self._budget(own)
-        previous = own.state.get("skip_set") if own else None
-        profile, source = self._profile(own)
-        plan = self.policy.prefill_plan(profile, n, self.costs, budget) if profile else SkipPlan()
-        refresh_every = self.policy.refresh_every
+        max_budget = budget_count(policy.budget, self.num_layers)
+        guard = state.get("guard") or {}
+        if policy.quality_target is None:
+            budget, reason = max_budget, f"fixed budget {max_budget}"
+        else:
+            budget = min(guard.get("budget", max_budget), max_budget)
+            reason = guard.get("reason", f"quality guard: starting at the maximum budget {budget}")
+
+        profile, source = self._profile(own, policy.warmup)
         if profile is None:
             mode: Mode = "warmup"
             schedule: PlanSchedule = StaticSchedule(SkipPlan(), probe=True)
-        elif refresh_every and (seen + 1) % refresh_every == 0:
+            plan = SkipPlan()
+        elif policy.refresh_every and (seen + 1) % policy.refresh_every == 0:
             mode, schedule = "refresh", StaticSchedule(SkipPlan(), probe=True)
+            plan = policy.prefill_plan(profile, n, self.costs, budget)
         else:
-            mode, schedule = "skip", self.policy.schedule(profile, n, self.costs, budget)
+            mode, schedule = "skip", policy.schedule(profile, n, self.costs, budget)
             plan = schedule.plan
-        return Decision(collection, mode, schedule, plan, source, seen, budget, reason, previous)
+        return Decision(collection, mode, schedule, plan, source, seen, budget, reason, policy, state)
 
-    def _profile(self, own: Profile | None) -> tuple[Profile | None, str]:
+    def _profile(self, own: Profile | None, warmup: int) -> tuple[Profile | None, str]:
         """The profile to plan from: the collection's own once warmed up, else the cold-start fallbacks."""
-        warm = lambda p: p is not None and p.queries >= self.policy.warmup  # noqa: E731
+        warm = lambda p: p is not None and p.queries >= warmup  # noqa: E731
         if warm(own):
             return own, "collection"
         merged_all = self.store.global_profile(self.model_id)
@@ -125,9 +136,8 @@ class Learner:
             self.model_id, decision.collection, self.num_layers, probes or {}, stats.prompt_tokens
         )
         skip_set = _skip_set(decision.plan)
-        own = self.store.get(self.model_id, decision.collection)
-        measured = (own.state.get("measured") if own else None) or {}
-        guard = (own.state.get("guard") if own else None) or {}
+        measured = decision.state.get("measured") or {}
+        reason = decision.budget_reason
         delta.state["skip_set"] = skip_set
         if decision.mode == "refresh" and skip_prefill_seconds:
             measured = {
@@ -135,27 +145,29 @@ class Learner:
                 "budget": decision.budget, "fidelity": fidelity,
             }
             delta.state["measured"] = measured
-            if self.policy.quality_target is not None and fidelity is not None:
-                guard = self._guard(decision.budget, fidelity)
-                delta.state["guard"] = guard
+            if decision.policy.quality_target is not None and fidelity is not None:
+                delta.state["guard"] = self._guard(decision.policy, decision.budget, fidelity)
+                reason = delta.state["guard"]["reason"]
         self.store.add(delta)
 
+        previous = decision.state.get("skip_set")
         stats.collection = decision.collection
         stats.mode = decision.mode
         stats.profile_source = decision.source
         stats.queries_seen = decision.queries_seen + 1
         stats.warming_up = decision.mode == "warmup"
         stats.budget = decision.budget
-        stats.budget_reason = guard.get("reason", decision.budget_reason)
-        stats.skip_set_changed = decision.previous_skip_set is not None and decision.previous_skip_set != skip_set
+        stats.budget_reason = reason
+        stats.skip_set_changed = previous is not None and previous != skip_set
         stats.fidelity = fidelity
         stats.measured_prefill_speedup = measured.get("speedup")
         stats.measured_in_this_request = decision.mode == "refresh" and skip_prefill_seconds is not None
         return delta
 
-    def _guard(self, budget: int, fidelity: float) -> dict:
-        target, step = self.policy.quality_target, self.policy.guard_step
-        new = max(0, budget - step) if fidelity < target else min(self.max_budget, budget + step)
+    def _guard(self, policy: AdaSkipPolicy, budget: int, fidelity: float) -> dict:
+        target, step = policy.quality_target, policy.guard_step
+        top = budget_count(policy.budget, self.num_layers)
+        new = max(0, budget - step) if fidelity < target else min(top, budget + step)
         verb = "lowered to" if new < budget else "raised to" if new > budget else "kept at"
         relation = "<" if fidelity < target else ">="
         reason = f"quality guard: agreement {fidelity:.3f} {relation} target {target} at budget {budget}, {verb} {new}"

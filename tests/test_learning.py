@@ -275,3 +275,21 @@ def test_quality_guard_shrinks_and_grows_back(tmp_path):
     assert guard.refresh(0.99) == 8
     assert guard.refresh(1.0) == 8  # never above the policy's budget
     assert "kept at 8" in learner.decide("docs", 100).budget_reason
+
+
+def test_policies_per_collection(tokenizer, tmp_path):
+    engine = AdaSkipEngine(
+        tiny_model("llama"), tokenizer, name="tiny", store=SQLiteProfileStore(tmp_path / "p.sqlite"),
+        policy=AdaSkipPolicy(budget=2, warmup=1, window=0, refresh_every=0),
+        collection_policies={"fast": AdaSkipPolicy(budget=5, warmup=1, window=0, refresh_every=0, cost_aware=True)},
+    )
+    for coll in ("docs", "fast"):
+        engine.generate(QUESTIONS[0], collection=coll, max_new_tokens=2)
+    profile = engine.learner.store.get(engine.fingerprint, "fast")
+    docs = engine.generate(QUESTIONS[1], collection="docs", max_new_tokens=2).stats
+    fast = engine.generate(QUESTIONS[1], collection="fast", max_new_tokens=2).stats
+    assert docs.skipped_sublayers == 2 and fast.skipped_sublayers == 5
+    expected = AdaSkipPolicy(budget=5, cost_aware=True).prefill_plan(profile, fast.prompt_tokens, engine.costs, 5)
+    assert fast.skipped_attention == sorted(expected.attn) and fast.skipped_ffn_prefill == sorted(expected.ffn)
+    with pytest.raises(ValueError, match="between 0 and 12"):
+        AdaSkipEngine(tiny_model("llama"), tokenizer, policy=AdaSkipPolicy(budget=13)).learner
