@@ -1,6 +1,7 @@
 """Generation, streaming, stop handling, thread safety, stats and bad input of AdaSkipEngine (tiny model)."""
 
 import asyncio
+import gc
 import json
 import threading
 import time
@@ -122,6 +123,19 @@ def test_async_stream_joins_cancels_and_raises(tiny_engine, monkeypatch):
         await stream.aclose()  # returns once the worker has stopped
 
     asyncio.run(read_two())
+    calls = counter.calls
+    assert calls < 200
+    time.sleep(0.2)
+    assert counter.calls == calls
+
+    async def break_early():
+        async for _ in tiny_engine.astream(PROMPT, max_new_tokens=200):
+            break  # the stream is dropped here; nothing calls aclose
+        gc.collect()
+        await asyncio.sleep(0.5)
+
+    counter.calls = 0
+    asyncio.run(break_early())
     calls = counter.calls
     assert calls < 200
     time.sleep(0.2)
