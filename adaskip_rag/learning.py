@@ -14,6 +14,7 @@ Every request of a collection is one of:
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -23,8 +24,8 @@ from typing import Literal
 
 from .costs import CostModel
 from .history import Profile, ProfileStore, check_collection
-from .policies import AdaSkipPolicy, budget_count
-from .skipping import PlanSchedule, SkipPlan, StaticSchedule
+from .policies import AdaSkipPolicy, OnlineSchedule, budget_count
+from .skipping import PlanSchedule, SkipPlan
 from .stats import SkipStats
 
 Mode = Literal["warmup", "skip", "refresh"]
@@ -103,12 +104,13 @@ class Learner:
             reason = guard.get("reason", f"quality guard: starting at the maximum budget {budget}")
 
         profile, source = self._profile(own, policy.warmup)
+        full = OnlineSchedule(SkipPlan(), beta=math.inf, window=0)  # the full model, prefill probed
         if profile is None:
             mode: Mode = "warmup"
-            schedule: PlanSchedule = StaticSchedule(SkipPlan(), probe=True)
+            schedule: PlanSchedule = full
             plan = SkipPlan()
         elif policy.refresh_every and (seen + 1) % policy.refresh_every == 0:
-            mode, schedule = "refresh", StaticSchedule(SkipPlan(), probe=True)
+            mode, schedule = "refresh", full
             plan = policy.prefill_plan(profile, n, self.costs, budget)
         else:
             mode, schedule = "skip", policy.schedule(profile, n, self.costs, budget)
