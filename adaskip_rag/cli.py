@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--max-new-tokens", type=int, default=48)
 
     prof = sub.add_parser("profiles", help="inspect and manage the learned per-collection profiles")
-    prof.add_argument("--store", type=Path, default=loading.cache_dir() / "profiles.sqlite")
+    prof.add_argument("--store", type=Path, default=loading.profile_db_path())
     prof.add_argument("--model-id", help="only profiles of this model fingerprint")
     actions = prof.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="every stored profile")

@@ -156,7 +156,7 @@ class AdaSkipEngine:
 
     With ``collection="..."`` instead of a plan, the engine learns which sublayers to skip for that collection
     (``policy``, default :class:`AdaSkipPolicy`, or the collection's entry in ``collection_policies``) and keeps
-    the profile in ``store`` (default: SQLite in the cache folder); see ``learning.py``.
+    the profile in ``store`` (default: SQLite at ``loading.profile_db_path()``); see ``learning.py``.
     """
 
     def __init__(
@@ -197,7 +197,7 @@ class AdaSkipEngine:
 
     @functools.cached_property
     def learner(self) -> Learner:
-        store = self._store or SQLiteProfileStore(loading.cache_dir() / "profiles.sqlite")
+        store = self._store or SQLiteProfileStore(loading.profile_db_path())
         return Learner(
             self.fingerprint, self.num_layers, self.costs, store, self.policy,
             shipped_profile(self.fingerprint, self.name), self.collection_policies,

@@ -27,6 +27,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaskip-rag"
 
 
+def profile_db_path() -> Path:
+    """The default profile store: $ADASKIP_PROFILE_DB, else profiles.sqlite in the cache folder."""
+    return Path(os.environ.get("ADASKIP_PROFILE_DB") or cache_dir() / "profiles.sqlite")
+
+
 def default_model_path(root: Path | None = None) -> Path:
     """The default model as a normal transformers folder, converted from its GGUF on first use (~30 s)."""
     target = (root or cache_dir()) / "models" / DEFAULT_MODEL

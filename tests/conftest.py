@@ -1,6 +1,9 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# learned profiles of the tests never touch the user's store
+os.environ["ADASKIP_PROFILE_DB"] = os.path.join(tempfile.mkdtemp(prefix="adaskip-tests-"), "profiles.sqlite")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest

@@ -1,0 +1,121 @@
+"""What both LangChain classes share: the engine cache, request settings, the collection key, and the
+``adaskip_stats`` custom callback event."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from langchain_core.callbacks import (
+    AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models.base import LangSmithParams
+from pydantic import BaseModel, ConfigDict, Field
+
+from adaskip_rag import AdaSkipEngine, SkipStats
+
+STATS_EVENT = "adaskip_stats"
+COLLECTION_METADATA_KEY = "adaskip_collection"
+DEFAULT_COLLECTION = "default"
+
+_engines: dict[tuple[str, str | None], AdaSkipEngine] = {}
+_engines_lock = threading.Lock()
+
+
+def shared_engine(model: str, device: str | None) -> AdaSkipEngine:
+    """One engine per (model, device) in this process, loaded on first use."""
+    with _engines_lock:
+        key = (model, device)
+        if key not in _engines:
+            _engines[key] = AdaSkipEngine.from_pretrained(model, device=device)
+        return _engines[key]
+
+
+class AdaSkipParams(BaseModel):
+    """Settings both classes expose; every one can be overridden per call as a keyword argument."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    model: str = "default"
+    """``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder."""
+    device: str | None = None
+    collection: str | None = None
+    """Profile key, unless a call passes ``collection=`` or config metadata ``adaskip_collection``; else
+    ``"default"``."""
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    engine: AdaSkipEngine | None = Field(default=None, exclude=True)
+    """An engine to use instead of the shared one of ``model``."""
+
+    def get_engine(self, model: str | None = None) -> AdaSkipEngine:
+        """The instance's engine, or the shared engine of ``model`` when a call overrides the model."""
+        if model is None or model == self.model:
+            return self.engine or shared_engine(self.model, self.device)
+        return shared_engine(model, self.device)
+
+    def request(
+        self, stop: list[str] | None, run_manager: Any, kwargs: dict[str, Any]
+    ) -> tuple[AdaSkipEngine, dict[str, Any]]:
+        """The engine and the engine arguments of one call: per-call kwargs over the instance's settings."""
+        kwargs = dict(kwargs)
+        engine = self.get_engine(kwargs.pop("model", None))
+        metadata = getattr(run_manager, "metadata", None) or {}
+        collection = kwargs.pop("collection", None) or metadata.get(COLLECTION_METADATA_KEY) or self.collection
+        request = {
+            "collection": collection or DEFAULT_COLLECTION,
+            "max_new_tokens": kwargs.pop("max_tokens", kwargs.pop("max_new_tokens", self.max_tokens)),
+            "temperature": kwargs.pop("temperature", self.temperature),
+            "top_p": kwargs.pop("top_p", self.top_p),
+            "top_k": kwargs.pop("top_k", self.top_k),
+            "repetition_penalty": kwargs.pop("repetition_penalty", self.repetition_penalty),
+            "seed": kwargs.pop("seed", self.seed),
+            "stop": stop if stop is not None else self.stop,
+        }
+        if kwargs:
+            raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
+        return engine, request
+
+    def ls_params(self, model_type: str, stop: list[str] | None, kwargs: dict[str, Any]) -> LangSmithParams:
+        return LangSmithParams(
+            ls_provider="adaskip",
+            ls_model_name=kwargs.get("model", self.model),
+            ls_model_type=model_type,
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+            ls_stop=stop or self.stop,
+        )
+
+
+def usage(stats: SkipStats) -> dict[str, int]:
+    return {
+        "input_tokens": stats.prompt_tokens,
+        "output_tokens": stats.generated_tokens,
+        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+    }
+
+
+def emit_stats(run_manager: CallbackManagerForLLMRun | None, stats: SkipStats) -> None:
+    """Send the request's SkipStats to the callback handlers as the custom event ``adaskip_stats``."""
+    if run_manager is not None:
+        manager = CallbackManager(
+            handlers=run_manager.handlers, inheritable_handlers=run_manager.inheritable_handlers,
+            parent_run_id=run_manager.parent_run_id, tags=run_manager.tags, metadata=run_manager.metadata,
+        )
+        manager.on_custom_event(STATS_EVENT, stats.to_dict(), run_id=run_manager.run_id)
+
+
+async def aemit_stats(run_manager: AsyncCallbackManagerForLLMRun | None, stats: SkipStats) -> None:
+    if run_manager is not None:
+        manager = AsyncCallbackManager(
+            handlers=run_manager.handlers, inheritable_handlers=run_manager.inheritable_handlers,
+            parent_run_id=run_manager.parent_run_id, tags=run_manager.tags, metadata=run_manager.metadata,
+        )
+        await manager.on_custom_event(STATS_EVENT, stats.to_dict(), run_id=run_manager.run_id)

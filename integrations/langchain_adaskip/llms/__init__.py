@@ -1,0 +1,3 @@
+from langchain_adaskip.llms.adaskip import AdaSkipLLM
+
+__all__ = ["AdaSkipLLM"]

@@ -1,0 +1,104 @@
+"""AdaSkipLLM: a LangChain text-completion model over a local skip-aware LLM."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseLLM
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+
+from adaskip_rag import GenerationResult, SkipStats
+from langchain_adaskip._common import AdaSkipParams, aemit_stats, emit_stats, usage
+
+
+def _info(stats: SkipStats) -> dict[str, Any]:
+    return {"finish_reason": stats.finish_reason, "usage": usage(stats), "adaskip": stats.to_dict()}
+
+
+class AdaSkipLLM(BaseLLM, AdaSkipParams):
+    """Text-completion model that skips the sublayers its collection does not need (AdaSkip), on a local model.
+
+    The prompt is passed to the model as it is (no chat template; use ``ChatAdaSkip`` for chat models).
+
+    Example:
+        .. code-block:: python
+
+            from langchain_adaskip import AdaSkipLLM
+
+            llm = AdaSkipLLM(max_tokens=64, collection="manuals")
+            result = llm.generate(["Q: What is the capital of France?\\nA:"])
+            result.generations[0][0].generation_info["adaskip"]      # SkipStats of the request
+
+    Every call's SkipStats are in ``generation_info["adaskip"]`` (on the last chunk when streaming) and are
+    sent to callback handlers as the custom event ``adaskip_stats``.
+    """
+
+    @property
+    def _llm_type(self) -> str:
+        return "adaskip"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"engine", "callbacks", "cache", "verbose", "tags", "metadata"}, mode="json")
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        return self.ls_params("llm", stop, kwargs)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        return self.get_engine().tokenizer.encode(text, add_special_tokens=False)
+
+    @staticmethod
+    def _result(results: list[GenerationResult]) -> LLMResult:
+        total = {"prompt_tokens": sum(r.stats.prompt_tokens for r in results),
+                 "completion_tokens": sum(r.stats.generated_tokens for r in results)}
+        return LLMResult(
+            generations=[[Generation(text=r.text, generation_info=_info(r.stats))] for r in results],
+            llm_output={"token_usage": total, "model_name": "adaskip"},
+        )
+
+    def _generate(
+        self, prompts: list[str], stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+    ) -> LLMResult:
+        engine, request = self.request(stop, run_manager, kwargs)
+        results = [engine.generate(prompt, **request) for prompt in prompts]
+        for r in results:
+            emit_stats(run_manager, r.stats)
+        return self._result(results)
+
+    async def _agenerate(
+        self, prompts: list[str], stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
+    ) -> LLMResult:
+        engine, request = self.request(stop, run_manager, kwargs)
+        results = [await engine.agenerate(prompt, **request) for prompt in prompts]
+        for r in results:
+            await aemit_stats(run_manager, r.stats)
+        return self._result(results)
+
+    def _stream(
+        self, prompt: str, stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
+        engine, request = self.request(stop, run_manager, kwargs)
+        stream = engine.stream(prompt, **request)
+        for delta in stream:
+            chunk = GenerationChunk(text=delta)
+            yield chunk
+        emit_stats(run_manager, stream.result.stats)
+        yield GenerationChunk(text="", generation_info=_info(stream.result.stats))
+
+    async def _astream(
+        self, prompt: str, stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
+        engine, request = self.request(stop, run_manager, kwargs)
+        stream = engine.astream(prompt, **request)
+        async for delta in stream:
+            chunk = GenerationChunk(text=delta)
+            yield chunk
+        await aemit_stats(run_manager, stream.result.stats)
+        yield GenerationChunk(text="", generation_info=_info(stream.result.stats))
