@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
@@ -35,7 +35,8 @@ def shared_engine(model: str, device: str | None) -> AdaSkipEngine:
 
 
 class AdaSkipParams(BaseModel):
-    """Settings both classes expose; every one can be overridden per call as a keyword argument."""
+    """Settings and LangChain hooks both classes share; every setting can be overridden per call as a keyword
+    argument. Listed first among a class's bases, so its hooks override the framework's defaults."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
@@ -54,6 +55,7 @@ class AdaSkipParams(BaseModel):
     stop: list[str] | None = None
     engine: AdaSkipEngine | None = Field(default=None, exclude=True)
     """An engine to use instead of the shared one of ``model``."""
+    ls_model_type: ClassVar[str]
 
     def get_engine(self, model: str | None = None) -> AdaSkipEngine:
         """The instance's engine, or the shared engine of ``model`` when a call overrides the model."""
@@ -83,11 +85,18 @@ class AdaSkipParams(BaseModel):
             raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
         return engine, request
 
-    def ls_params(self, model_type: str, stop: list[str] | None, kwargs: dict[str, Any]) -> LangSmithParams:
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"engine", "callbacks", "cache", "verbose", "tags", "metadata"}, mode="json")
+
+    def get_token_ids(self, text: str) -> list[int]:
+        return self.get_engine().tokenizer.encode(text, add_special_tokens=False)
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return LangSmithParams(
             ls_provider="adaskip",
             ls_model_name=kwargs.get("model", self.model),
-            ls_model_type=model_type,
+            ls_model_type=self.ls_model_type,
             ls_temperature=kwargs.get("temperature", self.temperature),
             ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
             ls_stop=stop or self.stop,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
-from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
@@ -25,7 +24,7 @@ def to_chat(messages: list[BaseMessage]) -> list[dict[str, str]]:
     ]
 
 
-class ChatAdaSkip(BaseChatModel, AdaSkipParams):
+class ChatAdaSkip(AdaSkipParams, BaseChatModel):
     """Chat model that skips the sublayers its collection does not need (AdaSkip), on a local model.
 
     Example:
@@ -37,23 +36,15 @@ class ChatAdaSkip(BaseChatModel, AdaSkipParams):
             msg = llm.invoke("What is the capital of France?", config={"metadata": {"adaskip_collection": "geo"}})
             msg.usage_metadata, msg.response_metadata["adaskip"]   # token usage, SkipStats of the request
 
-    Every call's SkipStats are in ``response_metadata["adaskip"]`` (on the last chunk when streaming) and are
-    sent to callback handlers as the custom event ``adaskip_stats``.
+    Every call's SkipStats are in ``response_metadata["adaskip"]`` (on the last chunk when streaming);
+    non-streaming calls also send them to callback handlers as the custom event ``adaskip_stats``.
     """
+
+    ls_model_type: ClassVar[str] = "chat"
 
     @property
     def _llm_type(self) -> str:
         return "adaskip-chat"
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"engine", "callbacks", "cache", "verbose", "tags", "metadata"}, mode="json")
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        return self.ls_params("chat", stop, kwargs)
-
-    def get_token_ids(self, text: str) -> list[int]:
-        return self.get_engine().tokenizer.encode(text, add_special_tokens=False)
 
     def _metadata(self, stats: SkipStats) -> dict[str, Any]:
         return {"adaskip": stats.to_dict(), "finish_reason": stats.finish_reason, "model_name": self.model,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseLLM
-from langchain_core.language_models.base import LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from adaskip_rag import GenerationResult, SkipStats
@@ -18,7 +17,7 @@ def _info(stats: SkipStats) -> dict[str, Any]:
     return {"finish_reason": stats.finish_reason, "usage": usage(stats), "adaskip": stats.to_dict()}
 
 
-class AdaSkipLLM(BaseLLM, AdaSkipParams):
+class AdaSkipLLM(AdaSkipParams, BaseLLM):
     """Text-completion model that skips the sublayers its collection does not need (AdaSkip), on a local model.
 
     The prompt is passed to the model as it is (no chat template; use ``ChatAdaSkip`` for chat models).
@@ -32,23 +31,15 @@ class AdaSkipLLM(BaseLLM, AdaSkipParams):
             result = llm.generate(["Q: What is the capital of France?\\nA:"])
             result.generations[0][0].generation_info["adaskip"]      # SkipStats of the request
 
-    Every call's SkipStats are in ``generation_info["adaskip"]`` (on the last chunk when streaming) and are
-    sent to callback handlers as the custom event ``adaskip_stats``.
+    Every call's SkipStats are in ``generation_info["adaskip"]`` (on the last chunk when streaming);
+    non-streaming calls also send them to callback handlers as the custom event ``adaskip_stats``.
     """
+
+    ls_model_type: ClassVar[str] = "llm"
 
     @property
     def _llm_type(self) -> str:
         return "adaskip"
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"engine", "callbacks", "cache", "verbose", "tags", "metadata"}, mode="json")
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        return self.ls_params("llm", stop, kwargs)
-
-    def get_token_ids(self, text: str) -> list[int]:
-        return self.get_engine().tokenizer.encode(text, add_special_tokens=False)
 
     @staticmethod
     def _result(results: list[GenerationResult]) -> LLMResult:
