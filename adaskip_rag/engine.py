@@ -253,9 +253,6 @@ class AdaSkipEngine:
             raise ValueError("prompt is empty")
         raise ValueError("prompt must be a string, a list of chat messages (dicts) or a list of token ids")
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     # ----------------------------------------------------------------- requests
 
     def _request(

@@ -25,7 +25,7 @@ class ShortChatAdaSkip(ChatAdaSkip):
     max_tokens: int = 32
 
 
-class TestChatAdaSkipUnit(ChatModelUnitTests):
+class StandardTestSettings:
     @property
     def chat_model_class(self) -> type[ChatAdaSkip]:
         return ShortChatAdaSkip
@@ -33,17 +33,15 @@ class TestChatAdaSkipUnit(ChatModelUnitTests):
     @property
     def chat_model_params(self) -> dict:
         return {"model": "default"}
+
+
+class TestChatAdaSkipUnit(StandardTestSettings, ChatModelUnitTests):
+    pass
 
 
 @pytest.mark.slow
-class TestChatAdaSkipIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatAdaSkip]:
-        return ShortChatAdaSkip
-
-    @property
-    def chat_model_params(self) -> dict:
-        return {"model": "default"}
+class TestChatAdaSkipIntegration(StandardTestSettings, ChatModelIntegrationTests):
+    pass
 
 
 class StatsHandler(BaseCallbackHandler):
