@@ -60,9 +60,10 @@ def build_default_profile(engine: AdaSkipEngine, questions: int, out: Path) -> P
     return profile
 
 
-def _profile_table(profile: Profile, budget: int, robust_scale: bool) -> str:
+def _profile_table(profile: Profile, budget: int) -> str:
+    """Per-layer mean similarity, scale (without the sink token) and count; * marks the skipped sublayers."""
     similarity = profile.mean("similarity")
-    scales = profile.mean("scale_no_sink" if robust_scale else "scale")
+    scales = profile.mean("scale_no_sink")
     plan = top_k_plan(similarity, scales, budget)
     lines = [
         f"{profile.collection}  (model {profile.model}): {profile.queries} queries, mean context "
@@ -135,7 +136,7 @@ def profiles_command(args: argparse.Namespace) -> int:
         profile = _select(store, args.collection, args.model_id)
         budget = budget_count(args.budget, profile.num_layers)
         if args.action == "show":
-            print(_profile_table(profile, budget, robust_scale=True))
+            print(_profile_table(profile, budget))
         else:
             plot_profile(profile, budget, args.output)
             print(f"wrote {args.output}")

@@ -461,21 +461,33 @@ class AdaSkipEngine:
             yield item
 
     def teacher_forced(
-        self, prompt_ids: Sequence[int], answer_ids: Sequence[int], plan: SkipPlan
+        self, prompt_ids: Sequence[int], answer_ids: Sequence[int], plan: SkipPlan | PlanSchedule
     ) -> tuple[torch.Tensor, float]:
         """Teacher forcing: the logits under ``plan`` at the positions that predict each token of ``answer_ids``
-        (shape (len(answer_ids), vocab); the prompt is prefilled, then the answer fed in one chunk), and the
-        seconds the prompt's prefill took."""
-        plan.check(self.num_layers)
+        (shape (len(answer_ids), vocab)), and the seconds the prompt's prefill took.
+
+        A SkipPlan is fed the answer in one chunk; a PlanSchedule token by token, with each step's plan.
+        """
+        schedule = StaticSchedule(plan) if isinstance(plan, SkipPlan) else plan
+        prefill_plan, _ = self._plan(schedule.prefill())
         n = len(prompt_ids)
         cache = new_cache(self.model)
         start = time.perf_counter()
-        first, _ = self.forward(torch.tensor([list(prompt_ids)]), 0, cache, plan, "prefill")
+        first, _ = self.forward(torch.tensor([list(prompt_ids)]), 0, cache, prefill_plan, "prefill")
         prefill_seconds = time.perf_counter() - start
         logits = [first[0, -1:]]
-        if len(answer_ids) > 1:
-            rest, _ = self.forward(torch.tensor([list(answer_ids[:-1])]), n, cache, plan, "decode", logits_to_keep=0)
-            logits.append(rest[0])
+        if isinstance(plan, SkipPlan):
+            if len(answer_ids) > 1:
+                rest, _ = self.forward(torch.tensor([list(answer_ids[:-1])]), n, cache, plan, "decode",
+                                       logits_to_keep=0)
+                logits.append(rest[0])
+        else:
+            probes = None
+            for step, token in enumerate(answer_ids[:-1]):
+                step_plan, probe = self._plan(schedule.decode(step, probes))
+                rest, probes = self.forward(torch.tensor([[token]]), n + step, cache, step_plan, "decode",
+                                            probe=probe)
+                logits.append(rest[0, -1:])
         return torch.cat(logits), prefill_seconds
 
     async def agenerate(self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, **kwargs: Any

@@ -73,8 +73,8 @@ class OnlineSchedule:
     """AdaSkip's decode phase: probe the FFNs still running for the first ``window`` tokens, then also skip
     every FFN whose window-mean similarity is at least ``beta``, with the scale measured in the window."""
 
-    def __init__(self, plan: SkipPlan, beta: float, window: int, robust_scale: bool = True):
-        self.plan, self.beta, self.window, self.robust_scale = plan, beta, window, robust_scale
+    def __init__(self, plan: SkipPlan, beta: float, window: int):
+        self.plan, self.beta, self.window = plan, beta, window
         self._sums: dict[int, list[float]] = {}  # FFN layer -> [similarity sum, scale sum, count]
         self.decode_plan = plan
 
@@ -145,7 +145,7 @@ class AdaSkipPolicy:
 
     def schedule(self, profile: Profile, n: int, costs: CostModel, budget: int) -> OnlineSchedule:
         plan = self.prefill_plan(profile, n, costs, budget)
-        return OnlineSchedule(plan, self.beta(profile, budget), self.window, self.robust_scale)
+        return OnlineSchedule(plan, self.beta(profile, budget), self.window)
 
 
 # ----------------------------------------------------------------- baselines (whole layers, scale 1)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -31,22 +30,7 @@ from adaskip_rag import AdaSkipEngine
 from adaskip_rag.corpora import rag_messages, squad_questions
 from adaskip_rag.history import Profile
 from adaskip_rag.policies import AdaSkipPolicy, SkipDecode, early_exit, unified_skipping
-from adaskip_rag.skipping import PlanSchedule, StaticSchedule, SkipPlan, new_cache
-
-
-def teacher_forced(engine: AdaSkipEngine, prompt: list[int], answer: list[int], schedule: PlanSchedule):
-    """Logits predicting each answer token under ``schedule`` (step by step), and the prefill seconds."""
-    cache = new_cache(engine.model)
-    plan, _ = schedule.prefill()
-    start = time.perf_counter()
-    logits, _ = engine.forward(torch.tensor([prompt]), 0, cache, plan, "prefill")
-    prefill = time.perf_counter() - start
-    rows, probes = [logits[0, -1]], None
-    for step, token in enumerate(answer[:-1]):
-        plan, probe = schedule.decode(step, probes)
-        logits, probes = engine.forward(torch.tensor([[token]]), len(prompt) + step, cache, plan, "decode", probe=probe)
-        rows.append(logits[0, -1])
-    return torch.stack(rows), prefill
+from adaskip_rag.skipping import PlanSchedule, SkipPlan, StaticSchedule
 
 
 def main() -> None:
@@ -98,7 +82,7 @@ def main() -> None:
         for name, make in modes.items():
             schedule = make(len(prompt), args.max_new_tokens)
             first_plan, _ = schedule.prefill()
-            logits, prefill = teacher_forced(engine, prompt, answer, schedule)
+            logits, prefill = engine.teacher_forced(prompt, answer, schedule)  # token by token, as decoding
             if reference is None:
                 reference, full_prefill = logits, prefill
             agree = (logits.argmax(-1) == torch.tensor(answer)).float()

@@ -276,3 +276,16 @@ def test_one_model_serves_many_architectures(tokenizer):
         ids = engine.encode(PROMPT)
         result = engine.generate(ids, SkipPlan(attn={0: 1.0}), max_new_tokens=5)
         assert result.stats.generated_tokens >= 1 and result.stats.skipped_attention == [0]
+
+
+def test_teacher_forcing_reproduces_greedy_decoding_in_one_chunk_and_step_by_step(tiny_engine):
+    from adaskip_rag.skipping import StaticSchedule
+
+    plan = SkipPlan(attn={0: 1.0, 3: 0.9}, ffn={5: 1.1})
+    prompt = tiny_engine.encode(PROMPT)
+    answer = tiny_engine.generate(prompt, plan, max_new_tokens=12, ignore_eos=True).token_ids
+    chunk, seconds = tiny_engine.teacher_forced(prompt, answer, plan)
+    steps, _ = tiny_engine.teacher_forced(prompt, answer, StaticSchedule(plan))
+    assert chunk.shape == steps.shape == (12, tiny_engine.config.vocab_size) and seconds > 0
+    torch.testing.assert_close(chunk, steps, atol=1e-5, rtol=1e-6)
+    assert chunk.argmax(-1).tolist() == answer == steps.argmax(-1).tolist()
