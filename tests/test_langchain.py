@@ -122,3 +122,76 @@ def test_text_completion_llm(full_engine):
     assert llm.get_token_ids("Paris") == llm.get_engine().tokenizer.encode("Paris", add_special_tokens=False)
     with pytest.raises(ValueError, match="unsupported arguments"):
         llm.invoke("x", frobnicate=1)
+
+
+@pytest.mark.slow
+def test_streamed_calls_send_stats_once_with_the_config_collection(full_engine):
+    llm = ChatAdaSkip(**PARAMS, engine=full_engine)
+    config = {"metadata": {"adaskip_collection": "streamed"}}
+    handler = StatsHandler()
+    chunks = list(llm.stream(QUESTION, config={**config, "callbacks": [handler]}))
+    assert handler.events == [chunks[-1].response_metadata["adaskip"]]
+    assert handler.events[0]["collection"] == "streamed"
+
+    async def astream():
+        handler = StatsHandler()
+        chunks = [c async for c in llm.astream(QUESTION, config={**config, "callbacks": [handler]})]
+        return chunks, handler.events
+
+    achunks, events = asyncio.run(astream())
+    assert events == [achunks[-1].response_metadata["adaskip"]] and events[0]["collection"] == "streamed"
+
+    handler = StatsHandler()
+    chain = ChatPromptTemplate.from_messages([("user", "{question}")]) | llm | StrOutputParser()
+    text = "".join(chain.stream({"question": QUESTION}, config={**config, "callbacks": [handler]}))
+    assert text == "".join(c.content for c in chunks)
+    assert len(handler.events) == 1 and handler.events[0]["collection"] == "streamed"
+
+
+def _format(docs) -> str:
+    return "\n".join(doc.page_content for doc in docs)
+
+
+@pytest.mark.slow
+def test_rag_chains_over_two_chroma_collections_build_two_profiles_automatically(full_engine, minilm_path,
+                                                                                  tmp_path):
+    chromadb = pytest.importorskip("chromadb")
+    from langchain_chroma import Chroma
+    from langchain_core.runnables import RunnablePassthrough
+    from langchain_huggingface import HuggingFaceEmbeddings
+
+    from conftest import COLLECTIONS
+
+    client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
+    embeddings = HuggingFaceEmbeddings(model_name=minilm_path)
+    prompt = ChatPromptTemplate.from_messages([
+        ("system", "Answer the question using only this context:\n{context}"), ("user", "{question}"),
+    ])
+    llm = ChatAdaSkip(**PARAMS, engine=full_engine)  # no collection given anywhere
+    store = full_engine.learner.store
+    for name, case in COLLECTIONS.items():
+        vectors = Chroma(collection_name=name, embedding_function=embeddings, client=client)
+        vectors.add_texts(case["docs"])
+        retriever = vectors.as_retriever(search_kwargs={"k": 2})
+        chain = {"context": retriever | _format, "question": RunnablePassthrough()} | prompt | llm | StrOutputParser()
+
+        handler = StatsHandler()
+        answer = chain.invoke(case["question"], config={"callbacks": [handler]})
+        assert case["answer"] in answer
+        assert [e["collection"] for e in handler.events] == [name]
+        assert store.get(full_engine.fingerprint, name).queries == 1
+        assert "".join(chain.stream(case["question"])) == answer
+        assert asyncio.run(chain.ainvoke(case["question"])) == answer
+        assert store.get(full_engine.fingerprint, name).queries == 3
+        # an explicit key still wins over the retrieved collection
+        chain.invoke(case["question"], config={"metadata": {"adaskip_collection": f"{name}-explicit"}})
+        assert store.get(full_engine.fingerprint, f"{name}-explicit").queries == 1
+    # the text-completion class finds the collection the same way
+    completion = AdaSkipLLM(**PARAMS, engine=full_engine)
+    chain = {"context": retriever | _format, "question": RunnablePassthrough()} | prompt | completion
+    handler = StatsHandler()
+    chain.invoke(case["question"], config={"callbacks": [handler]})
+    assert [e["collection"] for e in handler.events] == [name]
+    assert store.get(full_engine.fingerprint, "default") is None
+    # outside a chain that retrieved, the fallback is "default"
+    assert llm.invoke(QUESTION).response_metadata["adaskip"]["collection"] == "default"

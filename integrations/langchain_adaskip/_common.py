@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any, ClassVar
 
@@ -16,6 +17,7 @@ from langchain_core.language_models.base import LangSmithParams
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaskip_rag import AdaSkipEngine, SkipStats
+from langchain_adaskip._retrieval import TRACKER
 
 STATS_EVENT = "adaskip_stats"
 COLLECTION_METADATA_KEY = "adaskip_collection"
@@ -44,8 +46,8 @@ class AdaSkipParams(BaseModel):
     """``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder."""
     device: str | None = None
     collection: str | None = None
-    """Profile key, unless a call passes ``collection=`` or config metadata ``adaskip_collection``; else
-    ``"default"``."""
+    """Profile key, unless a call passes ``collection=`` or config metadata ``adaskip_collection``; else the
+    Chroma collection the enclosing chain retrieved from (``langchain-chroma``), else ``"default"``."""
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -70,7 +72,8 @@ class AdaSkipParams(BaseModel):
         kwargs = dict(kwargs)
         engine = self.get_engine(kwargs.pop("model", None))
         metadata = getattr(run_manager, "metadata", None) or {}
-        collection = kwargs.pop("collection", None) or metadata.get(COLLECTION_METADATA_KEY) or self.collection
+        collection = (kwargs.pop("collection", None) or metadata.get(COLLECTION_METADATA_KEY) or self.collection
+                      or TRACKER.collection_of(getattr(run_manager, "parent_run_id", None)))
         request = {
             "collection": collection or DEFAULT_COLLECTION,
             "max_new_tokens": kwargs.pop("max_tokens", kwargs.pop("max_new_tokens", self.max_tokens)),
@@ -101,6 +104,16 @@ class AdaSkipParams(BaseModel):
             ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
             ls_stop=stop or self.stop,
         )
+
+
+def stream_run_manager(run_manager: Any) -> Any:
+    """The run manager of a streamed chat call. ``BaseChatModel.stream``/``astream`` do not pass theirs to
+    ``_stream``/``_astream``, so it is read from their frame (the generator's caller), so that streamed calls
+    also get their collection from config metadata or the chain, and send ``adaskip_stats``."""
+    if run_manager is not None:
+        return run_manager
+    caller = sys._getframe(2).f_locals.get("run_manager")
+    return caller if isinstance(caller, (CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)) else None
 
 
 def usage(stats: SkipStats) -> dict[str, int]:

@@ -11,7 +11,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Chat
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 from adaskip_rag import SkipStats
-from langchain_adaskip._common import AdaSkipParams, aemit_stats, emit_stats, usage
+from langchain_adaskip._common import AdaSkipParams, aemit_stats, emit_stats, stream_run_manager, usage
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
 
@@ -36,8 +36,8 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
             msg = llm.invoke("What is the capital of France?", config={"metadata": {"adaskip_collection": "geo"}})
             msg.usage_metadata, msg.response_metadata["adaskip"]   # token usage, SkipStats of the request
 
-    Every call's SkipStats are in ``response_metadata["adaskip"]`` (on the last chunk when streaming);
-    non-streaming calls also send them to callback handlers as the custom event ``adaskip_stats``.
+    Every call's SkipStats are in ``response_metadata["adaskip"]`` (on the last chunk when streaming), and
+    callback handlers receive them as the custom event ``adaskip_stats``.
     """
 
     ls_model_type: ClassVar[str] = "chat"
@@ -81,6 +81,7 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None = None,
         run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        run_manager = stream_run_manager(run_manager)
         engine, request = self.request(stop, run_manager, kwargs)
         stream = engine.stream(to_chat(messages), **request)
         for delta in stream:
@@ -93,6 +94,7 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None = None,
         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        run_manager = stream_run_manager(run_manager)
         engine, request = self.request(stop, run_manager, kwargs)
         stream = engine.astream(to_chat(messages), **request)
         async for delta in stream:

@@ -31,8 +31,8 @@ class AdaSkipLLM(AdaSkipParams, BaseLLM):
             result = llm.generate(["Q: What is the capital of France?\\nA:"])
             result.generations[0][0].generation_info["adaskip"]      # SkipStats of the request
 
-    Every call's SkipStats are in ``generation_info["adaskip"]`` (on the last chunk when streaming);
-    non-streaming calls also send them to callback handlers as the custom event ``adaskip_stats``.
+    Every call's SkipStats are in ``generation_info["adaskip"]`` (on the last chunk when streaming), and
+    callback handlers receive them as the custom event ``adaskip_stats``.
     """
 
     ls_model_type: ClassVar[str] = "llm"
