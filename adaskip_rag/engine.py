@@ -142,6 +142,10 @@ def _feed(stream: TextStream, queue: asyncio.Queue, loop: asyncio.AbstractEventL
         put("error", exc)
 
 
+_shared: dict[tuple[str, str | None], "AdaSkipEngine"] = {}
+_shared_lock = threading.Lock()
+
+
 class AdaSkipEngine:
     """Skip-aware text generation over a Llama-family causal LM.
 
@@ -222,6 +226,16 @@ class AdaSkipEngine:
         model, tokenizer = loading.load(name_or_path, device=device, dtype=dtype, device_map=device_map)
         name = loading.DEFAULT_MODEL if str(name_or_path) == "default" else Path(name_or_path).name
         return cls(model, tokenizer, name=name, policy=policy, store=store, collection_policies=collection_policies)
+
+    @classmethod
+    def shared(cls, name_or_path: str | os.PathLike = "default", device: str | None = None) -> "AdaSkipEngine":
+        """One engine per (model, device) in this process, loaded on first use: what the framework adapters
+        use, so any number of LLM objects (LangChain or LlamaIndex) share one model and one profile store."""
+        key = (str(name_or_path), device)
+        with _shared_lock:
+            if key not in _shared:
+                _shared[key] = cls.from_pretrained(name_or_path, device=device)
+            return _shared[key]
 
     # ----------------------------------------------------------------- prompts
 

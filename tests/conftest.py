@@ -21,6 +21,8 @@ from transformers import (
 )
 
 from adaskip_rag import AdaSkipEngine
+from adaskip_rag.history import SQLiteProfileStore
+from adaskip_rag.policies import AdaSkipPolicy
 from adaskip_rag.loading import default_model_path
 
 VOCAB = 49152  # the default model's tokenizer, so tiny models can be driven with text
@@ -65,6 +67,15 @@ def tiny_engine(tokenizer):
 def default_engine():
     torch.set_num_threads(2)
     return AdaSkipEngine.from_pretrained("default")
+
+
+@pytest.fixture
+def full_engine(tmp_path):
+    """The shared default model behind an engine that always runs in full (so repeated answers are equal)
+    and learns into a store of its own."""
+    base = AdaSkipEngine.shared("default")
+    return AdaSkipEngine(base.model, base.tokenizer, base.name, store=SQLiteProfileStore(tmp_path / "p.sqlite"),
+                         policy=AdaSkipPolicy(warmup=10**9, refresh_every=0))
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from adaskip_rag import AdaSkipEngine
-from adaskip_rag.history import SQLiteProfileStore
-from adaskip_rag.policies import AdaSkipPolicy
 from langchain_adaskip import AdaSkipLLM, ChatAdaSkip
-from langchain_adaskip._common import shared_engine
 
 PARAMS = {"model": "default", "max_tokens": 32}
 
@@ -84,14 +80,6 @@ def test_collection_from_config_metadata_and_per_call():
     assert meta.response_metadata["adaskip"]["collection"] == "from-config"
     assert llm.invoke(QUESTION, collection="per-call").response_metadata["adaskip"]["collection"] == "per-call"
     assert llm.invoke(QUESTION).response_metadata["adaskip"]["collection"] == "default"
-
-
-@pytest.fixture
-def full_engine(tmp_path):
-    """The shared default model behind an engine that always runs in full, so repeated answers are equal."""
-    base = shared_engine("default", None)
-    return AdaSkipEngine(base.model, base.tokenizer, base.name, store=SQLiteProfileStore(tmp_path / "p.sqlite"),
-                         policy=AdaSkipPolicy(warmup=10**9, refresh_every=0))
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 from typing import Any, ClassVar
 
 from langchain_core.callbacks import (
@@ -22,19 +21,6 @@ from langchain_adaskip._retrieval import TRACKER
 STATS_EVENT = "adaskip_stats"
 COLLECTION_METADATA_KEY = "adaskip_collection"
 DEFAULT_COLLECTION = "default"
-
-_engines: dict[tuple[str, str | None], AdaSkipEngine] = {}
-_engines_lock = threading.Lock()
-
-
-def shared_engine(model: str, device: str | None) -> AdaSkipEngine:
-    """One engine per (model, device) in this process, loaded on first use."""
-    with _engines_lock:
-        key = (model, device)
-        if key not in _engines:
-            _engines[key] = AdaSkipEngine.from_pretrained(model, device=device)
-        return _engines[key]
-
 
 class AdaSkipParams(BaseModel):
     """Settings and LangChain hooks both classes share; every setting can be overridden per call as a keyword
@@ -62,8 +48,8 @@ class AdaSkipParams(BaseModel):
     def get_engine(self, model: str | None = None) -> AdaSkipEngine:
         """The instance's engine, or the shared engine of ``model`` when a call overrides the model."""
         if model is None or model == self.model:
-            return self.engine or shared_engine(self.model, self.device)
-        return shared_engine(model, self.device)
+            return self.engine or AdaSkipEngine.shared(self.model, self.device)
+        return AdaSkipEngine.shared(model, self.device)
 
     def request(
         self, stop: list[str] | None, run_manager: Any, kwargs: dict[str, Any]

@@ -1,0 +1,127 @@
+"""Automatic collection keys: an answer generated inside a span that retrieved from a ``ChromaVectorStore`` is
+profiled under that Chroma collection's name.
+
+A span handler on the root dispatcher (added when this package is imported) sees every retriever span with
+its retriever object, tags the span's ancestors with the collection the retriever reads, and the LLM looks up
+the nearest tagged ancestor of its own span. A streaming query engine calls its LLM only when its response is
+read, after the query's spans have ended, so a tagged span that returns a streaming response (``response_gen``)
+has that generator wrapped to carry the collection to the LLM while it is read.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
+from contextvars import ContextVar
+from typing import Any
+
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.span import BaseSpan
+from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
+from pydantic import PrivateAttr
+
+MAX_OPEN_SPANS = 10_000  # bound for spans that never report their end (abandoned streams)
+_reading: ContextVar[str | None] = ContextVar("adaskip_streamed_collection", default=None)
+
+
+def chroma_collection(retriever: Any) -> str | None:
+    """The Chroma collection a vector-index retriever reads through a ``ChromaVectorStore``, else None."""
+    try:
+        from llama_index.vector_stores.chroma import ChromaVectorStore
+    except ImportError:
+        return None
+    store = getattr(retriever, "_vector_store", None)
+    return store._collection.name if isinstance(store, ChromaVectorStore) else None
+
+
+class _Reading(Iterator[str]):
+    """A streaming response's generator that, while it runs, tells the LLM which collection it answers from."""
+
+    def __init__(self, gen: Iterator[str], collection: str):
+        self.gen, self.collection = gen, collection
+
+    def __next__(self) -> str:
+        token = _reading.set(self.collection)
+        try:
+            return next(self.gen)
+        finally:
+            _reading.reset(token)
+
+
+class _AsyncReading(AsyncIterator[str]):
+    def __init__(self, gen: AsyncIterator[str], collection: str):
+        self.gen, self.collection = gen, collection
+
+    async def __anext__(self) -> str:
+        token = _reading.set(self.collection)
+        try:
+            return await anext(self.gen)
+        finally:
+            _reading.reset(token)
+
+
+class RetrievalTracker(BaseSpanHandler[BaseSpan]):
+    """Remembers the open spans' parents and which of them retrieved from a Chroma collection."""
+
+    _parents: OrderedDict[str, str | None] = PrivateAttr(default_factory=OrderedDict)
+    _collections: dict[str, str] = PrivateAttr(default_factory=dict)
+    _guard: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "AdaSkipRetrievalTracker"
+
+    def collection_of(self, span_id: str | None) -> str | None:
+        """The collection retrieved from by ``span_id`` or its nearest ancestor that retrieved, else that of the
+        streaming response being read, if any."""
+        with self._guard:
+            while span_id is not None:
+                if span_id in self._collections:
+                    return self._collections[span_id]
+                span_id = self._parents.get(span_id)
+        return _reading.get()
+
+    def span_enter(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
+                   parent_id: str | None = None, tags: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        name = chroma_collection(instance) if instance is not None else None
+        with self._guard:
+            self._parents[id_] = parent_id
+            while len(self._parents) > MAX_OPEN_SPANS:
+                self._collections.pop(self._parents.popitem(last=False)[0], None)
+            node = parent_id if name is not None else None
+            while node is not None:  # every enclosing span now holds an answer's context from `name`
+                self._collections.setdefault(node, name)
+                node = self._parents.get(node)
+
+    def span_exit(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None, result: Any = None,
+                  **kwargs: Any) -> None:
+        name = self._collections.get(id_)
+        gen = getattr(result, "response_gen", None)
+        if name is not None and gen is not None and not isinstance(gen, (_Reading, _AsyncReading)):
+            result.response_gen = _AsyncReading(gen, name) if hasattr(gen, "__anext__") else _Reading(gen, name)
+        self._close(id_)
+
+    def span_drop(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
+                  err: BaseException | None = None, **kwargs: Any) -> None:
+        self._close(id_)
+
+    def _close(self, id_: str) -> None:
+        with self._guard:
+            self._parents.pop(id_, None)
+            self._collections.pop(id_, None)
+
+    # span objects are not kept: the tracker only needs the parent links above
+    def new_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def prepare_to_exit_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def prepare_to_drop_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+TRACKER = RetrievalTracker()
+get_dispatcher().add_span_handler(TRACKER)

@@ -1,0 +1,176 @@
+"""LlamaIndex integration: responses, usage, stats events, streaming, async, query engines over Chroma."""
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+pytest.importorskip("llama_index.core")
+
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
+from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+
+from adaskip_rag import AdaSkipEngine
+from adaskip_rag.history import SQLiteProfileStore
+from adaskip_rag.policies import AdaSkipPolicy
+from conftest import COLLECTIONS, tiny_model
+from llama_index.llms.adaskip import AdaSkipLLM, AdaSkipStatsEvent
+
+
+class StatsEvents(BaseEventHandler):
+    """Collects the AdaSkipStatsEvents the root dispatcher sends while it is registered."""
+
+    events: list[dict[str, Any]] = []
+
+    def handle(self, event: Any, **kwargs: Any) -> None:
+        if isinstance(event, AdaSkipStatsEvent):
+            self.events.append(event.stats)
+
+
+@pytest.fixture
+def stats_events():
+    handler = StatsEvents(events=[])
+    root = get_dispatcher()
+    root.add_event_handler(handler)
+    yield handler.events
+    root.event_handlers.remove(handler)
+
+
+@pytest.fixture
+def tiny(tokenizer, tmp_path):
+    """A tiny model that always runs in full, so repeated answers are equal."""
+    return AdaSkipEngine(tiny_model("llama"), tokenizer, "tiny", store=SQLiteProfileStore(tmp_path / "p.sqlite"),
+                         policy=AdaSkipPolicy(warmup=10**9, refresh_every=0))
+
+
+MESSAGES = [ChatMessage(role=MessageRole.SYSTEM, content="Be brief."),
+            ChatMessage(role=MessageRole.USER, content="What is the capital of France?")]
+
+
+def test_metadata_and_bad_arguments(tiny):
+    llm = AdaSkipLLM(engine=tiny, max_tokens=12)
+    meta = llm.metadata
+    assert (meta.context_window, meta.num_output, meta.is_chat_model, meta.model_name) == (512, 12, True, "default")
+    with pytest.raises(ValueError, match="unsupported arguments: \\['frobnicate'\\]"):
+        llm.complete("hello", frobnicate=1)
+    with pytest.raises(ValueError, match="max_tokens"):
+        AdaSkipLLM(max_tokens=0)
+
+
+def test_chat_usage_stats_and_token_counting(tiny, stats_events):
+    # a counter whose own estimate (characters) differs from the real token counts
+    counter = TokenCountingHandler(tokenizer=lambda text: list(text))
+    llm = AdaSkipLLM(engine=tiny, max_tokens=8, collection="geo", callback_manager=CallbackManager([counter]))
+    response = llm.chat(MESSAGES)
+    stats = response.additional_kwargs["adaskip"]
+    prompt_ids = tiny.encode([{"role": m.role.value, "content": m.content} for m in MESSAGES])
+    assert stats["collection"] == "geo" and stats["prompt_tokens"] == len(prompt_ids)
+    assert response.raw["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": stats["generated_tokens"],
+                                     "total_tokens": len(prompt_ids) + stats["generated_tokens"]}
+    assert response.message.content == tiny.generate(prompt_ids, max_new_tokens=8).text
+    assert (counter.prompt_llm_token_count, counter.completion_llm_token_count) == (
+        len(prompt_ids), stats["generated_tokens"])
+    assert stats_events == [stats]
+
+
+def test_streaming_and_async_give_the_same_text_and_one_event_each(tiny, stats_events):
+    llm = AdaSkipLLM(engine=tiny, max_tokens=10)
+    text = llm.complete("The capital of France is").text
+    chunks = list(llm.stream_complete("The capital of France is"))
+    assert "".join(c.delta for c in chunks) == chunks[-1].text == text
+    assert chunks[-1].additional_kwargs["adaskip"]["generated_tokens"] == chunks[-1].raw["usage"]["completion_tokens"]
+    chat = llm.chat(MESSAGES).message.content
+    assert "".join(r.delta for r in llm.stream_chat(MESSAGES)) == chat
+
+    async def run_async():
+        streamed = [r async for r in await llm.astream_complete("The capital of France is")]
+        chat_streamed = [r async for r in await llm.astream_chat(MESSAGES)]
+        return ((await llm.acomplete("The capital of France is")).text, streamed[-1].text,
+                (await llm.achat(MESSAGES)).message.content, chat_streamed[-1].message.content)
+
+    assert asyncio.run(run_async()) == (text, text, chat, chat)
+    assert len(stats_events) == 8  # one per call (8 calls), streamed or not
+    assert {e["collection"] for e in stats_events} == {"default"}
+
+
+def test_per_call_arguments(tiny):
+    llm = AdaSkipLLM(engine=tiny, max_tokens=20)
+    full = llm.complete("The capital of France is")
+    short = llm.complete("The capital of France is", max_tokens=3, collection="per-call")
+    assert short.additional_kwargs["adaskip"]["generated_tokens"] == 3 and full.text.startswith(short.text)
+    assert short.additional_kwargs["adaskip"]["collection"] == "per-call"
+    stop = full.text.strip()[-2:]
+    assert stop not in llm.complete("The capital of France is", stop=[stop]).text
+    sampled = {llm.complete("The capital of France is", temperature=1.5, seed=s).text for s in range(4)}
+    assert len(sampled) > 1  # temperature is honoured per call
+
+
+@pytest.mark.slow
+def test_acomplete_leaves_the_event_loop_free(full_engine):
+    llm = AdaSkipLLM(engine=full_engine, max_tokens=24)
+
+    async def measure():
+        gaps, done = [], asyncio.Event()
+
+        async def ticker():
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        start = time.perf_counter()
+        answers = await asyncio.gather(llm.acomplete("Name three colours."), llm.acomplete("Name three fruits."))
+        elapsed = time.perf_counter() - start
+        done.set()
+        await tick
+        return answers, elapsed, gaps
+
+    answers, elapsed, gaps = asyncio.run(measure())
+    assert all(a.text.strip() for a in answers)
+    assert elapsed > 0.5  # long enough for a blocked loop to show
+    assert max(gaps) < 0.25, f"the event loop stalled for {max(gaps):.2f}s of {elapsed:.2f}s"
+
+
+@pytest.mark.slow
+def test_query_engines_over_two_chroma_collections_build_two_profiles_automatically(
+        full_engine, minilm_path, tmp_path, stats_events):
+    chromadb = pytest.importorskip("chromadb")
+    from llama_index.core import Document, StorageContext, VectorStoreIndex
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+    from llama_index.vector_stores.chroma import ChromaVectorStore
+
+    client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
+    embed = HuggingFaceEmbedding(model_name=minilm_path)
+    llm = AdaSkipLLM(engine=full_engine, max_tokens=32)  # no collection given anywhere
+    store = full_engine.learner.store
+    for name, case in COLLECTIONS.items():
+        vectors = ChromaVectorStore(chroma_collection=client.create_collection(name))
+        index = VectorStoreIndex.from_documents(
+            [Document(text=doc) for doc in case["docs"]], embed_model=embed,
+            storage_context=StorageContext.from_defaults(vector_store=vectors),
+        )
+        stats_events.clear()
+        answer = str(index.as_query_engine(llm=llm, similarity_top_k=2).query(case["question"]))
+        assert case["answer"] in answer
+        assert [e["collection"] for e in stats_events] == [name]
+        assert store.get(full_engine.fingerprint, name).queries == 1
+
+        streaming = index.as_query_engine(llm=llm, similarity_top_k=2, streaming=True).query(case["question"])
+        assert "".join(streaming.response_gen) == answer  # the LLM runs only now, after the query returned
+        assert [e["collection"] for e in stats_events] == [name, name]
+
+        async def aquery(streaming: bool) -> str:
+            engine = index.as_query_engine(llm=llm, similarity_top_k=2, streaming=streaming)
+            response = await engine.aquery(case["question"])
+            return "".join([t async for t in response.async_response_gen()]) if streaming else str(response)
+
+        assert asyncio.run(aquery(False)) == asyncio.run(aquery(True)) == answer
+        assert store.get(full_engine.fingerprint, name).queries == 4
+    assert store.get(full_engine.fingerprint, "default") is None
+    assert llm.complete("Hello").additional_kwargs["adaskip"]["collection"] == "default"
