@@ -13,7 +13,7 @@ import torch
 from . import loading
 from .corpora import rag_messages, squad_article, squad_questions
 from .engine import AdaSkipEngine
-from .history import KINDS, Profile, SQLiteProfileStore
+from .history import KINDS, Profile, ProfileStore, SQLiteProfileStore, open_store
 from .learning import PROFILES_DIR
 from .policies import AdaSkipPolicy, budget_count, plan_from_probes, top_k_plan
 
@@ -117,10 +117,10 @@ def plot_profile(profile: Profile, budget: int, out: Path) -> None:
     plt.close(fig)
 
 
-def _select(store: SQLiteProfileStore, collection: str, model: str | None) -> Profile:
+def _select(store: ProfileStore, where: str, collection: str, model: str | None) -> Profile:
     found = [p for p in store.profiles(model) if p.collection == collection]
     if not found:
-        raise SystemExit(f"no profile for collection {collection!r} in {store.path}")
+        raise SystemExit(f"no profile for collection {collection!r} in {where}")
     if len(found) > 1:
         raise SystemExit(f"{collection!r} has profiles of several models; pick one with --model-id: "
                          + ", ".join(p.model for p in found))
@@ -128,12 +128,12 @@ def _select(store: SQLiteProfileStore, collection: str, model: str | None) -> Pr
 
 
 def profiles_command(args: argparse.Namespace) -> int:
-    store = SQLiteProfileStore(args.store)
+    store = open_store(args.store)
     if args.action == "list":
         for p in store.profiles(args.model_id):
             print(f"{p.model}  {p.collection}  {p.queries} queries  mean context {p.mean_context:.0f}")
     elif args.action in ("show", "plot"):
-        profile = _select(store, args.collection, args.model_id)
+        profile = _select(store, args.store, args.collection, args.model_id)
         budget = budget_count(args.budget, profile.num_layers)
         if args.action == "show":
             print(_profile_table(profile, budget))
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--max-new-tokens", type=int, default=48)
 
     prof = sub.add_parser("profiles", help="inspect and manage the learned per-collection profiles")
-    prof.add_argument("--store", type=Path, default=loading.profile_db_path())
+    prof.add_argument("--store", default=loading.profile_store_url(),
+                      help="a SQLite file or chroma://HOST:PORT (default: $ADASKIP_PROFILE_STORE, else the cache's file)")
     prof.add_argument("--model-id", help="only profiles of this model fingerprint")
     actions = prof.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="every stored profile")

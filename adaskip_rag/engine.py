@@ -29,7 +29,7 @@ from transformers import (
 
 from . import loading
 from .costs import CostModel
-from .history import ProfileStore, SQLiteProfileStore
+from .history import ProfileStore, open_store
 from .learning import Decision, Learner, shipped_profile
 from .policies import AdaSkipPolicy
 from .skipping import PlanSchedule, Probe, SkipPlan, StaticSchedule, Sublayer, new_cache, skip_forward
@@ -160,7 +160,8 @@ class AdaSkipEngine:
 
     With ``collection="..."`` instead of a plan, the engine learns which sublayers to skip for that collection
     (``policy``, default :class:`AdaSkipPolicy`, or the collection's entry in ``collection_policies``) and keeps
-    the profile in ``store`` (default: SQLite at ``loading.profile_db_path()``); see ``learning.py``.
+    the profile in ``store`` (default: ``loading.profile_store_url()``, a SQLite file unless
+    $ADASKIP_PROFILE_STORE names another); see ``learning.py``.
     """
 
     def __init__(
@@ -201,7 +202,7 @@ class AdaSkipEngine:
 
     @functools.cached_property
     def learner(self) -> Learner:
-        store = self._store or SQLiteProfileStore(loading.profile_db_path())
+        store = self._store or open_store(loading.profile_store_url())
         return Learner(
             self.fingerprint, self.num_layers, self.costs, store, self.policy,
             shipped_profile(self.fingerprint, self.name), self.collection_policies,

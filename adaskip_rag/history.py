@@ -3,7 +3,8 @@
 A :class:`Profile` holds, for one (model fingerprint, collection), running *sums and counts* of the prefill
 IO similarity and scale of every sublayer, so merging profiles (collections into a global profile, or
 replicas into one) is exact and order-free. :class:`SQLiteProfileStore` is the default store: one file, WAL,
-every update one transaction, safe across threads and processes.
+every update one transaction, safe across threads and processes. Replicas of a service share profiles through
+a Chroma server (``chroma_store.ChromaProfileStore``); :func:`open_store` opens either from a URL.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from .skipping import Probe, Sublayer
 
@@ -259,3 +261,36 @@ class SQLiteProfileStore(ProfileStore):
                 "DELETE FROM profiles WHERE model = ? AND (? IS NULL OR collection = ?)", (model, collection, collection)
             )
             return cur.rowcount
+
+
+def open_store(url: str | Path) -> ProfileStore:
+    """The store at ``url``: a file path, ``sqlite:///relative/path`` or ``sqlite:////absolute/path`` (SQLite), or
+    ``chroma://host:port[/collection][?replica=NAME&cache_seconds=S&retry_seconds=S&max_pending=N&ssl=1]``
+    (profiles shared through a Chroma server)."""
+    text = str(url)
+    parts = urlsplit(text)
+    if parts.scheme == "sqlite":
+        return SQLiteProfileStore(parts.path[1:])  # sqlite:///relative, sqlite:////absolute
+    if parts.scheme != "chroma":
+        if "://" in text:
+            raise ValueError(f"unknown profile store {text!r}: use a file path, sqlite:///PATH or chroma://HOST:PORT")
+        return SQLiteProfileStore(text)
+    from .chroma_store import DEFAULT_COLLECTION, ChromaProfileStore
+
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    known = {"replica", "cache_seconds", "retry_seconds", "max_pending", "ssl"}
+    if set(query) - known:
+        raise ValueError(f"unknown profile store options {sorted(set(query) - known)} in {text!r}")
+    try:
+        options = {
+            **({"replica": query["replica"]} if "replica" in query else {}),
+            **{k: float(query[k]) for k in ("cache_seconds", "retry_seconds") if k in query},
+            **({"max_pending": int(query["max_pending"])} if "max_pending" in query else {}),
+            "ssl": query.get("ssl", "0").lower() in ("1", "true", "yes"),
+        }
+        port = parts.port or 8000
+    except ValueError as exc:
+        raise ValueError(f"bad profile store URL {text!r}: {exc}") from None
+    if not parts.hostname:
+        raise ValueError(f"profile store URL {text!r} names no host")
+    return ChromaProfileStore(parts.hostname, port, collection=parts.path.strip("/") or DEFAULT_COLLECTION, **options)

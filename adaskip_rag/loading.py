@@ -28,8 +28,14 @@ def cache_dir() -> Path:
 
 
 def profile_db_path() -> Path:
-    """The default profile store: $ADASKIP_PROFILE_DB, else profiles.sqlite in the cache folder."""
+    """The default SQLite profile file: $ADASKIP_PROFILE_DB, else profiles.sqlite in the cache folder."""
     return Path(os.environ.get("ADASKIP_PROFILE_DB") or cache_dir() / "profiles.sqlite")
+
+
+def profile_store_url() -> str:
+    """The default profile store (see ``history.open_store``): $ADASKIP_PROFILE_STORE, e.g.
+    ``chroma://127.0.0.1:8000`` for profiles shared by replicas, else the SQLite file ``profile_db_path()``."""
+    return os.environ.get("ADASKIP_PROFILE_STORE") or str(profile_db_path())
 
 
 def default_model_path(root: Path | None = None) -> Path:

@@ -1,0 +1,244 @@
+"""Profiles shared by the replicas of a service through the Chroma server they already run.
+
+Each replica keeps its own running totals (sums and counts) for every (model, collection) it served and
+writes only its own record; a read merges every replica's record. Sums add, so merging is exact and no
+update can be lost to a concurrent writer. Reads are cached for ``cache_seconds``, so a request does not
+wait on the network. When the server cannot be reached, requests go on with the last profiles read (or
+none, so no skipping), one warning is logged, and the unsent totals are written once it is back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+import warnings
+from collections import OrderedDict
+from typing import Any
+
+from .history import Profile, ProfileStore, check_collection
+
+log = logging.getLogger(__name__)
+DEFAULT_COLLECTION = "adaskip_profiles"
+_CORRUPT_MODEL = "__corrupt__"  # model key under which an unreadable record of this replica is kept
+
+
+class ChromaProfileStore(ProfileStore):
+    """Profiles in a collection (``collection``, default ``adaskip_profiles``) of a Chroma server.
+
+    Args:
+        host, port, ssl, headers: the server, as for ``chromadb.HttpClient``.
+        client: a ready Chroma client instead (then host and port are not used).
+        replica: this replica's name; default unique per store object (host, process, random).
+        cache_seconds: how long a read of the server is reused.
+        retry_seconds: while the server is unreachable, how often to try it again.
+        max_pending: most (model, collection) totals waiting to be written while the server is away;
+            beyond it the oldest waiting totals are dropped with an error.
+    """
+
+    def __init__(
+        self, host: str = "localhost", port: int = 8000, *, ssl: bool = False, headers: dict[str, str] | None = None,
+        collection: str = DEFAULT_COLLECTION, client: Any = None, replica: str | None = None,
+        cache_seconds: float = 2.0, retry_seconds: float = 1.0, max_pending: int = 1024,
+    ):
+        for name, value in (("cache_seconds", cache_seconds), ("retry_seconds", retry_seconds)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending!r}")
+        self.host, self.port, self.ssl, self.headers = host, port, ssl, headers
+        self.collection_name = collection
+        self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.cache_seconds, self.retry_seconds, self.max_pending = cache_seconds, retry_seconds, max_pending
+        self._client, self._collection = client, None
+        self._own: dict[tuple[str, str], tuple[float, Profile]] = {}  # this replica's totals and update times
+        self._pending: OrderedDict[tuple[str, str], None] = OrderedDict()  # own totals not yet on the server
+        self._others: dict[str | None, tuple[float, dict[tuple[str, str], list[tuple[float, Profile]]]]] = {}
+        self._seeded_models: set[str | None] = set()
+        self._down_since: float | None = None
+        self._last_try = 0.0
+        self._lock = threading.RLock()
+
+    @property
+    def degraded(self) -> bool:
+        """True while the server cannot be reached."""
+        return self._down_since is not None
+
+    # ------------------------------------------------------------------ ProfileStore
+
+    def get(self, model: str, collection: str) -> Profile | None:
+        with self._lock:
+            return self._merged(model, collection, self._read(model))
+
+    def add(self, delta: Profile) -> Profile:
+        check_collection(delta.collection)
+        key = (delta.model, delta.collection)
+        with self._lock:
+            others = self._read(delta.model)  # also adopts this replica's record from an earlier run
+            _, own = self._own.get(key, (0.0, Profile(delta.model, delta.collection, delta.num_layers)))
+            self._own[key] = (time.time(), own.merge(delta))
+            self._pending[key] = None
+            self._pending.move_to_end(key)
+            while len(self._pending) > self.max_pending:
+                lost, _ = self._pending.popitem(last=False)
+                self._own.pop(lost, None)
+                log.error("profile server unreachable: dropped this replica's unsent totals of %s", lost)
+            self.flush()
+            return self._merged(*key, others)
+
+    def profiles(self, model: str | None = None) -> list[Profile]:
+        with self._lock:
+            others = self._read(model)
+            keys = sorted({k for k in others} | {k for k in self._own if model is None or k[0] == model})
+            return [p for p in (self._merged(m, c, others) for m, c in keys) if p is not None]
+
+    def delete(self, model: str, collection: str | None = None) -> int:
+        """Remove every replica's records (running replicas write their own totals again on their next
+        update: stop them first for a clean reset). Returns how many profiles were removed."""
+        where: dict[str, Any] = {"model": model} if collection is None else {
+            "$and": [{"model": model}, {"collection": collection}]}
+        with self._lock:
+            found = self._remote().get(where=where, include=["metadatas"])
+            self._remote().delete(ids=found["ids"]) if found["ids"] else None
+            for key in [k for k in self._own if k[0] == model and collection in (None, k[1])]:
+                self._own.pop(key)
+                self._pending.pop(key, None)
+            self._others.clear()
+            return len({(m["model"], m["collection"]) for m in found["metadatas"]})
+
+    def flush(self) -> bool:
+        """Write this replica's unsent totals; False (and the totals kept) if the server is unreachable."""
+        with self._lock:
+            if not self._pending:
+                return True
+            if self.degraded and time.monotonic() - self._last_try < self.retry_seconds:
+                return False
+            for model in {k[0] for k in self._pending if not self._seeded(k[0])}:
+                self._read(model)  # first continue this replica's earlier record, never overwrite it
+            keys = [k for k in self._pending if self._seeded(k[0])]
+            if not keys:
+                return not self._pending
+            records = [self._own[k] for k in keys]
+            try:
+                self._remote().upsert(
+                    ids=[self._record_id(*k) for k in keys],
+                    documents=[json.dumps(p.to_dict()) for _, p in records],
+                    metadatas=[{"model": k[0], "collection": k[1], "replica": self.replica, "updated": t}
+                               for k, (t, _) in zip(keys, records)],
+                    embeddings=[[0.0]] * len(keys),
+                )
+            except _UNREACHABLE as exc:
+                self._unreachable(exc)
+                return False
+            self._reachable()
+            for k in keys:
+                self._pending.pop(k, None)
+            return True
+
+    # ------------------------------------------------------------------ internals
+
+    def _record_id(self, model: str, collection: str) -> str:
+        return json.dumps([model, collection, self.replica])
+
+    def _remote(self) -> Any:
+        if self._collection is None:
+            import chromadb
+
+            try:
+                self._client = self._client or chromadb.HttpClient(
+                    host=self.host, port=self.port, ssl=self.ssl, headers=self.headers)
+            except ValueError as exc:  # the client checks the server when it is built
+                raise ConnectionError(str(exc)) from exc
+            self._collection = self._client.get_or_create_collection(self.collection_name, embedding_function=None)
+        return self._collection
+
+    def _read(self, model: str | None) -> dict[tuple[str, str], list[tuple[float, Profile]]]:
+        """Other replicas' records of ``model`` (all models if None), from the cache while it is fresh, and
+        the last ones read while the server is unreachable."""
+        cached = self._others.get(model)
+        now = time.monotonic()
+        if cached and now - cached[0] < self.cache_seconds:
+            return cached[1]
+        if self.degraded and now - self._last_try < self.retry_seconds:
+            return cached[1] if cached else {}
+        try:
+            found = self._remote().get(where={"model": model} if model else None, include=["documents", "metadatas"])
+            records = [(meta, self._parse(i, doc, meta))
+                       for i, doc, meta in zip(found["ids"], found["documents"], found["metadatas"])]
+        except _UNREACHABLE as exc:
+            self._unreachable(exc)
+            return cached[1] if cached else {}
+        self._reachable()
+        others: dict[tuple[str, str], list[tuple[float, Profile]]] = {}
+        for meta, profile in records:
+            if profile is None:
+                continue
+            key = (profile.model, profile.collection)
+            if meta["replica"] != self.replica:
+                others.setdefault(key, []).append((meta["updated"], profile))
+            elif not self._seeded(profile.model):  # this replica's record from an earlier run: continue it
+                _, own = self._own.get(key, (0.0, Profile(*key, profile.num_layers)))
+                self._own[key] = (time.time(), profile.merge(own))
+        self._seeded_models.add(model)
+        self._others[model] = (now, others)
+        self.flush()  # back after an outage: write what waited
+        return others
+
+    def _seeded(self, model: str) -> bool:
+        """Whether this replica's earlier record of ``model``, if any, is already in its totals."""
+        return None in self._seeded_models or model in self._seeded_models
+
+    def _parse(self, record_id: str, doc: str, meta: dict[str, Any]) -> Profile | None:
+        if meta.get("model") == _CORRUPT_MODEL:
+            return None
+        try:
+            profile = Profile.from_dict(json.loads(doc))
+            if (profile.model, profile.collection) != (meta.get("model"), meta.get("collection")):
+                raise ValueError("record metadata does not match its content")
+            float(meta["updated"]), str(meta["replica"])
+            return profile
+        except (ValueError, TypeError, KeyError) as exc:
+            warnings.warn(f"ignoring corrupt profile record {record_id}: {exc!r}", stacklevel=4)
+            if meta.get("replica") == self.replica:  # about to be overwritten: keep a copy for inspection
+                self._remote().upsert(ids=[f"{record_id}#corrupt-{time.time()}"], documents=[doc],
+                                      metadatas=[{"model": _CORRUPT_MODEL}], embeddings=[[0.0]])
+            return None
+
+    def _merged(self, model: str, collection: str, others: dict) -> Profile | None:
+        """Every replica's totals of one collection added up; the newest record's state wins."""
+        parts = list(others.get((model, collection), []))
+        if (model, collection) in self._own:
+            parts.append(self._own[(model, collection)])
+        total: Profile | None = None
+        for _, profile in sorted(parts, key=lambda part: part[0]):
+            total = Profile(model, collection, profile.num_layers).merge(profile) if total is None else total.merge(profile)
+        return total
+
+    def _unreachable(self, exc: BaseException) -> None:
+        self._last_try = time.monotonic()
+        if self._down_since is None:
+            self._down_since = time.time()
+            log.warning("profile server %s:%s unreachable (%s): serving from the last profiles read, "
+                        "keeping this replica's updates until it is back", self.host, self.port, exc)
+
+    def _reachable(self) -> None:
+        if self._down_since is not None:
+            log.warning("profile server %s:%s reachable again after %.0f s", self.host, self.port,
+                        time.time() - self._down_since)
+            self._down_since = None
+
+
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+
+    return (httpx.TransportError, ConnectionError)
+
+
+try:
+    _UNREACHABLE = _unreachable_errors()
+except ImportError:  # chromadb (and with it httpx) not installed: the store cannot be used anyway
+    _UNREACHABLE = (ConnectionError,)

@@ -1,0 +1,205 @@
+"""Profiles shared by replicas through a real Chroma server: exact merged counts, one skip set, outages."""
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+chromadb = pytest.importorskip("chromadb")
+
+from adaskip_rag.chroma_store import ChromaProfileStore  # noqa: E402
+from adaskip_rag.history import SQLiteProfileStore, open_store  # noqa: E402
+from replica_worker import replica_engine, skip_set  # noqa: E402
+from test_history import delta  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+class ChromaServer:
+    """``chroma run`` on a free loopback port, stopped and restarted on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        chroma = Path(sys.executable).parent / "chroma"
+        self.process = subprocess.Popen(
+            [str(chroma), "run", "--host", "127.0.0.1", "--port", str(self.port), "--path", str(self.path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                chromadb.HttpClient(host="127.0.0.1", port=self.port).heartbeat()
+                return
+            except Exception:
+                time.sleep(0.2)
+        raise RuntimeError("chroma server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = ChromaServer(tmp_path / "chroma")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def store(server: ChromaServer, replica: str, **kwargs) -> ChromaProfileStore:
+    return ChromaProfileStore("127.0.0.1", server.port, replica=replica, **kwargs)
+
+
+def test_replicas_write_their_own_records_and_reads_merge_them(server):
+    a, b = store(server, "a", cache_seconds=0), store(server, "b", cache_seconds=0)
+    for i in range(3):
+        a.add(delta(i))
+        b.add(delta(10 + i))
+    expected = delta(0)
+    for d in [delta(1), delta(2), delta(10), delta(11), delta(12)]:
+        expected = expected.merge(d)
+    for s in (a, b, store(server, "reader")):
+        got = s.get("m", "docs")
+        assert (got.queries, got.counts) == (6, expected.counts)
+        assert {k: pytest.approx(v) for k, v in got.sums.items()} == expected.sums
+    assert [p.collection for p in a.profiles("m")] == ["docs"] and a.global_profile("m").queries == 6
+    # a replica that comes back under the same name continues its totals
+    a_again = store(server, "a", cache_seconds=0)
+    a_again.add(delta(3))
+    assert store(server, "reader").get("m", "docs").queries == 7
+    assert a.delete("m", "docs") == 1 and store(server, "reader").get("m", "docs") is None
+
+
+def test_cached_reads_do_not_wait_on_the_server(server):
+    s = store(server, "a", cache_seconds=60)
+    other = store(server, "b", cache_seconds=0)
+    assert s.get("m", "docs") is None
+    other.add(delta(0))
+    assert s.get("m", "docs") is None  # the cached read is reused
+    s._others.clear()
+    assert s.get("m", "docs").queries == 1
+
+
+@pytest.mark.slow
+def test_two_replica_processes_count_exactly_and_agree_on_the_skip_set(server, tmp_path):
+    worker = [sys.executable, str(HERE / "replica_worker.py"), str(server.port)]
+    procs = [subprocess.Popen([*worker, me, "50", str(tmp_path), other], stdout=subprocess.PIPE, text=True)
+             for me, other in (("r1", "r2"), ("r2", "r1"))]
+    reports = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+
+    engine = replica_engine(server.port, "observer")
+    profile = engine.learner.store.get(engine.fingerprint, "shared")
+    assert profile.queries == 100 and all(c == 100 for c in profile.counts["attn"][1:])
+    warmups = [report["modes"].count("warmup") for report in reports]
+    for report, k in zip(reports, warmups):
+        assert report["modes"] == ["warmup"] * k + ["skip"] * (50 - k)  # switched once, for good
+    # the warm-up of 20 requests is shared: together the replicas ran about 20 in full, not 2 x 20
+    # (a little more, since each reads the other's records at most CACHE_SECONDS late)
+    assert 20 <= sum(warmups) < 30, warmups
+    assert reports[0]["skip_set"] == reports[1]["skip_set"] == skip_set(engine, "shared")
+    assert len(reports[0]["skip_set"]) == 2
+
+
+def test_requests_survive_an_outage_and_buffered_updates_arrive(server, caplog):
+    engine = replica_engine(server.port, "r1")
+    engine.learner.store.retry_seconds = 0
+    ask = lambda i: engine.generate(f"request {i}: what is {i} plus {i}?", collection="shared", max_new_tokens=2)  # noqa: E731
+    for i in range(25):
+        ask(i)
+    before = skip_set(engine, "shared")
+    assert ask(25).stats.mode == "skip"
+
+    server.stop()
+    with caplog.at_level(logging.WARNING, logger="adaskip_rag.chroma_store"):
+        during = [ask(26 + i).stats for i in range(10)]
+    assert engine.learner.store.degraded
+    assert all(s.mode == "skip" for s in during) and skip_set(engine, "shared") == before  # last known plan
+    assert sum("unreachable" in r.message for r in caplog.records) == 1  # warned once
+
+    server.start()
+    assert engine.learner.store.flush()
+    assert not engine.learner.store.degraded
+    assert store(server, "observer").get(engine.fingerprint, "shared").queries == 36  # nothing lost
+
+
+def test_a_replica_that_starts_while_the_server_is_down_runs_in_full(tmp_path, caplog):
+    srv = ChromaServer(tmp_path / "chroma")  # never started
+    engine = replica_engine(srv.port, "r1")
+    with caplog.at_level(logging.WARNING, logger="adaskip_rag.chroma_store"):
+        results = [engine.generate("what is 2 plus 2?", collection="shared", max_new_tokens=2) for _ in range(3)]
+    assert [r.stats.mode for r in results] == ["warmup"] * 3 and not results[0].stats.skipped_attention
+    assert sum("unreachable" in r.message for r in caplog.records) == 1
+    srv.start()
+    try:
+        assert engine.learner.store.flush()  # the buffered totals arrive
+        assert store(srv, "observer").get(engine.fingerprint, "shared").queries == 3
+    finally:
+        srv.stop()
+
+
+def test_corrupt_records_are_ignored_and_kept(server):
+    a = store(server, "a", cache_seconds=0)
+    a.add(delta(0))
+    raw = chromadb.HttpClient(host="127.0.0.1", port=server.port).get_collection("adaskip_profiles")
+    raw.upsert(ids=["junk-b"], documents=["{not json"], embeddings=[[0.0]],
+               metadatas=[{"model": "m", "collection": "docs", "replica": "b", "updated": 1.0}])
+    with pytest.warns(UserWarning, match="corrupt profile record junk-b"):
+        assert a.get("m", "docs").queries == 1
+    # this replica's own record, corrupted: ignored, copied aside, then overwritten by its next update
+    own_id = a._record_id("m", "docs")
+    raw.upsert(ids=[own_id], documents=["[]"], embeddings=[[0.0]],
+               metadatas=[{"model": "m", "collection": "docs", "replica": "a2", "updated": 2.0}])
+    a2 = store(server, "a2", cache_seconds=0)
+    a2._record_id = lambda m, c: own_id
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a2.add(delta(1))
+    assert raw.get(ids=["junk-b"])["documents"] == ["{not json"]
+    kept = raw.get(where={"model": "__corrupt__"})["documents"]
+    assert kept == ["[]"]
+
+
+@pytest.mark.parametrize("url, message", [
+    ("chroma://", "names no host"),
+    ("chroma://localhost:notaport", "bad profile store URL"),
+    ("chroma://localhost:8000?colour=red", "unknown profile store options"),
+    ("chroma://localhost:8000?cache_seconds=-1", "cache_seconds must be >= 0"),
+    ("chroma://localhost:8000?max_pending=0", "max_pending must be >= 1"),
+    ("redis://localhost", "unknown profile store"),
+])
+def test_bad_store_urls_are_rejected(url, message):
+    with pytest.raises(ValueError, match=message):
+        open_store(url)
+
+
+def test_store_urls(tmp_path):
+    assert isinstance(open_store(tmp_path / "p.sqlite"), SQLiteProfileStore)
+    assert open_store(f"sqlite:///{tmp_path}/q.sqlite").path == tmp_path / "q.sqlite"
+    s = open_store("chroma://10.0.0.5:8123/team_profiles?replica=api-1&cache_seconds=0.5")
+    assert (s.host, s.port, s.collection_name, s.replica, s.cache_seconds) == (
+        "10.0.0.5", 8123, "team_profiles", "api-1", 0.5)
+
+
+def test_bad_keys_never_touch_stored_profiles(server):
+    a = store(server, "a", cache_seconds=0)
+    a.add(delta(0))
+    for bad in ("", "x" * 257):
+        with pytest.raises(ValueError, match="collection key"):
+            a.add(delta(1, bad))
+    assert store(server, "reader").get("m", "docs").queries == 1
