@@ -5,7 +5,7 @@ setup:
 	@scripts/bootstrap.sh
 
 demo: setup
-	.venv/bin/adaskip-rag --threads 2 demo
+	.venv/bin/python examples/qa_app.py --threads 2 demo
 
 test: setup
 	.venv/bin/python -m pytest -q

