@@ -1,4 +1,4 @@
-"""What both LangChain classes share: the engine cache, request settings, the collection key, and the
+"""What both LangChain classes share: settings, the shared engine, the collection key, and the
 ``adaskip_stats`` custom callback event."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from langchain_adaskip._retrieval import TRACKER
 STATS_EVENT = "adaskip_stats"
 COLLECTION_METADATA_KEY = "adaskip_collection"
 DEFAULT_COLLECTION = "default"
+
 
 class AdaSkipParams(BaseModel):
     """Settings and LangChain hooks both classes share; every setting can be overridden per call as a keyword
