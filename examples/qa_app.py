@@ -172,6 +172,8 @@ def llamaindex_answerer(args: argparse.Namespace, engine: AdaSkipEngine) -> Answ
 
 def ask(args: argparse.Namespace, engine: AdaSkipEngine | None = None) -> list[dict]:
     """Answer every question, streaming; returns per answer its text, retrieved chunks and SkipStats."""
+    if args.collection not in [c.name for c in chroma_client(args).list_collections()]:
+        raise SystemExit(f"no Chroma collection {args.collection!r}: ingest it first")
     engine = engine or AdaSkipEngine.shared(args.model)
     answer = (langchain_answerer if args.framework == "langchain" else llamaindex_answerer)(args, engine)
     results = []

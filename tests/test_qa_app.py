@@ -67,3 +67,5 @@ def test_bad_input_is_named(tmp_path):
     empty.mkdir()
     with pytest.raises(SystemExit, match="no .txt, .md or .pdf files under"):
         qa_app.main(["--chroma-dir", str(tmp_path / "c"), "ingest", "--collection", "abc", "--path", str(empty)])
+    with pytest.raises(SystemExit, match="no Chroma collection 'nope': ingest it first"):
+        qa_app.main(["--chroma-dir", str(tmp_path / "c"), "ask", "--collection", "nope", "why?"])
