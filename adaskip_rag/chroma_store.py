@@ -103,7 +103,8 @@ class ChromaProfileStore(ProfileStore):
             "$and": [{"model": model}, {"collection": collection}]}
         with self._lock:
             found = self._remote().get(where=where, include=["metadatas"])
-            self._remote().delete(ids=found["ids"]) if found["ids"] else None
+            if found["ids"]:
+                self._remote().delete(ids=found["ids"])
             for key in [k for k in self._own if k[0] == model and collection in (None, k[1])]:
                 self._own.pop(key)
                 self._pending.pop(key, None)
