@@ -142,6 +142,21 @@ def _feed(stream: TextStream, queue: asyncio.Queue, loop: asyncio.AbstractEventL
         put("error", exc)
 
 
+CALL_SETTINGS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+
+
+def call_arguments(settings: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Generation arguments of one framework call: per-call ``overrides`` (``max_tokens`` or ``max_new_tokens``
+    and :data:`CALL_SETTINGS`) over the same-named attributes of ``settings`` (the framework's LLM object).
+    Anything else in ``overrides`` raises ValueError."""
+    rest = dict(overrides)
+    args = {"max_new_tokens": rest.pop("max_tokens", rest.pop("max_new_tokens", settings.max_tokens))}
+    args.update({name: rest.pop(name, getattr(settings, name)) for name in CALL_SETTINGS})
+    if rest:
+        raise ValueError(f"unsupported arguments: {sorted(rest)}")
+    return args
+
+
 _shared: dict[tuple[str, str | None], "AdaSkipEngine"] = {}
 _shared_lock = threading.Lock()
 

@@ -16,6 +16,7 @@ from langchain_core.language_models.base import LangSmithParams
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaskip_rag import AdaSkipEngine, SkipStats
+from adaskip_rag.engine import call_arguments
 from langchain_adaskip._retrieval import TRACKER
 
 STATS_EVENT = "adaskip_stats"
@@ -61,19 +62,9 @@ class AdaSkipParams(BaseModel):
         metadata = getattr(run_manager, "metadata", None) or {}
         collection = (kwargs.pop("collection", None) or metadata.get(COLLECTION_METADATA_KEY) or self.collection
                       or TRACKER.collection_of(getattr(run_manager, "parent_run_id", None)))
-        request = {
-            "collection": collection or DEFAULT_COLLECTION,
-            "max_new_tokens": kwargs.pop("max_tokens", kwargs.pop("max_new_tokens", self.max_tokens)),
-            "temperature": kwargs.pop("temperature", self.temperature),
-            "top_p": kwargs.pop("top_p", self.top_p),
-            "top_k": kwargs.pop("top_k", self.top_k),
-            "repetition_penalty": kwargs.pop("repetition_penalty", self.repetition_penalty),
-            "seed": kwargs.pop("seed", self.seed),
-            "stop": stop if stop is not None else self.stop,
-        }
-        if kwargs:
-            raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
-        return engine, request
+        if stop is not None:
+            kwargs["stop"] = stop
+        return engine, {"collection": collection or DEFAULT_COLLECTION, **call_arguments(self, kwargs)}
 
     @property
     def _identifying_params(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from llama_index.core.llms.custom import CustomLLM
 from pydantic import Field, PrivateAttr
 
 from adaskip_rag import AdaSkipEngine, SkipStats
+from adaskip_rag.engine import call_arguments
 from llama_index.llms.adaskip.retrieval import TRACKER
 
 DEFAULT_COLLECTION = "default"
@@ -107,19 +108,7 @@ class AdaSkipLLM(CustomLLM):
         """Engine arguments of one call: per-call kwargs over the instance's settings."""
         kwargs = dict(kwargs)
         collection = kwargs.pop("collection", None) or self.collection or TRACKER.collection_of(active_span_id.get())
-        request = {
-            "collection": collection or DEFAULT_COLLECTION,
-            "max_new_tokens": kwargs.pop("max_tokens", kwargs.pop("max_new_tokens", self.max_tokens)),
-            "temperature": kwargs.pop("temperature", self.temperature),
-            "top_p": kwargs.pop("top_p", self.top_p),
-            "top_k": kwargs.pop("top_k", self.top_k),
-            "repetition_penalty": kwargs.pop("repetition_penalty", self.repetition_penalty),
-            "seed": kwargs.pop("seed", self.seed),
-            "stop": kwargs.pop("stop", self.stop),
-        }
-        if kwargs:
-            raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
-        return request
+        return {"collection": collection or DEFAULT_COLLECTION, **call_arguments(self, kwargs)}
 
     @staticmethod
     def _prompt(prompt: str, formatted: bool) -> Prompt:
