@@ -11,8 +11,6 @@ has that generator wrapped to carry the collection to the LLM while it is read.
 from __future__ import annotations
 
 import inspect
-import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -22,7 +20,8 @@ from llama_index.core.instrumentation.span import BaseSpan
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 from pydantic import PrivateAttr
 
-MAX_OPEN_SPANS = 10_000  # bound for spans that never report their end (abandoned streams)
+from adaskip_rag.runs import RunTree
+
 _reading: ContextVar[str | None] = ContextVar("adaskip_streamed_collection", default=None)
 
 
@@ -63,11 +62,9 @@ class _AsyncReading(AsyncIterator[str]):
 
 
 class RetrievalTracker(BaseSpanHandler[BaseSpan]):
-    """Remembers the open spans' parents and which of them retrieved from a Chroma collection."""
+    """Follows the open spans and which of them retrieved from a Chroma collection."""
 
-    _parents: OrderedDict[str, str | None] = PrivateAttr(default_factory=OrderedDict)
-    _collections: dict[str, str] = PrivateAttr(default_factory=dict)
-    _guard: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _runs: RunTree = PrivateAttr(default_factory=RunTree)
 
     @classmethod
     def class_name(cls) -> str:
@@ -76,41 +73,26 @@ class RetrievalTracker(BaseSpanHandler[BaseSpan]):
     def collection_of(self, span_id: str | None) -> str | None:
         """The collection retrieved from by ``span_id`` or its nearest ancestor that retrieved, else that of the
         streaming response being read, if any."""
-        with self._guard:
-            while span_id is not None:
-                if span_id in self._collections:
-                    return self._collections[span_id]
-                span_id = self._parents.get(span_id)
-        return _reading.get()
+        return self._runs.collection_of(span_id) or _reading.get()
 
     def span_enter(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
                    parent_id: str | None = None, tags: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._runs.open(id_, parent_id)
         name = chroma_collection(instance) if instance is not None else None
-        with self._guard:
-            self._parents[id_] = parent_id
-            while len(self._parents) > MAX_OPEN_SPANS:
-                self._collections.pop(self._parents.popitem(last=False)[0], None)
-            node = parent_id if name is not None else None
-            while node is not None:  # every enclosing span now holds an answer's context from `name`
-                self._collections.setdefault(node, name)
-                node = self._parents.get(node)
+        if name is not None:
+            self._runs.retrieved(parent_id, name)
 
     def span_exit(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None, result: Any = None,
                   **kwargs: Any) -> None:
-        name = self._collections.get(id_)
+        name = self._runs.collection_in(id_)
         gen = getattr(result, "response_gen", None)
         if name is not None and gen is not None and not isinstance(gen, (_Reading, _AsyncReading)):
             result.response_gen = _AsyncReading(gen, name) if hasattr(gen, "__anext__") else _Reading(gen, name)
-        self._close(id_)
+        self._runs.close(id_)
 
     def span_drop(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
                   err: BaseException | None = None, **kwargs: Any) -> None:
-        self._close(id_)
-
-    def _close(self, id_: str) -> None:
-        with self._guard:
-            self._parents.pop(id_, None)
-            self._collections.pop(id_, None)
+        self._runs.close(id_)
 
     # span objects are not kept: the tracker only needs the parent links above
     def new_span(self, *args: Any, **kwargs: Any) -> None:

@@ -1,0 +1,53 @@
+"""The open runs of a framework's trace (LangChain runs, LlamaIndex spans), so that a model call can find the
+collection key of the nearest enclosing run that retrieved: how the integrations key profiles automatically."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+
+MAX_OPEN_RUNS = 10_000  # bound for runs that never report their end (abandoned streams)
+
+
+class RunTree:
+    """Parent links of the open runs, and the collection each run's retrievals read (thread-safe)."""
+
+    def __init__(self, max_open: int = MAX_OPEN_RUNS):
+        self.max_open = max_open
+        self._parents: OrderedDict[Hashable, Hashable | None] = OrderedDict()
+        self._collections: dict[Hashable, str] = {}
+        self._lock = threading.Lock()
+
+    def open(self, run: Hashable, parent: Hashable | None) -> None:
+        with self._lock:
+            self._parents[run] = parent
+            while len(self._parents) > self.max_open:
+                self._collections.pop(self._parents.popitem(last=False)[0], None)
+
+    def close(self, run: Hashable) -> None:
+        with self._lock:
+            self._parents.pop(run, None)
+            self._collections.pop(run, None)
+
+    def retrieved(self, parent: Hashable | None, collection: str) -> None:
+        """A retrieval from ``collection`` ran under ``parent``: every enclosing run now holds an answer's
+        context from it (the first retrieval of a run wins)."""
+        with self._lock:
+            while parent is not None:
+                self._collections.setdefault(parent, collection)
+                parent = self._parents.get(parent)
+
+    def collection_in(self, run: Hashable) -> str | None:
+        """The collection a retrieval under ``run`` itself read, if any (ancestors not consulted)."""
+        with self._lock:
+            return self._collections.get(run)
+
+    def collection_of(self, run: Hashable | None) -> str | None:
+        """The collection retrieved from by ``run`` or its nearest ancestor that retrieved, if any."""
+        with self._lock:
+            while run is not None:
+                if run in self._collections:
+                    return self._collections[run]
+                run = self._parents.get(run)
+        return None
