@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -45,6 +46,7 @@ class GenerationResult:
     stats: SkipStats
     prefill_probes: dict[Sublayer, Probe] | None = None
     decode_probes: list[dict[Sublayer, Probe]] = field(default_factory=list)
+    teacher_forced_logits: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class _Request:
     seed: int | None
     stop: tuple[str, ...]
     stop_token_ids: frozenset[int]
+    teacher_forced_ids: tuple[int, ...] = ()
 
 
 class TextStream(Iterator[str]):
@@ -301,6 +304,7 @@ class AdaSkipEngine:
         probe: bool = False,
         truncation: Literal["error", "left"] = "error",
         ignore_eos: bool = False,
+        teacher_forced_ids: Sequence[int] | None = None,
     ) -> _Request:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -321,6 +325,9 @@ class AdaSkipEngine:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
+        forced = tuple(teacher_forced_ids or ())
+        if any(not isinstance(t, int) or not 0 <= t < self.config.vocab_size for t in forced):
+            raise ValueError(f"teacher_forced_ids must be token ids below {self.config.vocab_size}, got {forced!r}")
 
         ids = self.encode(prompt)
         if len(ids) >= self.context_window:
@@ -340,7 +347,7 @@ class AdaSkipEngine:
         return _Request(
             input_ids=ids, schedule=plan, max_new_tokens=max_new_tokens, temperature=float(temperature),
             top_p=float(top_p), top_k=top_k, repetition_penalty=float(repetition_penalty), seed=seed, stop=stops,
-            stop_token_ids=frozenset(eos_ids | set(stop_token_ids or ())),
+            stop_token_ids=frozenset(eos_ids | set(stop_token_ids or ())), teacher_forced_ids=forced,
         )
 
     def _sampler(self, req: _Request) -> Callable[[torch.Tensor, torch.Tensor], int]:
@@ -393,6 +400,11 @@ class AdaSkipEngine:
         logits, prefill_probes = self.forward(ids[:, :n], 0, cache, plan, "prefill", probe=probe)
         token = choose(ids[:, :n], logits[:, -1])
         prefill_seconds = time.perf_counter() - start
+        forced = None
+        if req.teacher_forced_ids:  # on copies: the generation below goes on from the same prefill, untouched
+            plan_or_schedule = req.schedule.plan if isinstance(req.schedule, StaticSchedule) else req.schedule
+            forced = self._force(copy.deepcopy(cache), n, logits[0, -1:], req.teacher_forced_ids,
+                                 copy.deepcopy(plan_or_schedule))
 
         generated: list[int] = []
         decode_probes: list[dict[Sublayer, Probe]] = []
@@ -432,7 +444,8 @@ class AdaSkipEngine:
             cached - cache.get_seq_length(i) for i in range(self.num_layers)
         )
         yield GenerationResult(
-            text=text, token_ids=generated, stats=stats, prefill_probes=prefill_probes, decode_probes=decode_probes
+            text=text, token_ids=generated, stats=stats, prefill_probes=prefill_probes, decode_probes=decode_probes,
+            teacher_forced_logits=forced,
         )
 
     def _kv_bytes_per_token(self) -> int:
@@ -453,7 +466,8 @@ class AdaSkipEngine:
         ``repetition_penalty``, ``seed``, ``stop`` (strings; never part of the returned text), ``stop_token_ids``
         (added to the model's EOS), ``ignore_eos`` (do not stop at the model's EOS), ``probe`` (measure every
         executed sublayer), ``truncation`` ('error' or 'left': keep the last tokens of a prompt that does not fit
-        the context window).
+        the context window), ``teacher_forced_ids`` (also score these tokens under the plan, from the same
+        prefill: ``result.teacher_forced_logits`` as :meth:`teacher_forced` gives them).
 
         ``collection``: instead of a plan, serve the request for this collection with the learned plan.
         """
@@ -497,15 +511,21 @@ class AdaSkipEngine:
         (shape (len(answer_ids), vocab)), and the seconds the prompt's prefill took.
 
         A SkipPlan is fed the answer in one chunk; a PlanSchedule token by token, with each step's plan.
+        ``generate(..., teacher_forced_ids=answer_ids)`` gives the same logits from the generation's prefill.
         """
         schedule = StaticSchedule(plan) if isinstance(plan, SkipPlan) else plan
         prefill_plan, _ = self._plan(schedule.prefill())
-        n = len(prompt_ids)
         cache = new_cache(self.model)
         start = time.perf_counter()
         first, _ = self.forward(torch.tensor([list(prompt_ids)]), 0, cache, prefill_plan, "prefill")
         prefill_seconds = time.perf_counter() - start
-        logits = [first[0, -1:]]
+        return self._force(cache, len(prompt_ids), first[0, -1:], answer_ids, plan), prefill_seconds
+
+    def _force(self, cache, n: int, first: torch.Tensor, answer_ids: Sequence[int],
+               plan: SkipPlan | PlanSchedule) -> torch.Tensor:
+        """Feed ``answer_ids[:-1]`` after a prefill of ``n`` tokens into ``cache`` whose last logits are ``first``;
+        the logits that predict each answer token."""
+        logits = [first]
         if isinstance(plan, SkipPlan):
             if len(answer_ids) > 1:
                 rest, _ = self.forward(torch.tensor([list(answer_ids[:-1])]), n, cache, plan, "decode",
@@ -514,11 +534,11 @@ class AdaSkipEngine:
         else:
             probes = None
             for step, token in enumerate(answer_ids[:-1]):
-                step_plan, probe = self._plan(schedule.decode(step, probes))
+                step_plan, probe = self._plan(plan.decode(step, probes))
                 rest, probes = self.forward(torch.tensor([[token]]), n + step, cache, step_plan, "decode",
                                             probe=probe)
                 logits.append(rest[0, -1:])
-        return torch.cat(logits), prefill_seconds
+        return torch.cat(logits)
 
     async def agenerate(self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, **kwargs: Any
                         ) -> GenerationResult:

@@ -8,7 +8,8 @@ Every request of a collection is one of:
   profile of all collections, else the shipped default profile); the sublayers that run are measured;
 * ``refresh``: every ``refresh_every``-th query runs in full to measure every sublayer and to time the full
   prefill; the current plan is then timed and scored against the full answer (teacher-forced top-1
-  agreement), which gives a measured speedup and drives the quality guard.
+  agreement), which gives a measured speedup and drives the quality guard (at budget 0 it scores the plan
+  one guard step up instead).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Decision:
     source: str  # which profile chose the plan: collection, global, default, or none
     queries_seen: int
     budget: int
+    scored_budget: int  # the budget of ``plan``: ``budget``, or the guard's next step up while it stands at 0
     budget_reason: str
     policy: AdaSkipPolicy
     state: dict  # the collection's profile state when the request started
@@ -105,17 +107,20 @@ class Learner:
 
         profile, source = self._profile(own, policy.warmup)
         full = OnlineSchedule(SkipPlan(), beta=math.inf, window=0)  # the full model, prefill probed
+        scored = budget
         if profile is None:
             mode: Mode = "warmup"
             schedule: PlanSchedule = full
             plan = SkipPlan()
         elif policy.refresh_every and (seen + 1) % policy.refresh_every == 0:
+            if policy.quality_target is not None and budget == 0:  # else a guard at 0 could never rise again
+                scored = min(policy.guard_step, max_budget)
             mode, schedule = "refresh", full
-            plan = policy.prefill_plan(profile, n, self.costs, budget)
+            plan = policy.prefill_plan(profile, n, self.costs, scored)
         else:
             mode, schedule = "skip", policy.schedule(profile, n, self.costs, budget)
             plan = schedule.plan
-        return Decision(collection, mode, schedule, plan, source, seen, budget, reason, policy, state)
+        return Decision(collection, mode, schedule, plan, source, seen, budget, scored, reason, policy, state)
 
     def _profile(self, own: Profile | None, warmup: int) -> tuple[Profile | None, str]:
         """The profile to plan from: the collection's own once warmed up, else the cold-start fallbacks."""
@@ -144,11 +149,11 @@ class Learner:
         if decision.mode == "refresh" and skip_prefill_seconds:
             measured = {
                 "speedup": stats.prefill_seconds / skip_prefill_seconds, "prompt_tokens": stats.prompt_tokens,
-                "budget": decision.budget, "fidelity": fidelity,
+                "budget": decision.scored_budget, "fidelity": fidelity,
             }
             delta.state["measured"] = measured
             if decision.policy.quality_target is not None and fidelity is not None:
-                delta.state["guard"] = self._guard(decision.policy, decision.budget, fidelity)
+                delta.state["guard"] = self._guard(decision.policy, decision.budget, decision.scored_budget, fidelity)
                 reason = delta.state["guard"]["reason"]
         self.store.add(delta)
 
@@ -166,11 +171,16 @@ class Learner:
         stats.measured_in_this_request = decision.mode == "refresh" and skip_prefill_seconds is not None
         return delta
 
-    def _guard(self, policy: AdaSkipPolicy, budget: int, fidelity: float) -> dict:
+    def _guard(self, policy: AdaSkipPolicy, budget: int, scored: int, fidelity: float) -> dict:
+        """The guard's next budget: a step down when the scored plan misses the target, else a step up (or, at 0,
+        up to the scored budget)."""
         target, step = policy.quality_target, policy.guard_step
         top = budget_count(policy.budget, self.num_layers)
-        new = max(0, budget - step) if fidelity < target else min(top, budget + step)
+        if fidelity < target:
+            new = max(0, scored - step)
+        else:
+            new = scored if scored > budget else min(top, budget + step)
         verb = "lowered to" if new < budget else "raised to" if new > budget else "kept at"
         relation = "<" if fidelity < target else ">="
-        reason = f"quality guard: agreement {fidelity:.3f} {relation} target {target} at budget {budget}, {verb} {new}"
+        reason = f"quality guard: agreement {fidelity:.3f} {relation} target {target} at budget {scored}, {verb} {new}"
         return {"budget": new, "reason": reason, "fidelity": fidelity}

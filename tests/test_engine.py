@@ -289,3 +289,32 @@ def test_teacher_forcing_reproduces_greedy_decoding_in_one_chunk_and_step_by_ste
     assert chunk.shape == steps.shape == (12, tiny_engine.config.vocab_size) and seconds > 0
     torch.testing.assert_close(chunk, steps, atol=1e-5, rtol=1e-6)
     assert chunk.argmax(-1).tolist() == answer == steps.argmax(-1).tolist()
+
+
+def test_generation_scores_a_given_answer_from_its_own_prefill(tiny_engine):
+    from adaskip_rag.policies import OnlineSchedule, SkipDecode
+
+    prompt = tiny_engine.encode(PROMPT)
+    answer = torch.randint(0, tiny_engine.config.vocab_size, (10,), generator=torch.Generator().manual_seed(0)).tolist()
+    probed = tiny_engine.generate(prompt, max_new_tokens=4, probe=True, ignore_eos=True).decode_probes
+    ffn = sorted(p.similarity for step in probed for s, p in step.items() if s.kind == "ffn")
+    plans = {
+        "static": lambda: SkipPlan(attn={0: 1.0, 3: 0.9}, ffn={5: 1.1}),
+        # from step 3 skips the FFNs above the median similarity: which ones depends on the tokens it saw
+        "online": lambda: OnlineSchedule(SkipPlan(attn={2: 1.0}), beta=ffn[len(ffn) // 2], window=3),
+        "skipdecode": lambda: SkipDecode(tiny_engine.num_layers, 2, 10),
+    }
+    for name, make in plans.items():
+        schedules = make(), make()
+        alone = tiny_engine.generate(prompt, schedules[0], max_new_tokens=10, ignore_eos=True)
+        both = tiny_engine.generate(prompt, schedules[1], max_new_tokens=10, ignore_eos=True,
+                                    teacher_forced_ids=answer)
+        expected, _ = tiny_engine.teacher_forced(prompt, answer, make())
+        # scoring works on copies: the generation, and what the online schedule learned in it, are as they were
+        assert both.token_ids == alone.token_ids, name
+        if name == "online":
+            assert schedules[1].decode_plan == schedules[0].decode_plan and schedules[0].decode_plan.decode_ffn
+        assert alone.teacher_forced_logits is None
+        torch.testing.assert_close(both.teacher_forced_logits, expected, atol=1e-5, rtol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="teacher_forced_ids"):
+        tiny_engine.generate(prompt, max_new_tokens=2, teacher_forced_ids=[tiny_engine.config.vocab_size])

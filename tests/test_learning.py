@@ -277,6 +277,22 @@ def test_quality_guard_shrinks_and_grows_back(tmp_path):
     assert "kept at 8" in learner.decide("docs", 100).budget_reason
 
 
+def test_quality_guard_at_zero_scores_the_next_step_up_and_can_rise_again(tmp_path):
+    policy = AdaSkipPolicy(budget=8, warmup=1, window=0, refresh_every=1, quality_target=0.9, guard_step=2)
+    learner = Learner("m", 6, CostModel(64, 128, 0.5, 100, 6), SQLiteProfileStore(tmp_path / "p.sqlite"), policy)
+    guard = FixedFidelity(learner)
+    assert [guard.refresh(0.5) for _ in range(4)] == [6, 4, 2, 0]
+    at_zero = learner.decide("docs", 100)
+    assert (at_zero.budget, at_zero.scored_budget, len(at_zero.plan.attn) + len(at_zero.plan.ffn)) == (0, 2, 2)  # serves 0, scores 2
+    assert guard.refresh(0.5) == 0
+    assert "at budget 2, kept at 0" in learner.decide("docs", 100).budget_reason
+    assert guard.refresh(0.95) == 2
+    assert "at budget 2, raised to 2" in learner.decide("docs", 100).budget_reason
+    assert guard.refresh(0.95) == 4
+    measured = learner.store.get("m", "docs").state["measured"]
+    assert measured["budget"] == 2  # the speedup was measured for the plan scored, at budget 2
+
+
 def test_policies_per_collection(tokenizer, tmp_path):
     engine = AdaSkipEngine(
         tiny_model("llama"), tokenizer, name="tiny", store=SQLiteProfileStore(tmp_path / "p.sqlite"),
