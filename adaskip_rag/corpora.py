@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 SYSTEM = "Answer the question from the document. Answer in one short sentence."
+USER_TEMPLATE = "Document:\n{context}\n\nQuestion: {question}"  # the user turn of every RAG prompt
 
 
 def _data(name: str) -> Any:
@@ -64,5 +65,5 @@ def squad_questions(count: int, paragraphs: int = 6) -> list[tuple[str, str]]:
 def rag_messages(document: str, question: str) -> list[dict[str, str]]:
     return [
         {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"Document:\n{document}\n\nQuestion: {question}"},
+        {"role": "user", "content": USER_TEMPLATE.format(context=document, question=question)},
     ]

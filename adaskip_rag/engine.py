@@ -402,9 +402,8 @@ class AdaSkipEngine:
         prefill_seconds = time.perf_counter() - start
         forced = None
         if req.teacher_forced_ids:  # on copies: the generation below goes on from the same prefill, untouched
-            plan_or_schedule = req.schedule.plan if isinstance(req.schedule, StaticSchedule) else req.schedule
-            forced = self._force(copy.deepcopy(cache), n, logits[0, -1:], req.teacher_forced_ids,
-                                 copy.deepcopy(plan_or_schedule))
+            forcing = req.schedule.plan if isinstance(req.schedule, StaticSchedule) else copy.deepcopy(req.schedule)
+            forced = self._force(copy.deepcopy(cache), n, logits[0, -1:], req.teacher_forced_ids, forcing)
 
         generated: list[int] = []
         decode_probes: list[dict[Sublayer, Probe]] = []

@@ -16,10 +16,11 @@ class Item:
     answers: list[str]
 
 
-def _squad_gold() -> list[tuple[str, str, list[str]]]:
-    """(paragraph, question, gold answers) for the first answerable question of each SQuAD paragraph."""
+def squad_gold(articles: list[dict] | None = None) -> list[tuple[str, str, list[str]]]:
+    """(paragraph, question, gold answers) for the first answerable question of each paragraph of ``articles``
+    (default: all of SQuAD v2 dev)."""
     out = []
-    for article in squad():
+    for article in squad() if articles is None else articles:
         for para in article["paragraphs"]:
             qa = next((q for q in para["qas"] if not q.get("is_impossible")), None)
             if qa:
@@ -42,7 +43,7 @@ def items(dataset: str, target_tokens: int, count: int, tokenizer, offset: int =
     """``count`` questions (from ``offset``, every 7th, so neighbours do not share an article) of ``dataset``
     ("squad" or "hotpotqa"), each with its gold passage placed at a random position among filler paragraphs up
     to about ``target_tokens`` tokens."""
-    gold = _squad_gold() if dataset == "squad" else _hotpot_gold()
+    gold = squad_gold() if dataset == "squad" else _hotpot_gold()
     filler = _filler()
     rng = random.Random(seed)
     out = []

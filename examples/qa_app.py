@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adaskip_rag import AdaSkipEngine, loading
-from adaskip_rag.corpora import SYSTEM, paul_graham_essays, squad
+from adaskip_rag.corpora import SYSTEM, USER_TEMPLATE, paul_graham_essays, squad
 
 CHUNK_TOKENS = 384  # LlamaIndex splits by tokens; LangChain by characters, about 4 per token
 BUILT_IN = ("paul-graham", "squad")
@@ -128,7 +128,7 @@ def langchain_answerer(args: argparse.Namespace, engine: AdaSkipEngine) -> Answe
                 self.info["stats"] = data
 
     store = _langchain_store(chroma_client(args), args)  # ask() checked that the collection exists
-    prompt = ChatPromptTemplate.from_messages([("system", SYSTEM), ("user", "Document:\n{context}\n\nQuestion: {question}")])
+    prompt = ChatPromptTemplate.from_messages([("system", SYSTEM), ("user", USER_TEMPLATE)])
     llm = ChatAdaSkip(engine=engine, max_tokens=args.max_tokens, repetition_penalty=REPETITION_PENALTY)
     join = lambda docs: "\n\n".join(d.page_content for d in docs)  # noqa: E731
     chain = ({"context": store.as_retriever(search_kwargs={"k": args.k}) | join, "question": RunnablePassthrough()}
@@ -159,7 +159,7 @@ def llamaindex_answerer(args: argparse.Namespace, engine: AdaSkipEngine) -> Answ
     get_dispatcher().add_event_handler(collect)
     index = VectorStoreIndex.from_vector_store(_llamaindex_store(chroma_client(args), args),
                                                embed_model=_llamaindex_embeddings())
-    template = PromptTemplate(f"{SYSTEM}\n\nDocument:\n{{context_str}}\n\nQuestion: {{query_str}}")
+    template = PromptTemplate(f"{SYSTEM}\n\n" + USER_TEMPLATE.format(context="{context_str}", question="{query_str}"))
     llm = AdaSkipLLM(engine=engine, max_tokens=args.max_tokens, repetition_penalty=REPETITION_PENALTY)
     query_engine = index.as_query_engine(llm=llm, similarity_top_k=args.k, streaming=True, text_qa_template=template)
 
