@@ -6,11 +6,15 @@ Per token and layer (d = hidden size, g = kv_heads / heads, n = context length):
   (causal: a token sees n/2 keys on average) and c = 4 in decode (a new token sees all n keys);
 * SwiGLU FFN: 6 d d_ff.
 
-Decode also pays the LM head, 2 d V per token; prefill computes logits for the last token only, so the head
-is left out there.
+An attention sublayer skipped in prefill that keeps its KV cache still pays its K and V projections,
+4 d^2 g. Decode also pays the LM head, 2 d V per token; prefill computes logits for the last token only, so the
+head is left out there. A protected tail of m prompt tokens runs every sublayer that has a cache, each of its
+tokens seeing about n keys.
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 
@@ -39,17 +43,34 @@ class CostModel:
         c = 2 if phase == "prefill" else 4
         return 4 * self.hidden**2 * (1 + self.kv_ratio) + c * n * self.hidden
 
+    def keys_values(self) -> float:
+        """K and V projections of one token: what a skipped attention sublayer that keeps its cache still costs."""
+        return 4 * self.hidden**2 * self.kv_ratio
+
     def ffn(self) -> float:
         return 6 * self.hidden * self.ffn_hidden
 
     def head(self, phase: str) -> float:
         return 2 * self.hidden * self.vocab if phase == "decode" else 0.0
 
-    def flops(self, n: int, skipped_attn: int = 0, skipped_ffn: int = 0, phase: str = "prefill") -> float:
-        """FLOPs per token at context length n with the given numbers of sublayers skipped."""
+    def flops(self, n: int, skipped_attn: int = 0, skipped_ffn: int = 0, phase: str = "prefill",
+              kept_kv: int = 0) -> float:
+        """FLOPs per token at context length n with the given numbers of sublayers skipped, ``kept_kv`` of the
+        skipped attention sublayers still computing their keys and values."""
         attn, ffn = self.attention(n, phase), self.ffn()
-        return (self.layers - skipped_attn) * attn + (self.layers - skipped_ffn) * ffn + self.head(phase)
+        return ((self.layers - skipped_attn) * attn + kept_kv * self.keys_values() + (self.layers - skipped_ffn) * ffn
+                + self.head(phase))
 
-    def speedup(self, n: int, skipped_attn: int, skipped_ffn: int, phase: str = "prefill") -> float:
-        """Full-model FLOPs per token divided by the FLOPs left after skipping the given numbers of sublayers."""
-        return self.flops(n, 0, 0, phase) / self.flops(n, skipped_attn, skipped_ffn, phase)
+    def speedup(self, n: int, skipped_attn: int, skipped_ffn: int, phase: str = "prefill", kept_kv: int = 0,
+                tail: int = 0, tail_skipped_attn: int = 0) -> float:
+        """Full-model FLOPs divided by the FLOPs left after skipping the given numbers of sublayers; in prefill the
+        last ``tail`` of the n tokens run every sublayer but ``tail_skipped_attn`` attention sublayers (those
+        without a cache). Infinite when nothing is left to compute."""
+        full = self.flops(n, 0, 0, phase)
+        left = self.flops(n, skipped_attn, skipped_ffn, phase, kept_kv)
+        if phase == "prefill" and tail:
+            tail = min(tail, n)
+            # a tail token sees about n keys, twice a prefill token's average
+            tail_flops = self.flops(n, tail_skipped_attn, 0, "decode") - self.head("decode")
+            left = (left * (n - tail) + tail_flops * tail) / n
+        return full / left if left > 0 else math.inf

@@ -64,6 +64,7 @@ class _Request:
     stop: tuple[str, ...]
     stop_token_ids: frozenset[int]
     teacher_forced_ids: tuple[int, ...] = ()
+    messages: tuple[Mapping[str, Any], ...] | None = None  # the chat prompt, for a tail of "last_user_turn"
 
 
 class TextStream(Iterator[str]):
@@ -320,7 +321,7 @@ class AdaSkipEngine:
             raise ValueError(f"truncation must be 'error' or 'left', got {truncation!r}")
         plan = plan or SkipPlan()
         if isinstance(plan, SkipPlan):
-            plan.check(self.num_layers)
+            plan.check(self.num_layers, self.config.hidden_size)
             plan = StaticSchedule(plan, probe)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(s, str) or not s for s in stops):
@@ -337,6 +338,11 @@ class AdaSkipEngine:
                     "shorten it or pass truncation='left' to keep its last tokens"
                 )
             ids = ids[-max(1, self.context_window - max_new_tokens) :]
+        messages = None if isinstance(prompt, str) else tuple(m for m in prompt if isinstance(m, Mapping)) or None
+        if isinstance(plan, StaticSchedule):
+            plan.plan.check(self.num_layers, self.config.hidden_size, len(ids))
+            if plan.plan.tail == "last_user_turn" and messages is None:
+                raise ValueError("SkipPlan.tail='last_user_turn' needs a prompt of chat messages")
 
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -348,7 +354,23 @@ class AdaSkipEngine:
             input_ids=ids, schedule=plan, max_new_tokens=max_new_tokens, temperature=float(temperature),
             top_p=float(top_p), top_k=top_k, repetition_penalty=float(repetition_penalty), seed=seed, stop=stops,
             stop_token_ids=frozenset(eos_ids | set(stop_token_ids or ())), teacher_forced_ids=forced,
+            messages=messages,
         )
+
+    def user_turn_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        """How many prompt tokens of ``messages`` run from the start of the last user message's content to the end
+        (what ``SkipPlan.tail="last_user_turn"`` protects)."""
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+        if last is None:
+            raise ValueError("SkipPlan.tail='last_user_turn': the prompt has no user message")
+        marker = "\u2063adaskip-user-turn\u2063"
+        marked = [dict(m, content=marker) if i == last else m for i, m in enumerate(messages)]
+        start = self.apply_chat_template(marked).find(marker)  # the template puts the content there, verbatim
+        text = self.apply_chat_template(messages)
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if start < 0:
+            raise ValueError(f"SkipPlan.tail='last_user_turn': cannot find the last user turn in {self.name}'s template")
+        return len(offsets) - next((i for i, (_, end) in enumerate(offsets) if end > start), len(offsets))
 
     def _sampler(self, req: _Request) -> Callable[[torch.Tensor, torch.Tensor], int]:
         """Next-token choice: greedy at temperature 0, else sampling through transformers' logits processors."""
@@ -379,9 +401,30 @@ class AdaSkipEngine:
         with self._lock:
             return skip_forward(self.model, input_ids.to(self.device), position, cache, plan, phase, **kw)
 
+    def tail_tokens(self, plan: SkipPlan, n: int, messages: Sequence[Mapping[str, Any]] | None = None) -> int:
+        """How many of the ``n`` prompt tokens ``plan`` protects (its ``tail``; for "last_user_turn", from
+        ``messages``)."""
+        if plan.tail != "last_user_turn":
+            plan.check(self.num_layers, self.config.hidden_size, n)
+            return int(plan.tail)
+        if messages is None:
+            raise ValueError("SkipPlan.tail='last_user_turn' needs a prompt of chat messages")
+        return min(self.user_turn_tokens(messages), n)
+
+    def prefill(self, ids: torch.Tensor, cache, plan: SkipPlan, tail: int = 0, probe: bool = False):
+        """Prefill the prompt ``ids`` (1, n) under ``plan``: the first n - ``tail`` tokens with its skips (probed
+        if ``probe``), then the protected tail with every sublayer that has a cache. Logits of the last token
+        and the probes."""
+        n = ids.shape[1]
+        if not tail or plan.is_empty:
+            return self.forward(ids, 0, cache, plan, "prefill", probe=probe)
+        _, probes = self.forward(ids[:, : n - tail], 0, cache, plan, "prefill", probe=probe)
+        logits, _ = self.forward(ids[:, n - tail :], n - tail, cache, plan.tail_plan(), "prefill")
+        return logits, probes
+
     def _plan(self, answer: tuple[SkipPlan, bool]) -> tuple[SkipPlan, bool]:
         plan, probe = answer
-        plan.check(self.num_layers)
+        plan.check(self.num_layers, self.config.hidden_size)
         return plan, probe
 
     def _steps(self, req: _Request) -> Iterator[str | GenerationResult]:
@@ -396,8 +439,9 @@ class AdaSkipEngine:
 
         start = time.perf_counter()
         plan, probe = self._plan(req.schedule.prefill())
-        record.prefill(plan)
-        logits, prefill_probes = self.forward(ids[:, :n], 0, cache, plan, "prefill", probe=probe)
+        tail = self.tail_tokens(plan, n, req.messages)
+        record.prefill(plan, tail)
+        logits, prefill_probes = self.prefill(ids[:, :n], cache, plan, tail, probe)
         token = choose(ids[:, :n], logits[:, -1])
         prefill_seconds = time.perf_counter() - start
         forced = None
@@ -497,26 +541,30 @@ class AdaSkipEngine:
             if isinstance(item, GenerationResult):
                 fidelity = skip_seconds = None
                 if decision.mode == "refresh" and not decision.plan.is_empty:
-                    logits, skip_seconds = self.teacher_forced(req.input_ids, item.token_ids, decision.plan)
+                    logits, skip_seconds = self.teacher_forced(req.input_ids, item.token_ids, decision.plan,
+                                                               messages=req.messages)
                     answer = torch.tensor(item.token_ids, device=logits.device)
                     fidelity = (logits.argmax(-1) == answer).float().mean().item()
                 self.learner.record(decision, item.stats, item.prefill_probes, fidelity, skip_seconds)
             yield item
 
     def teacher_forced(
-        self, prompt_ids: Sequence[int], answer_ids: Sequence[int], plan: SkipPlan | PlanSchedule
+        self, prompt_ids: Sequence[int], answer_ids: Sequence[int], plan: SkipPlan | PlanSchedule,
+        messages: Sequence[Mapping[str, Any]] | None = None,
     ) -> tuple[torch.Tensor, float]:
         """Teacher forcing: the logits under ``plan`` at the positions that predict each token of ``answer_ids``
         (shape (len(answer_ids), vocab)), and the seconds the prompt's prefill took.
 
         A SkipPlan is fed the answer in one chunk; a PlanSchedule token by token, with each step's plan.
         ``generate(..., teacher_forced_ids=answer_ids)`` gives the same logits from the generation's prefill.
+        ``messages``: the chat prompt of ``prompt_ids``, for a plan whose tail is "last_user_turn".
         """
         schedule = StaticSchedule(plan) if isinstance(plan, SkipPlan) else plan
         prefill_plan, _ = self._plan(schedule.prefill())
+        tail = self.tail_tokens(prefill_plan, len(prompt_ids), messages)
         cache = new_cache(self.model)
         start = time.perf_counter()
-        first, _ = self.forward(torch.tensor([list(prompt_ids)]), 0, cache, prefill_plan, "prefill")
+        first, _ = self.prefill(torch.tensor([list(prompt_ids)]), cache, prefill_plan, tail)
         prefill_seconds = time.perf_counter() - start
         return self._force(cache, len(prompt_ids), first[0, -1:], answer_ids, plan), prefill_seconds
 
@@ -559,17 +607,20 @@ class _PlanRecord:
     def __init__(self, costs: CostModel, n: int):
         self.costs, self.n = costs, n
         self.attn: list[int] = []
+        self.kept_kv: list[int] = []
         self.ffn: list[int] = []
+        self.tail = 0
         self.decode_attn: set[int] = set()
         self.decode_ffn: set[int] = set()
         self.decode_flops: list[float] = []
         self.last = SkipPlan()
 
-    def prefill(self, plan: SkipPlan) -> None:
-        self.attn, self.ffn, self.last = sorted(plan.attn), sorted(plan.ffn), plan
+    def prefill(self, plan: SkipPlan, tail: int) -> None:
+        attn, ffn, kept_kv = plan.skips("prefill")
+        self.attn, self.ffn, self.kept_kv, self.tail, self.last = sorted(attn), sorted(ffn), sorted(kept_kv), tail, plan
 
     def decode(self, plan: SkipPlan) -> None:
-        attn, ffn = plan.skips("decode")
+        attn, ffn, _ = plan.skips("decode")
         self.decode_attn |= set(attn)
         self.decode_ffn |= set(ffn)
         self.decode_flops.append(self.costs.flops(self.n, len(attn), len(ffn), "decode"))
@@ -583,13 +634,17 @@ class _PlanRecord:
             prompt_tokens=self.n,
             generated_tokens=generated,
             skipped_attention=self.attn,
+            attention_kv_kept=self.kept_kv,
+            protected_tail=self.tail,
             skipped_ffn_prefill=self.ffn,
             skipped_attention_decode=sorted(self.decode_attn),
             skipped_ffn_decode=sorted(self.decode_ffn),
             prefill_seconds=prefill_s,
             decode_seconds=decode_s,
             kv_bytes_saved=0,
-            estimated_prefill_speedup=self.costs.speedup(self.n, len(self.attn), len(self.ffn), "prefill"),
+            estimated_prefill_speedup=self.costs.speedup(
+                self.n, len(self.attn), len(self.ffn), "prefill", kept_kv=len(self.kept_kv), tail=self.tail,
+                tail_skipped_attn=len(self.attn) - len(self.kept_kv)),
             estimated_decode_speedup=full * len(self.decode_flops) / sum(self.decode_flops),
             finish_reason=finish,
         )

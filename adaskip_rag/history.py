@@ -1,14 +1,16 @@
 """Per-collection profiles of sublayer importance, and the stores that keep them.
 
 A :class:`Profile` holds, for one (model fingerprint, collection), running *sums and counts* of the prefill
-IO similarity and scale of every sublayer, so merging profiles (collections into a global profile, or
-replicas into one) is exact and order-free. :class:`SQLiteProfileStore` is the default store: one file, WAL,
+IO similarity and scale of every sublayer and the moments its compensation is fitted from
+(``compensation.py``), so merging profiles (collections into a global profile, or replicas into one) is exact
+and order-free. :class:`SQLiteProfileStore` is the default store: one file, WAL,
 every update one transaction, safe across threads and processes. Replicas of a service share profiles through
 a Chroma server (``chroma_store.ChromaProfileStore``); :func:`open_store` opens either from a URL.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import sqlite3
@@ -17,11 +19,15 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
+import torch
+
+from .compensation import check_moments
 from .skipping import Probe, Sublayer
 
 FORMAT = 1
@@ -42,8 +48,10 @@ def check_collection(key: str) -> str:
 class Profile:
     """Sums and counts of prefill probes of one (model, collection), plus what the learner keeps beside them.
 
-    ``sums[f"{kind}.{metric}"][layer]`` and ``counts[kind][layer]``; ``state`` holds per-collection settings
-    that are not sums (the quality guard's budget, the latest measured speedup): last writer wins.
+    ``sums[f"{kind}.{metric}"][layer]`` and ``counts[kind][layer]``; ``moments[k, layer]`` (k = 0 attention,
+    1 FFN; float64, shape (2, num_layers, 4 d + 2)) the sums compensations are fitted from, None in profiles
+    written before they were kept (those plan with the scalar compensation). ``state`` holds per-collection
+    settings that are not sums (the quality guard's budget, the latest measured speedup): last writer wins.
     """
 
     model: str
@@ -55,6 +63,7 @@ class Profile:
     sums: dict[str, list[float]] = field(default_factory=dict)
     counts: dict[str, list[int]] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    moments: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for kind in KINDS:
@@ -72,6 +81,10 @@ class Profile:
             delta.counts[kind][layer] += 1
             for metric in METRICS:
                 delta.sums[f"{kind}.{metric}"][layer] += getattr(probe, metric)
+            if probe.moments is not None:
+                if delta.moments is None:
+                    delta.moments = torch.zeros(len(KINDS), num_layers, probe.moments.numel(), dtype=torch.float64)
+                delta.moments[KINDS.index(kind), layer] += probe.moments
         return delta
 
     def merge(self, other: "Profile") -> "Profile":
@@ -88,6 +101,7 @@ class Profile:
             sums={k: [a + b for a, b in zip(v, other.sums[k])] for k, v in self.sums.items()},
             counts={k: [a + b for a, b in zip(v, other.counts[k])] for k, v in self.counts.items()},
             state={**self.state, **other.state},
+            moments=_add(self.moments, other.moments),
         )
 
     def mean(self, metric: str = "similarity") -> dict[Sublayer, float]:
@@ -99,12 +113,20 @@ class Profile:
             if count
         }
 
+    def sublayer_moments(self, sub: Sublayer) -> torch.Tensor | None:
+        """The compensation moments of one sublayer (None if this profile keeps none)."""
+        return None if self.moments is None else self.moments[KINDS.index(sub.kind), sub.layer]
+
     @property
     def mean_context(self) -> float:
         return self.context_tokens / self.queries if self.queries else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, **asdict(self)}
+        data = {"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "moments"}}
+        if self.moments is not None:  # little-endian float64, base64: 1.1 MB for a 30-layer model with d = 576
+            raw = self.moments.numpy().astype("<f8").tobytes()
+            data["moments"] = {"shape": list(self.moments.shape), "float64": base64.b64encode(raw).decode()}
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Profile":
@@ -112,13 +134,13 @@ class Profile:
         try:
             if data.get("format") != FORMAT:
                 raise ValueError(f"unknown profile format {data.get('format')!r}")
-            fields = {k: data[k] for k in ("model", "collection", "num_layers", "queries", "context_tokens",
+            values = {k: data[k] for k in ("model", "collection", "num_layers", "queries", "context_tokens",
                                            "max_context", "sums", "counts", "state")}
             complete = (
-                set(fields["sums"]) == {f"{k}.{m}" for k in KINDS for m in METRICS}
-                and set(fields["counts"]) == set(KINDS)
+                set(values["sums"]) == {f"{k}.{m}" for k in KINDS for m in METRICS}
+                and set(values["counts"]) == set(KINDS)
             )
-            profile = cls(**fields)
+            profile = cls(**values, moments=_moments(data.get("moments"), values["num_layers"]))
             L = profile.num_layers
             ok = (
                 complete and isinstance(L, int) and L > 0 and isinstance(profile.queries, int) and profile.queries >= 0
@@ -133,6 +155,34 @@ class Profile:
         if not ok:
             raise ValueError("malformed profile: sums or counts do not fit its layer count")
         return profile
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None or b is None:
+        return b if a is None else a
+    if a.shape != b.shape:
+        raise ValueError(f"cannot merge compensation moments of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    return a + b
+
+
+def _moments(data: Any, num_layers: Any) -> torch.Tensor | None:
+    """Decode and validate the ``moments`` of a profile's JSON; ValueError if they are malformed."""
+    if data is None:
+        return None
+    shape = data["shape"]
+    if (not isinstance(shape, list) or len(shape) != 3 or shape[:2] != [len(KINDS), num_layers]
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
+        raise ValueError(f"malformed profile: moments of shape {shape!r} for {num_layers!r} layers")
+    try:
+        raw = base64.b64decode(data["float64"], validate=True)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"malformed profile: moments are not base64 ({exc})") from None
+    if len(raw) != 8 * math.prod(shape):
+        raise ValueError(f"malformed profile: {len(raw)} bytes of moments for shape {shape}")
+    moments = torch.from_numpy(np.frombuffer(raw, dtype="<f8").astype(np.float64)).reshape(shape)
+    if not all(check_moments(row) for row in moments.reshape(-1, shape[2])):
+        raise ValueError("malformed profile: moments are not finite, or have negative squares or token counts")
+    return moments
 
 
 def merged(profiles: Iterable[Profile], collection: str) -> Profile | None:

@@ -69,7 +69,7 @@ class Decision:
 
 
 def _skip_set(plan: SkipPlan) -> list[str]:
-    return [f"attn.{i}" for i in plan.attn] + [f"ffn.{i}" for i in plan.ffn]
+    return [f"attn.{i}" for i in sorted({**plan.attn, **plan.prefill_attn})] + [f"ffn.{i}" for i in plan.ffn]
 
 
 class Learner:

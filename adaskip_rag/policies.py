@@ -1,18 +1,21 @@
 """Which sublayers to skip: AdaSkip (offline + online importance learning), cost-aware AdaSkip, baselines.
 
-A policy turns a profile (mean IO similarity and scale of every sublayer, see ``history.py``) into a
-:class:`~adaskip_rag.skipping.PlanSchedule` for one request.
+A policy turns a profile (mean IO similarity and scale of every sublayer and the moments compensations are
+fitted from, see ``history.py``) into a :class:`~adaskip_rag.skipping.PlanSchedule` for one request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
+from .compensation import MODES, Compensation, Mode, fit, moments_width, residual_error
 from .costs import CostModel
 from .history import Profile
-from .skipping import Probe, SkipPlan, StaticSchedule, Sublayer
+from .skipping import Probe, SkipPlan, StaticSchedule, Sublayer, Tail
 
 
 def budget_count(budget: int | float, num_layers: int) -> int:
@@ -50,13 +53,13 @@ def rank(
 
 def top_k_plan(
     similarity: Mapping[Sublayer, float],
-    scales: Mapping[Sublayer, float],
+    scales: Mapping[Sublayer, Compensation],
     budget: int,
     costs: CostModel | None = None,
     n: int = 0,
 ) -> SkipPlan:
-    """Skip the first ``budget`` sublayers of :func:`rank`, each replaced by its input times its scale."""
-    chosen: dict[str, dict[int, float]] = {"attn": {}, "ffn": {}}
+    """Skip the first ``budget`` sublayers of :func:`rank`, each replaced by its compensation in ``scales``."""
+    chosen: dict[str, dict[int, Compensation]] = {"attn": {}, "ffn": {}}
     for sub in rank(similarity, costs, n)[:budget]:
         chosen[sub.kind][sub.layer] = scales[sub]
     return SkipPlan(attn=chosen["attn"], ffn=chosen["ffn"])
@@ -96,7 +99,7 @@ class OnlineSchedule:
                 for layer, (sim_sum, s_sum, count) in self._sums.items()
                 if count and sim_sum / count >= self.beta and layer not in self.plan.ffn
             }
-            self.decode_plan = SkipPlan(attn=self.plan.attn, ffn=self.plan.ffn, decode_ffn=extra)
+            self.decode_plan = dataclasses.replace(self.plan, decode_ffn=extra)
         return self.decode_plan, False
 
 
@@ -110,6 +113,14 @@ class AdaSkipPolicy:
     ``cost_aware``: rank by importance per FLOP at the request's context length. ``robust_scale``: scales
     without the attention-sink token 0 (else the paper's whole-prompt ratio). ``quality_target``: if set, a
     teacher-forced top-1 agreement with the full model (0..1) that the quality guard keeps the budget above.
+
+    Fidelity (see the README for what each costs and keeps): ``compensation``: what replaces a skipped
+    sublayer, ``"scalar"`` (the paper), ``"bias"`` or ``"affine"`` (``compensation.py``; profiles without
+    moments fall back to scalar). ``keep_kv``: skipped attention sublayers still cache their keys and values and
+    run in decode (else the paper: no cache, skipped in decode too). ``tail``: the last prompt tokens that run
+    every sublayer (a count, or ``"last_user_turn"``); no skipping for prompts not longer than an integer tail.
+    ``rank_by``: ``"similarity"`` (the paper's IO similarity) or ``"error"`` (the residual error of the
+    sublayer's compensation, where the profile has moments).
     """
 
     budget: int | float = 8
@@ -120,8 +131,20 @@ class AdaSkipPolicy:
     robust_scale: bool = True
     quality_target: float | None = None
     guard_step: int = 2
+    compensation: Mode = "affine"
+    keep_kv: bool = True
+    tail: Tail = 64
+    rank_by: Literal["similarity", "error"] = "similarity"
 
     def __post_init__(self) -> None:
+        if self.compensation not in MODES:
+            raise ValueError(f"compensation must be one of {MODES}, got {self.compensation!r}")
+        if self.rank_by not in ("similarity", "error"):
+            raise ValueError(f"rank_by must be 'similarity' or 'error', got {self.rank_by!r}")
+        for name in ("keep_kv", "cost_aware", "robust_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        SkipPlan(tail=self.tail)  # the tail's type and range
         budget_count(self.budget, 10**6)  # type and range of the value itself
         for name in ("warmup", "window", "refresh_every"):
             value = getattr(self, name)
@@ -133,9 +156,24 @@ class AdaSkipPolicy:
             raise ValueError(f"guard_step must be an integer >= 1, got {self.guard_step!r}")
 
     def prefill_plan(self, profile: Profile, n: int, costs: CostModel, budget: int) -> SkipPlan:
-        similarity = profile.mean("similarity")
+        """The prefill plan for a prompt of ``n`` tokens: the ``budget`` most skippable sublayers, compensated."""
+        if isinstance(self.tail, int) and self.tail and n <= self.tail:
+            return SkipPlan()  # the whole prompt is protected
         scales = profile.mean("scale_no_sink" if self.robust_scale else "scale")
-        return top_k_plan(similarity, scales, budget, costs if self.cost_aware else None, n)
+        has_moments = profile.moments is not None and profile.moments.shape[-1] == moments_width(costs.hidden)
+        compensations: dict[Sublayer, Compensation] = {
+            sub: fit(profile.sublayer_moments(sub), self.compensation, s) if has_moments else s  # type: ignore[arg-type]
+            for sub, s in scales.items()
+        }
+        if self.rank_by == "error" and has_moments:
+            score = {sub: 1.0 - residual_error(profile.sublayer_moments(sub), c)  # type: ignore[arg-type]
+                     for sub, c in compensations.items()}
+        else:
+            score = profile.mean("similarity")
+        plan = top_k_plan(score, compensations, budget, costs if self.cost_aware else None, n)
+        if self.keep_kv:
+            plan = SkipPlan(prefill_attn=plan.attn, ffn=plan.ffn)
+        return dataclasses.replace(plan, tail=self.tail if not plan.is_empty else 0)
 
     @staticmethod
     def beta(profile: Profile, budget: int) -> float:

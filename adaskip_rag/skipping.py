@@ -1,8 +1,10 @@
 """Skip-aware forward pass over a pre-norm decoder stack (AdaSkip, arXiv 2501.02336).
 
 Decoder layer ``l`` computes ``h1 = h0 + Attn(norm(h0))`` and ``h2 = h1 + FFN(norm(h1))``. A skipped
-sublayer is replaced by its input times a scale: ``h1 = s * h0`` or ``h2 = s * h1``. A skipped attention
-sublayer stores no keys and values, so it stays skipped for the rest of the request.
+sublayer is replaced by a compensation of its input (``compensation.py``): ``h1 = f(h0)`` or ``h2 = f(h1)``,
+in the paper ``f(x) = s * x``. A skipped attention sublayer either stores no keys and values, so it stays
+skipped for the rest of the request (the paper), or still computes them from its input as the full layer would
+(input norm, K/V projections, rotary) and runs in full in decode (``SkipPlan.prefill_attn``).
 
 The forward pass here calls the model's own modules (embeddings, rotary embedding, norms, attention, MLP,
 LM head) and takes the plan as an argument, so one model serves concurrent requests with different plans.
@@ -11,6 +13,7 @@ LM head) and takes the plan as an argument, so one model serves concurrent reque
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
@@ -20,6 +23,8 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .compensation import Affine, Compensation, apply, moments
+
 Kind = Literal["attn", "ffn"]
 
 
@@ -28,61 +33,98 @@ class Sublayer(NamedTuple):
     layer: int
 
 
-def _scales(name: str, raw: Mapping[Any, Any]) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for layer, scale in raw.items():
+SKIP_FIELDS = ("attn", "prefill_attn", "ffn", "decode_ffn")
+Tail = int | Literal["last_user_turn"]
+
+
+def _compensations(name: str, raw: Mapping[Any, Any]) -> dict[int, Compensation]:
+    out: dict[int, Compensation] = {}
+    for layer, value in raw.items():
         if isinstance(layer, bool) or not isinstance(layer, (int, str)) or not str(layer).lstrip("-").isdigit():
             raise ValueError(f"SkipPlan.{name}: layer index {layer!r} is not an integer")
-        scale = float(scale)
-        if math.isnan(scale) or math.isinf(scale) or scale < 0:
-            raise ValueError(f"SkipPlan.{name}[{layer}]: scale must be a finite number >= 0, got {scale}")
-        out[int(layer)] = scale
+        if isinstance(value, Mapping):
+            value = Affine(torch.tensor(value["scale"]), torch.tensor(value["bias"]))
+        if not isinstance(value, Affine):
+            value = float(value)
+            if math.isnan(value) or math.isinf(value) or value < 0:
+                raise ValueError(f"SkipPlan.{name}[{layer}]: scale must be a finite number >= 0, got {value}")
+        out[int(layer)] = value
     return dict(sorted(out.items()))
 
 
 @dataclass(frozen=True)
 class SkipPlan:
-    """Which sublayers one request skips, each with the scale that replaces it.
+    """Which sublayers one request skips, each with the compensation that replaces it (a scale s for the paper's
+    ``s * x``, or an :class:`~adaskip_rag.compensation.Affine` per-channel map).
 
-    ``attn``: attention sublayers skipped in prefill and decode (no KV cache is kept for them).
-    ``ffn``: FFN sublayers skipped in prefill and decode. ``decode_ffn``: further FFNs skipped in decode only.
+    ``attn``: attention sublayers skipped in prefill and decode; no KV cache is kept for them (the paper; saves
+    KV memory). ``prefill_attn``: attention sublayers skipped in prefill only; their keys and values are still
+    computed and cached, and decode runs them in full. ``ffn``: FFN sublayers skipped in prefill and decode.
+    ``decode_ffn``: further FFNs skipped in decode only. ``tail``: the last ``tail`` prompt tokens (or, with
+    ``"last_user_turn"``, those from the start of the last user message of a chat prompt) run every sublayer
+    that has a cache, after the rest of the prompt, attending to the whole cache.
     """
 
-    attn: Mapping[int, float] = field(default_factory=dict)
-    ffn: Mapping[int, float] = field(default_factory=dict)
-    decode_ffn: Mapping[int, float] = field(default_factory=dict)
+    attn: Mapping[int, Compensation] = field(default_factory=dict)
+    ffn: Mapping[int, Compensation] = field(default_factory=dict)
+    decode_ffn: Mapping[int, Compensation] = field(default_factory=dict)
+    prefill_attn: Mapping[int, Compensation] = field(default_factory=dict)
+    tail: Tail = 0
 
     def __post_init__(self) -> None:
-        for name in ("attn", "ffn", "decode_ffn"):
-            object.__setattr__(self, name, _scales(name, getattr(self, name)))
-        both = sorted(set(self.ffn) & set(self.decode_ffn))
-        if both:
-            raise ValueError(f"SkipPlan: FFN layers {both} are in both ffn and decode_ffn; list each once")
+        for name in SKIP_FIELDS:
+            object.__setattr__(self, name, _compensations(name, getattr(self, name)))
+        for a, b in (("ffn", "decode_ffn"), ("attn", "prefill_attn")):
+            both = sorted(set(getattr(self, a)) & set(getattr(self, b)))
+            if both:
+                raise ValueError(f"SkipPlan: layers {both} are in both {a} and {b}; list each once")
+        tail = self.tail
+        if tail != "last_user_turn" and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
+            raise ValueError(f"SkipPlan.tail must be a token count >= 0 or 'last_user_turn', got {tail!r}")
 
     @property
     def is_empty(self) -> bool:
-        return not (self.attn or self.ffn or self.decode_ffn)
+        return not any(getattr(self, name) for name in SKIP_FIELDS)
 
-    def check(self, num_layers: int) -> None:
-        """Raise ValueError if a layer index is outside ``0 .. num_layers - 1``."""
-        for name in ("attn", "ffn", "decode_ffn"):
+    def check(self, num_layers: int, hidden: int | None = None, prompt_tokens: int | None = None) -> None:
+        """Raise ValueError if a layer index is outside ``0 .. num_layers - 1``, a per-channel compensation does not
+        have ``hidden`` channels, or an integer tail is not shorter than a prompt of ``prompt_tokens``."""
+        for name in SKIP_FIELDS:
             bad = [layer for layer in getattr(self, name) if not 0 <= layer < num_layers]
             if bad:
                 raise ValueError(f"SkipPlan.{name}: layer indices {bad} out of range for a {num_layers}-layer model")
+            wrong = [layer for layer, c in getattr(self, name).items() if isinstance(c, Affine) and c.hidden != hidden]
+            if hidden is not None and wrong:
+                raise ValueError(f"SkipPlan.{name}: compensations of layers {wrong} do not have the model's "
+                                 f"{hidden} channels")
+        if prompt_tokens is not None and isinstance(self.tail, int) and self.tail >= prompt_tokens and self.tail:
+            raise ValueError(f"SkipPlan.tail: a protected tail of {self.tail} tokens leaves nothing of the "
+                             f"{prompt_tokens}-token prompt to skip in; use a tail shorter than the prompt")
 
-    def skips(self, phase: str) -> tuple[dict[int, float], dict[int, float]]:
-        """The (attention, FFN) sublayers skipped in ``phase`` ('prefill' or 'decode')."""
-        return dict(self.attn), (dict(self.ffn) if phase == "prefill" else {**self.ffn, **self.decode_ffn})
+    def skips(self, phase: str) -> tuple[dict[int, Compensation], dict[int, Compensation], set[int]]:
+        """The (attention, FFN) sublayers skipped in ``phase`` ('prefill' or 'decode'), and the skipped attention
+        sublayers that still cache their keys and values."""
+        if phase == "prefill":
+            return {**self.attn, **self.prefill_attn}, dict(self.ffn), set(self.prefill_attn)
+        return dict(self.attn), {**self.ffn, **self.decode_ffn}, set()
 
-    def to_dict(self) -> dict[str, dict[str, float]]:
-        return {name: {str(k): v for k, v in getattr(self, name).items()} for name in ("attn", "ffn", "decode_ffn")}
+    def tail_plan(self) -> "SkipPlan":
+        """The plan of the protected tail: every sublayer runs, except attention that has no cache."""
+        return SkipPlan(attn=self.attn)
+
+    def to_dict(self) -> dict[str, Any]:
+        def value(c: Compensation) -> Any:
+            return {"scale": c.scale.tolist(), "bias": c.bias.tolist()} if isinstance(c, Affine) else c
+
+        out: dict[str, Any] = {name: {str(k): value(v) for k, v in getattr(self, name).items()} for name in SKIP_FIELDS}
+        return {**out, "tail": self.tail}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Mapping[Any, float]]) -> "SkipPlan":
-        unknown = set(data) - {"attn", "ffn", "decode_ffn"}
+    def from_dict(cls, data: Mapping[str, Any]) -> "SkipPlan":
+        unknown = set(data) - {*SKIP_FIELDS, "tail"}
         if unknown:
             raise ValueError(f"SkipPlan: unknown fields {sorted(unknown)}")
-        return cls(**{k: dict(v) for k, v in data.items()})
+        return cls(**{k: v if k == "tail" else dict(v) for k, v in data.items()})
 
 
 class PlanSchedule(Protocol):
@@ -116,11 +158,14 @@ class Probe:
     ``similarity``: cosine(input, output) per token, mean over tokens. ``scale``: ||output|| / ||input|| over
     the whole tensor (the paper's estimate). ``scale_no_sink``: the same without token 0, whose huge
     activations (the attention sink) dominate the whole-tensor norm; equal to ``scale`` for one token.
+    ``moments``: in prefill, the sums that compensations are fitted from (``compensation.moments``; token 0 of
+    the sequence left out).
     """
 
     similarity: float
     scale: float
     scale_no_sink: float
+    moments: torch.Tensor | None = field(default=None, compare=False)
 
 
 def _measure(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -147,6 +192,23 @@ def new_cache(model: PreTrainedModel) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
+def _cache_keys_values(layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                       cache: DynamicCache, index: int) -> None:
+    """Store the keys and values attention sublayer ``index`` computes from its input ``hidden``, as the full layer
+    does (input norm, K/V projections, the model's K norm if it has one, rotary), without running attention."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    shape = (*normed.shape[:-1], -1, attn.head_dim)
+    keys = attn.k_proj(normed).view(shape)
+    if getattr(attn, "k_norm", None) is not None:
+        keys = attn.k_norm(keys)
+    keys, values = keys.transpose(1, 2), attn.v_proj(normed).view(shape).transpose(1, 2)
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own rotary
+    cos, sin = rotary
+    _, keys = rope(keys[:, :0], keys, cos, sin)  # an empty query: only the keys are rotated
+    cache.update(keys, values, index)
+
+
 @torch.inference_mode()
 def skip_forward(
     model: PreTrainedModel,
@@ -161,10 +223,11 @@ def skip_forward(
     """Run ``input_ids`` (batch, q), whose first token sits at ``position``, through the model under ``plan``.
 
     Returns the logits of the last ``logits_to_keep`` positions (0 = all) and, with ``probe``, a Probe for every
-    executed sublayer. ``cache`` is updated in place for the attention sublayers that run.
+    executed sublayer (with moments in prefill). ``cache`` is updated in place for the attention sublayers that
+    run or keep their keys and values. ``plan.tail`` is the caller's business (see ``engine.prefill``).
     """
     base = model.model
-    skip_attn, skip_ffn = plan.skips(phase)
+    skip_attn, skip_ffn, keep_kv = plan.skips(phase)
     types = layer_types(model)
 
     hidden = base.embed_tokens(input_ids)
@@ -172,11 +235,21 @@ def skip_forward(
     rotary = base.rotary_emb(hidden, position_ids=position_ids)
     masks: dict[tuple[str, int], Any] = {}
     measured: list[tuple[Sublayer, torch.Tensor]] = []
+    fitted: list[torch.Tensor] = []
+    first = 1 if position == 0 else 0  # token 0 of the sequence (the attention sink) is left out of moments
+
+    def record(sub: Sublayer, x: torch.Tensor, y: torch.Tensor) -> None:
+        measured.append((sub, _measure(x, y)))
+        if phase == "prefill":
+            d = x.shape[-1]
+            fitted.append(moments(x[:, first:].reshape(-1, d), y[:, first:].reshape(-1, d)))
 
     for i, layer in enumerate(base.layers):
-        # Attention sublayer: skip and compensate, or run (and probe).
+        # Attention sublayer: skip and compensate (caching K and V if the plan keeps them), or run (and probe).
         if i in skip_attn:
-            hidden = hidden * skip_attn[i]
+            if i in keep_kv:
+                _cache_keys_values(layer, hidden, rotary, cache, i)
+            hidden = apply(hidden, skip_attn[i])
         else:
             key = (types[i], cache.get_seq_length(i))
             if key not in masks:
@@ -191,16 +264,16 @@ def skip_forward(
             )
             out = hidden + attn_out
             if probe:
-                measured.append((Sublayer("attn", i), _measure(hidden, out)))
+                record(Sublayer("attn", i), hidden, out)
             hidden = out
 
-        # FFN sublayer: the same three steps.
+        # FFN sublayer: the same steps.
         if i in skip_ffn:
-            hidden = hidden * skip_ffn[i]
+            hidden = apply(hidden, skip_ffn[i])
         else:
             out = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             if probe:
-                measured.append((Sublayer("ffn", i), _measure(hidden, out)))
+                record(Sublayer("ffn", i), hidden, out)
             hidden = out
 
     hidden = base.norm(hidden)
@@ -208,4 +281,5 @@ def skip_forward(
     if not probe:
         return logits, None
     values = torch.stack([m for _, m in measured]).tolist() if measured else []
-    return logits, {sub: Probe(*v) for (sub, _), v in zip(measured, values)}
+    sums = fitted or [None] * len(measured)
+    return logits, {sub: Probe(*v, moments=m) for (sub, _), v, m in zip(measured, values, sums)}

@@ -16,7 +16,9 @@ class SkipStats:
 
     prompt_tokens: int
     generated_tokens: int
-    skipped_attention: list[int]
+    skipped_attention: list[int]  # in prefill, including those that kept their KV cache
+    attention_kv_kept: list[int]  # skipped in prefill with their keys and values still cached; run in decode
+    protected_tail: int  # prompt tokens at the end that ran every sublayer with a cache
     skipped_ffn_prefill: list[int]
     skipped_attention_decode: list[int]
     skipped_ffn_decode: list[int]
@@ -63,9 +65,11 @@ class SkipStats:
         """One human-readable line."""
         measured = f", measured {self.measured_prefill_speedup:.2f}x" if self.measured_prefill_speedup else ""
         where = f"[{self.collection}: {self.mode}] " if self.collection else ""
+        kept = f" (KV kept: {self.attention_kv_kept})" if self.attention_kv_kept else ""
+        tail = f"; last {self.protected_tail} prompt tokens in full" if self.protected_tail else ""
         return where + (
             f"{self.prompt_tokens} prompt tokens, {self.generated_tokens} generated; skipped attention "
-            f"{self.skipped_attention or '-'}, FFN {self.skipped_ffn_prefill or '-'} (decode FFN "
-            f"{self.skipped_ffn_decode or '-'}); prefill {self.prefill_seconds:.2f}s "
+            f"{self.skipped_attention or '-'}{kept}, FFN {self.skipped_ffn_prefill or '-'} (decode FFN "
+            f"{self.skipped_ffn_decode or '-'}){tail}; prefill {self.prefill_seconds:.2f}s "
             f"(estimated {self.estimated_prefill_speedup:.2f}x{measured}), decode {self.decode_tokens_per_s:.1f} tok/s"
         )

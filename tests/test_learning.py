@@ -28,6 +28,9 @@ QUESTIONS = [
 ]
 
 
+PAPER = dict(compensation="scalar", keep_kv=False, tail=0)  # the paper's plan: scales, no KV cache, no tail
+
+
 def known_profile() -> Profile:
     """3 layers; means: attn sim .90 .99 .95, ffn sim .80 .97 .60; every sublayer seen twice but ffn 2 once."""
     p = Profile("m", "c", 3, queries=2)
@@ -43,10 +46,10 @@ def known_profile() -> Profile:
 def test_ranking_and_scales_equal_hand_computation():
     profile = known_profile()
     costs = CostModel(hidden=8, ffn_hidden=16, kv_ratio=1.0, vocab=10, layers=3)
-    plan = AdaSkipPolicy(budget=3).prefill_plan(profile, 100, costs, 3)
+    plan = AdaSkipPolicy(budget=3, **PAPER).prefill_plan(profile, 100, costs, 3)
     # pooled ranking by mean similarity: attn1 .99, ffn1 .97, attn2 .95
     assert plan.attn == pytest.approx({1: 1.1, 2: 1.2}) and plan.ffn == pytest.approx({1: 1.1})
-    paper = AdaSkipPolicy(budget=3, robust_scale=False).prefill_plan(profile, 100, costs, 3)
+    paper = AdaSkipPolicy(budget=3, robust_scale=False, **PAPER).prefill_plan(profile, 100, costs, 3)
     assert paper.attn == pytest.approx({1: 1.5, 2: 1.5}) and paper.ffn == pytest.approx({1: 1.5})
     assert AdaSkipPolicy.beta(profile, 3) == pytest.approx(0.95)
     assert AdaSkipPolicy.beta(profile, 7) == math.inf
@@ -133,6 +136,7 @@ def test_baselines_give_the_reference_layer_sets(k, ee, us):
 
 def learning_engine(tokenizer, tmp_path, **policy) -> AdaSkipEngine:
     store = SQLiteProfileStore(tmp_path / "profiles.sqlite")
+    policy.setdefault("tail", 0)  # the test prompts are shorter than the default tail
     return AdaSkipEngine(tiny_model("llama"), tokenizer, name="tiny", policy=AdaSkipPolicy(**policy), store=store)
 
 
@@ -251,7 +255,7 @@ class FixedFidelity:
 
     def serve(self, fidelity: float | None) -> str:
         decision = self.learner.decide("docs", 100)
-        stats = SkipStats(100, 5, [], [], [], [], 1.0, 0.1, 0, 1.0, 1.0, "stop")
+        stats = SkipStats(100, 5, [], [], 0, [], [], [], 1.0, 0.1, 0, 1.0, 1.0, "stop")
         self.learner.record(decision, stats, probes=_all_probes(), fidelity=fidelity, skip_prefill_seconds=0.8)
         return decision.mode
 
@@ -265,7 +269,7 @@ def _all_probes():
 
 
 def test_quality_guard_shrinks_and_grows_back(tmp_path):
-    policy = AdaSkipPolicy(budget=8, warmup=1, window=0, refresh_every=1, quality_target=0.9, guard_step=2)
+    policy = AdaSkipPolicy(budget=8, warmup=1, window=0, refresh_every=1, quality_target=0.9, guard_step=2, tail=0)
     learner = Learner("m", 6, CostModel(64, 128, 0.5, 100, 6), SQLiteProfileStore(tmp_path / "p.sqlite"), policy)
     guard = FixedFidelity(learner)
     assert learner.decide("docs", 100).budget == 8
@@ -278,12 +282,12 @@ def test_quality_guard_shrinks_and_grows_back(tmp_path):
 
 
 def test_quality_guard_at_zero_scores_the_next_step_up_and_can_rise_again(tmp_path):
-    policy = AdaSkipPolicy(budget=8, warmup=1, window=0, refresh_every=1, quality_target=0.9, guard_step=2)
+    policy = AdaSkipPolicy(budget=8, warmup=1, window=0, refresh_every=1, quality_target=0.9, guard_step=2, tail=0)
     learner = Learner("m", 6, CostModel(64, 128, 0.5, 100, 6), SQLiteProfileStore(tmp_path / "p.sqlite"), policy)
     guard = FixedFidelity(learner)
     assert [guard.refresh(0.5) for _ in range(4)] == [6, 4, 2, 0]
     at_zero = learner.decide("docs", 100)
-    skips = len(at_zero.plan.attn) + len(at_zero.plan.ffn)
+    skips = len(at_zero.plan.attn) + len(at_zero.plan.prefill_attn) + len(at_zero.plan.ffn)
     assert (at_zero.budget, at_zero.scored_budget, skips) == (0, 2, 2)  # serves budget 0, scores budget 2
     assert guard.refresh(0.5) == 0
     assert "at budget 2, kept at 0" in learner.decide("docs", 100).budget_reason
@@ -297,8 +301,8 @@ def test_quality_guard_at_zero_scores_the_next_step_up_and_can_rise_again(tmp_pa
 def test_policies_per_collection(tokenizer, tmp_path):
     engine = AdaSkipEngine(
         tiny_model("llama"), tokenizer, name="tiny", store=SQLiteProfileStore(tmp_path / "p.sqlite"),
-        policy=AdaSkipPolicy(budget=2, warmup=1, window=0, refresh_every=0),
-        collection_policies={"fast": AdaSkipPolicy(budget=5, warmup=1, window=0, refresh_every=0, cost_aware=True)},
+        policy=AdaSkipPolicy(budget=2, warmup=1, window=0, refresh_every=0, tail=0),
+        collection_policies={"fast": AdaSkipPolicy(budget=5, warmup=1, window=0, refresh_every=0, cost_aware=True, tail=0)},
     )
     for coll in ("docs", "fast"):
         engine.generate(QUESTIONS[0], collection=coll, max_new_tokens=2)
@@ -306,7 +310,7 @@ def test_policies_per_collection(tokenizer, tmp_path):
     docs = engine.generate(QUESTIONS[1], collection="docs", max_new_tokens=2).stats
     fast = engine.generate(QUESTIONS[1], collection="fast", max_new_tokens=2).stats
     assert docs.skipped_sublayers == 2 and fast.skipped_sublayers == 5
-    expected = AdaSkipPolicy(budget=5, cost_aware=True).prefill_plan(profile, fast.prompt_tokens, engine.costs, 5)
-    assert fast.skipped_attention == sorted(expected.attn) and fast.skipped_ffn_prefill == sorted(expected.ffn)
+    expected = AdaSkipPolicy(budget=5, cost_aware=True, tail=0).prefill_plan(profile, fast.prompt_tokens, engine.costs, 5)
+    assert fast.skipped_attention == sorted(expected.prefill_attn) and fast.skipped_ffn_prefill == sorted(expected.ffn)
     with pytest.raises(ValueError, match="between 0 and 12"):
         AdaSkipEngine(tiny_model("llama"), tokenizer, policy=AdaSkipPolicy(budget=13)).learner

@@ -1,0 +1,114 @@
+"""What replaces a skipped sublayer's output, fitted in closed form from running sums over prompt tokens.
+
+A skipped sublayer with input x (one token's hidden state, d channels) outputs f(x) instead of its output y:
+
+* ``scalar`` (the paper): f(x) = s x, s = ||y|| / ||x|| over the prompt (see ``AdaSkipPolicy.robust_scale``);
+* ``bias``: f(x) = s x + b with b = mean(y) - s mean(x);
+* ``affine``: f(x)_c = a_c x_c + b_c per channel c, the least-squares fit of y_c on x_c.
+
+Every fit needs only the :func:`moments` of a sublayer: per-channel sums of x, y, x^2 and x*y, the total of
+||y||^2 and the token count (token 0, the attention sink, left out). They add across requests and replicas,
+so merged profiles give exactly the fit of one pass over all their tokens. The same sums give each fit's
+relative residual error ||y - f(x)||^2 / ||y||^2 (:func:`residual_error`), which ranks sublayers by how well
+their compensation reproduces them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Mode = Literal["scalar", "bias", "affine"]
+MODES: tuple[Mode, ...] = ("scalar", "bias", "affine")
+
+
+def moments_width(hidden: int) -> int:
+    """Length of one sublayer's moments vector: [sum x, sum y, sum x^2, sum x*y] (d each), sum ||y||^2, tokens."""
+    return 4 * hidden + 2
+
+
+def moments(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The moments (float64, :func:`moments_width` long) of input ``x`` and output ``y``, both (tokens, d)."""
+    x, y = x.float(), y.float()
+    per_channel = torch.stack([x.sum(0), y.sum(0), x.square().sum(0), (x * y).sum(0)]).flatten()
+    totals = torch.stack([y.square().sum(), torch.tensor(float(x.shape[0]))])
+    return torch.cat([per_channel, totals]).double()
+
+
+def _split(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
+    sx, sy, sxx, sxy = m[:-2].view(4, -1)
+    return sx, sy, sxx, sxy, float(m[-2]), float(m[-1])
+
+
+@dataclass(frozen=True, eq=False)
+class Affine:
+    """f(x) = scale * x + bias, per channel (``scale`` and ``bias`` are (d,) tensors)."""
+
+    scale: torch.Tensor
+    bias: torch.Tensor
+
+    def __post_init__(self) -> None:
+        scale, bias = torch.as_tensor(self.scale).float(), torch.as_tensor(self.bias).float()
+        if scale.dim() != 1 or scale.shape != bias.shape:
+            raise ValueError(f"Affine: scale and bias must be vectors of one length, got {tuple(scale.shape)} "
+                             f"and {tuple(bias.shape)}")
+        if not (torch.isfinite(scale).all() and torch.isfinite(bias).all()):
+            raise ValueError("Affine: scale and bias must be finite")
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "bias", bias)
+
+    @property
+    def hidden(self) -> int:
+        return self.scale.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias.to(x), x, self.scale.to(x))
+
+
+Compensation = float | Affine
+
+
+def apply(x: torch.Tensor, compensation: Compensation) -> torch.Tensor:
+    """The output that replaces a skipped sublayer with input ``x``."""
+    return compensation(x) if isinstance(compensation, Affine) else x * compensation
+
+
+def fit(m: torch.Tensor, mode: Mode, scale: float) -> Compensation:
+    """The ``mode`` compensation from moments ``m``; ``scale`` is the scalar s (used by ``scalar`` and ``bias``, and
+    by ``affine`` for channels whose input does not vary). Without measured tokens every mode falls back to s."""
+    if mode not in MODES:
+        raise ValueError(f"compensation must be one of {MODES}, got {mode!r}")
+    sx, sy, sxx, sxy, _, n = _split(m)
+    if mode == "scalar" or n == 0:
+        return scale
+    if mode == "bias":
+        return Affine(torch.full_like(sx, scale), (sy - scale * sx) / n)
+    var = sxx - sx * sx / n  # n times the variance of each input channel
+    cov = sxy - sx * sy / n
+    flat = var <= 1e-12 * var.abs().max().clamp_min(1e-30)
+    a = torch.where(flat, torch.full_like(var, scale), cov / torch.where(flat, torch.ones_like(var), var))
+    return Affine(a, (sy - a * sx) / n)
+
+
+def residual_error(m: torch.Tensor, compensation: Compensation) -> float:
+    """||y - f(x)||^2 / ||y||^2 summed over the tokens of moments ``m`` (0 when nothing was measured)."""
+    sx, sy, sxx, sxy, yy, n = _split(m)
+    if n == 0 or yy <= 0:
+        return 0.0
+    if isinstance(compensation, Affine):
+        a, b = compensation.scale.double(), compensation.bias.double()
+    else:
+        a, b = torch.full_like(sx, compensation), torch.zeros_like(sx)
+    sse = yy - 2 * (a * sxy).sum() - 2 * (b * sy).sum() + (a * a * sxx).sum() + 2 * (a * b * sx).sum() + n * (b * b).sum()
+    return max(0.0, float(sse)) / yy
+
+
+def check_moments(m: torch.Tensor) -> bool:
+    """Whether ``m`` can be moments: finite, at least one channel, non-negative squares and token count."""
+    if m.dim() != 1 or m.numel() < moments_width(1) or (m.numel() - 2) % 4:
+        return False
+    _, _, sxx, _, yy, n = _split(m)
+    return bool(torch.isfinite(m).all()) and bool((sxx >= 0).all()) and yy >= 0 and n >= 0 and math.isfinite(n)
