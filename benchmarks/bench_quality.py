@@ -1,14 +1,22 @@
-"""Quality vs speed of AdaSkip, its variants and the baselines, on long-context QA.
+"""Quality vs speed of AdaSkip, its fidelity variants and the baselines, on long-context QA.
 
 Settings: SQuAD v2 (answerable) and HotpotQA (distractor) questions, their gold passage placed among other
-paragraphs up to about 2k and 4k tokens, and an easy setting where the full model does well (the SQuAD gold
-paragraph with a few others, about 1k tokens). Per setting a profile is learned from the full model on
-calibration questions disjoint from the evaluation ones, and the quality guard picks its budget on them
-(target: 95 % teacher-forced agreement).
+paragraphs up to about 2k and 4k tokens (and an easy setting, the SQuAD gold paragraph with a few others, about
+1k tokens). Per setting a profile is learned from the full model on calibration questions disjoint from the
+evaluation ones, and the quality guard picks its budget on them (target: 95 % teacher-forced agreement).
 
-Modes at equal budgets (k layers of a baseline = 2k sublayers): the full model; AdaSkip (8, 16; scales
-without the attention-sink token, and the paper's whole-prompt scales); cost-aware AdaSkip (8, 16); the
-guarded budget; Early Exit, SkipDecode and Unified Skipping (4 and 8 layers). Per mode:
+Configurations, each at budgets 4, 8, 12, 16 and 24 sublayers (cumulative: each adds one thing to the previous):
+
+  paper       AdaSkip as published: scalar compensation s*x, no KV cache for skipped attention
+  +bias       s*x + b
+  +affine     per-channel a*x + b
+  +kv         skipped attention keeps its KV cache (prefill-only skip; decode runs it)
+  +tail       the last 64 prompt tokens run every sublayer
+  +error      ranked by the residual error of the compensation instead of IO similarity
+
+(AdaSkipPolicy()'s defaults are +tail.)
+and the baselines Early Exit, SkipDecode and Unified Skipping at 4 and 8 layers (8 and 16 sublayers), the
+guarded budget (default configuration) and the full model. Per mode:
 
   F1          token F1 of its greedy answer against the gold answers (SQuAD normalisation)
   agreement   teacher-forced along the full model's answer: share of tokens whose top-1 is the full model's
@@ -20,7 +28,8 @@ guarded budget; Early Exit, SkipDecode and Unified Skipping (4 and 8 layers). Pe
   e2e         measured end-to-end speedup for an answer as long as the full model's (prefill + that many
               tokens at the mode's measured decode rate)
 
-Prints a table per setting and writes a plot: agreement and F1 vs measured prefill speedup, one point per mode.
+Prints a table per setting and a frontier summary (agreement / KL / prefill speedup per configuration and
+budget), and writes a plot: agreement and KL vs measured prefill speedup, one line per configuration.
 
     python benchmarks/bench_quality.py [--quick] [--threads 2] [--plot quality_vs_speed.png]
 """
@@ -53,8 +62,19 @@ SETTINGS = {  # name: (dataset, context tokens)
     "squad 4k": ("squad", 4000),
     "hotpotqa 4k": ("hotpotqa", 4000),
 }
-QUICK_SETTINGS = ("easy squad 1k", "hotpotqa 2k")
+DEFAULT_SETTINGS = ("hotpotqa 4k", "squad 4k", "hotpotqa 2k", "squad 2k")
+QUICK_SETTINGS = ("hotpotqa 2k",)
 GUARD_TARGET = 0.95
+PAPER = dict(compensation="scalar", keep_kv=False, tail=0)
+CONFIGS: dict[str, dict] = {  # cumulative
+    "paper": PAPER,
+    "+bias": {**PAPER, "compensation": "bias"},
+    "+affine": {**PAPER, "compensation": "affine"},
+    "+kv": {**PAPER, "compensation": "affine", "keep_kv": True},
+    "+tail": {"compensation": "affine", "keep_kv": True, "tail": 64},
+    "+error": {"compensation": "affine", "keep_kv": True, "tail": 64, "rank_by": "error"},
+}
+BUDGETS = (4, 8, 12, 16, 24)
 
 
 def normalize(text: str) -> list[str]:
@@ -76,10 +96,10 @@ def f1(prediction: str, answers: list[str]) -> float:
 
 
 def guarded_budget(engine: AdaSkipEngine, calibration: list[Item], tmp: str) -> tuple[int, str]:
-    """The budget the quality guard settles on. It starts at 16 and moves in steps of 2 while it serves the
+    """The budget the quality guard settles on (default configuration). It starts at 24 and moves in steps of 2 while it serves the
     calibration questions (at most three passes), each a refresh that scores the plan in force. It has settled
     when its budget first rises again: the budget it scored then met the target."""
-    policy = AdaSkipPolicy(budget=16, warmup=0, refresh_every=1, quality_target=GUARD_TARGET, guard_step=2)
+    policy = AdaSkipPolicy(budget=24, warmup=0, refresh_every=1, quality_target=GUARD_TARGET, guard_step=2)
     guard = AdaSkipEngine(engine.model, engine.tokenizer, engine.name, policy=policy,
                           store=SQLiteProfileStore(Path(tmp) / f"guard-{len(calibration)}-{id(calibration)}.sqlite"))
     trail = [policy.budget]
@@ -98,17 +118,20 @@ def _trail(budgets: list[int]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(DEFAULT_SETTINGS))
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
     parser.add_argument("--calibration", type=int, default=8, help="questions per setting the profile is learned from")
     parser.add_argument("--questions", type=int, default=8, help="evaluation questions per setting")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", type=Path, default=Path("quality_vs_speed.png"))
     parser.add_argument("--quick", action="store_true",
-                        help=f"settings {', '.join(QUICK_SETTINGS)}; 4 calibration and 2 evaluation questions each")
+                        help=f"settings {', '.join(QUICK_SETTINGS)}; 4 calibration and 2 evaluation questions each, "
+                             "budgets 8 and 16")
     args = parser.parse_args()
     if args.quick:
-        args.settings, args.calibration, args.questions = list(QUICK_SETTINGS), 4, 2
+        args.settings, args.calibration, args.questions, args.budgets = list(QUICK_SETTINGS), 4, 2, [8, 16]
     torch.set_num_threads(args.threads)
     engine = AdaSkipEngine.from_pretrained("default")
     L = engine.num_layers
@@ -134,10 +157,9 @@ def main() -> None:
                 return lambda n: p.schedule(profile, n, engine.costs, budget)
 
             modes: dict[str, Callable[[int], PlanSchedule]] = {"full": lambda n: StaticSchedule(SkipPlan())}
-            for budget in (8, 16):
-                modes[f"AdaSkip {budget}"] = adaskip(budget)
-                modes[f"AdaSkip {budget} paper scale"] = adaskip(budget, robust_scale=False)
-                modes[f"cost-aware {budget}"] = adaskip(budget, cost_aware=True)
+            for config in args.configs:
+                for budget in args.budgets:
+                    modes[f"{config} {budget}"] = adaskip(budget, **CONFIGS[config])
             modes[f"guarded (budget {guard_budget})"] = adaskip(guard_budget)
             for k in (4, 8):
                 modes[f"Early Exit {k}L"] = lambda n, k=k: early_exit(L, k)
@@ -146,7 +168,8 @@ def main() -> None:
 
             metrics: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
             for q, item in enumerate(evaluation):
-                prompt = engine.encode(rag_messages(item.document, item.question))
+                messages = rag_messages(item.document, item.question)
+                prompt = engine.encode(messages)
                 full = engine.generate(prompt, max_new_tokens=args.max_new_tokens)
                 full_logits, again = engine.teacher_forced(prompt, full.token_ids, SkipPlan())
                 reference = full_logits[0].log_softmax(-1)
@@ -154,7 +177,7 @@ def main() -> None:
                 for name, make in modes.items():
                     # one prefill per mode: the greedy answer and the teacher forcing along the full answer
                     out = full if name == "full" else engine.generate(
-                        prompt, make(len(prompt)), max_new_tokens=args.max_new_tokens,
+                            messages, make(len(prompt)), max_new_tokens=args.max_new_tokens,
                         teacher_forced_ids=full.token_ids)
                     logits = full_logits if name == "full" else out.teacher_forced_logits
                     agree = (logits.argmax(-1) == torch.tensor(full.token_ids)).float()
@@ -176,6 +199,7 @@ def main() -> None:
                 print(f"  {setting}: {q + 1}/{len(evaluation)} questions ({len(prompt)} tokens)", file=sys.stderr)
             results[setting] = metrics
             print_table(setting, metrics, guard_reason)
+            print_frontier(metrics, args.configs, args.budgets)
     plot(results, args.plot)
     print(f"plot: {args.plot}")
 
@@ -183,19 +207,34 @@ def main() -> None:
 def print_table(setting: str, metrics: dict[str, dict[str, list[float]]], guard_reason: str) -> None:
     mean_tokens = statistics.fmean(metrics["full"]["tokens"])
     print(f"{setting} (mean {mean_tokens:.0f} prompt tokens); quality guard (target {GUARD_TARGET}): {guard_reason}")
-    header = (f"{'mode':<26} | {'skips':>5} | {'F1':>5} | {'agreement':>9} | {'first':>5} | {'identical':>9} | "
+    header = (f"{'mode':<22} | {'skips':>5} | {'F1':>5} | {'agreement':>9} | {'first':>5} | {'identical':>9} | "
               f"{'KL':>7} | {'prefill':>7} | {'e2e':>6}")
     print(header)
     print("-" * len(header))
     for name, m in metrics.items():
         mean = lambda key: statistics.fmean(m[key])  # noqa: E731
-        print(f"{name:<26} | {mean('skipped'):>5.1f} | {mean('f1'):>5.2f} | {mean('agreement'):>9.3f} | "
+        print(f"{name:<22} | {mean('skipped'):>5.1f} | {mean('f1'):>5.2f} | {mean('agreement'):>9.3f} | "
               f"{mean('first'):>5.2f} | {mean('identical'):>9.2f} | {mean('kl'):>7.3f} | "
               f"{statistics.median(m['prefill']):>6.2f}x | {statistics.median(m['e2e']):>5.2f}x")
     print()
 
 
+def print_frontier(metrics: dict[str, dict[str, list[float]]], configs: list[str], budgets: list[int]) -> None:
+    """One line per configuration: agreement / KL / measured prefill speedup at each budget."""
+    print(f"{'frontier':<9} | " + " | ".join(f"{f'budget {b}: agree / KL / prefill':>30}" for b in budgets))
+    for config in configs:
+        cells = []
+        for b in budgets:
+            m = metrics[f"{config} {b}"]
+            cells.append(f"{statistics.fmean(m['agreement']):>11.3f} / {statistics.fmean(m['kl']):>6.3f} / "
+                         f"{statistics.median(m['prefill']):>6.2f}x")
+        print(f"{config:<9} | " + " | ".join(cells))
+    print()
+
+
 def plot(results: dict[str, dict[str, dict[str, list[float]]]], out: Path) -> None:
+    """Agreement and KL vs measured prefill speedup per setting: a line per configuration over its budgets, the
+    baselines as crosses."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,15 +242,25 @@ def plot(results: dict[str, dict[str, dict[str, list[float]]]], out: Path) -> No
 
     fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 8), squeeze=False)
     for col, (setting, metrics) in enumerate(results.items()):
-        for row, key in enumerate(("agreement", "f1")):
+        for row, key in enumerate(("agreement", "kl")):
             ax = axes[row][col]
+            lines: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
             for name, m in metrics.items():
-                x, y = statistics.median(m["prefill"]), statistics.fmean(m[key])
-                ax.scatter(x, y, marker="o" if name.startswith(("AdaSkip", "cost", "guarded", "full")) else "x")
-                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                point = (statistics.median(m["prefill"]), statistics.fmean(m[key]))
+                config, _, budget = name.rpartition(" ")
+                if config in CONFIGS and budget.isdigit():
+                    lines[config].append(point)
+                else:
+                    ax.scatter(*point, marker="x" if name != "full" else "o", color="black")
+                    ax.annotate(name, point, fontsize=6, xytext=(3, 3), textcoords="offset points")
+            for config, points in lines.items():
+                ax.plot(*zip(*sorted(points)), marker="o", label=config)
             ax.set_xlabel("measured prefill speedup (x)")
-            ax.set_ylabel("teacher-forced agreement" if key == "agreement" else "token F1 vs gold")
+            ax.set_ylabel("teacher-forced agreement" if key == "agreement" else "KL(full || mode), first token")
+            if key == "kl":
+                ax.set_yscale("symlog", linthresh=0.01)
             ax.set_title(setting, fontsize=9)
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
