@@ -13,6 +13,7 @@ Configurations, each at budgets 4, 8, 12, 16 and 24 sublayers (cumulative: each 
   +kv         skipped attention keeps its KV cache (prefill-only skip; decode runs it)
   +tail       the last 64 prompt tokens run every sublayer
   +error      ranked by the residual error of the compensation instead of IO similarity
+  tail 256    +tail with the last 256 prompt tokens protected
 
 (AdaSkipPolicy()'s defaults are +tail.)
 and the baselines Early Exit, SkipDecode and Unified Skipping at 4 and 8 layers (8 and 16 sublayers), the
@@ -73,6 +74,7 @@ CONFIGS: dict[str, dict] = {  # cumulative
     "+kv": {**PAPER, "compensation": "affine", "keep_kv": True},
     "+tail": {"compensation": "affine", "keep_kv": True, "tail": 64},
     "+error": {"compensation": "affine", "keep_kv": True, "tail": 64, "rank_by": "error"},
+    "tail 256": {"compensation": "affine", "keep_kv": True, "tail": 256},
 }
 BUDGETS = (4, 8, 12, 16, 24)
 
