@@ -11,30 +11,37 @@ from pathlib import Path
 import torch
 
 from . import loading
+from .compensation import fit, residual_error
 from .corpora import rag_messages, squad_article, squad_questions
 from .engine import AdaSkipEngine
 from .history import KINDS, Profile, ProfileStore, SQLiteProfileStore, open_store
 from .learning import PROFILES_DIR
-from .policies import AdaSkipPolicy, budget_count, plan_from_probes, top_k_plan
+from .policies import AdaSkipPolicy, budget_count, top_k_plan
+from .skipping import Sublayer
 
 DEMO_ARTICLE = "Sky_(United_Kingdom)"
 DEFAULT_PROFILE_CORPUS = "squad-v2-dev"
 
 
 def ask(engine: AdaSkipEngine, document: str, question: str, budget: int, max_new_tokens: int) -> None:
-    """Answer in full while measuring every sublayer, then again skipping the ``budget`` most redundant ones."""
+    """Answer in full while measuring every sublayer, then again skipping the ``budget`` most redundant ones with
+    the default policy's compensation, kept KV cache and protected tail."""
     messages = rag_messages(document, question)
     engine.generate("Hello", max_new_tokens=2)  # warm-up, so the timings below compare like with like
     full = engine.generate(messages, max_new_tokens=max_new_tokens, probe=True)
-    plan = plan_from_probes(full.prefill_probes, budget)
+    n = full.stats.prompt_tokens
+    profile = Profile.from_probes(engine.fingerprint, "demo", engine.num_layers, full.prefill_probes or {}, n)
+    plan = AdaSkipPolicy(budget=budget).prefill_plan(profile, n, engine.costs, budget)
     skip = engine.generate(messages, plan, max_new_tokens=max_new_tokens)
     print(f"Question: {question}")
     print(f"\nFull model ({full.stats.prompt_tokens} prompt tokens, prefill {full.stats.prefill_seconds:.2f}s with probes):")
     print(f"  {full.text.strip()}")
     print(f"\nAdaSkip, {budget} most redundant of {2 * engine.num_layers} sublayers skipped:")
     print(f"  {skip.text.strip()}")
-    print(f"\n  skipped attention: {skip.stats.skipped_attention}")
+    print(f"\n  skipped attention: {skip.stats.skipped_attention} (KV cache kept, run in decode)")
     print(f"  skipped FFN:       {skip.stats.skipped_ffn_prefill}")
+    print(f"  the first {skip.stats.protected_head} and last {skip.stats.protected_tail} prompt tokens (the "
+          "attention sink; the question) ran every sublayer")
     print(
         f"  prefill {skip.stats.prefill_seconds:.2f}s: measured {full.stats.prefill_seconds / skip.stats.prefill_seconds:.2f}x"
         f" vs estimated {skip.stats.estimated_prefill_speedup:.2f}x; KV cache saved: "
@@ -61,25 +68,30 @@ def build_default_profile(engine: AdaSkipEngine, questions: int, out: Path) -> P
 
 
 def _profile_table(profile: Profile, budget: int) -> str:
-    """Per-layer mean similarity, scale (without the sink token) and count; * marks the skipped sublayers."""
+    """Per-layer mean similarity, scale (without the sink token), residual error of the affine compensation (where
+    the profile keeps moments) and count; * marks the skipped sublayers."""
     similarity = profile.mean("similarity")
     scales = profile.mean("scale_no_sink")
     plan = top_k_plan(similarity, scales, budget)
     lines = [
         f"{profile.collection}  (model {profile.model}): {profile.queries} queries, mean context "
         f"{profile.mean_context:.0f} tokens (max {profile.max_context})",
-        f"{'layer':>5} | {'attn sim':>8} {'scale':>6} {'n':>5} | {'ffn sim':>8} {'scale':>6} {'n':>5}",
+        f"{'layer':>5} | {'attn sim':>8} {'scale':>6} {'error':>6} {'n':>5} | "
+        f"{'ffn sim':>8} {'scale':>6} {'error':>6} {'n':>5}",
     ]
     for layer in range(profile.num_layers):
         cells = []
         for kind in KINDS:
-            sub = (kind, layer)
+            sub = Sublayer(kind, layer)
             skipped = layer in (plan.attn if kind == "attn" else plan.ffn)
             sim = f"{similarity[sub]:.4f}" if sub in similarity else "-"
             scale = f"{scales[sub]:.3f}" if sub in scales else "-"
-            cells.append(f"{sim:>7}{'*' if skipped else ' '} {scale:>6} {profile.counts[kind][layer]:>5}")
+            m = profile.sublayer_moments(sub)
+            error = f"{residual_error(m, fit(m, 'affine', scales[sub])):.4f}" if m is not None and sub in scales else "-"
+            cells.append(f"{sim:>7}{'*' if skipped else ' '} {scale:>6} {error:>6} {profile.counts[kind][layer]:>5}")
         lines.append(f"{layer:>5} | {cells[0]} | {cells[1]}")
-    lines.append(f"* = skipped at budget {budget} (pooled top-{budget} by mean similarity)")
+    lines.append(f"* = skipped at budget {budget} (pooled top-{budget} by mean similarity); error = "
+                 "||y - f(x)||^2 / ||y||^2 of the affine compensation f")
     state = profile.state
     if state.get("measured"):
         lines.append(f"last refresh: {state['measured']}")

@@ -9,7 +9,7 @@ Per token and layer (d = hidden size, g = kv_heads / heads, n = context length):
 An attention sublayer skipped in prefill that keeps its KV cache still pays its K and V projections,
 4 d^2 g. Decode also pays the LM head, 2 d V per token; prefill computes logits for the last token only, so the
 head is left out there. A protected tail of m prompt tokens runs every sublayer that has a cache, each of its
-tokens seeing about n keys.
+tokens seeing about n keys; a protected head runs them too (counted at the average prefill cost per token).
 """
 
 from __future__ import annotations
@@ -62,15 +62,16 @@ class CostModel:
                 + self.head(phase))
 
     def speedup(self, n: int, skipped_attn: int, skipped_ffn: int, phase: str = "prefill", kept_kv: int = 0,
-                tail: int = 0, tail_skipped_attn: int = 0) -> float:
+                tail: int = 0, head: int = 0, protected_skipped_attn: int = 0) -> float:
         """Full-model FLOPs divided by the FLOPs left after skipping the given numbers of sublayers; in prefill the
-        last ``tail`` of the n tokens run every sublayer but ``tail_skipped_attn`` attention sublayers (those
-        without a cache). Infinite when nothing is left to compute."""
+        first ``head`` and last ``tail`` of the n tokens run every sublayer but ``protected_skipped_attn``
+        attention sublayers (those without a cache). Infinite when nothing is left to compute."""
         full = self.flops(n, 0, 0, phase)
         left = self.flops(n, skipped_attn, skipped_ffn, phase, kept_kv)
-        if phase == "prefill" and tail:
-            tail = min(tail, n)
+        if phase == "prefill" and (tail or head):
+            tail, head = min(tail, n), min(head, n - min(tail, n))
             # a tail token sees about n keys, twice a prefill token's average
-            tail_flops = self.flops(n, tail_skipped_attn, 0, "decode") - self.head("decode")
-            left = (left * (n - tail) + tail_flops * tail) / n
+            tail_flops = self.flops(n, protected_skipped_attn, 0, "decode") - self.head("decode")
+            head_flops = self.flops(n, protected_skipped_attn, 0, "prefill")
+            left = (left * (n - tail - head) + tail_flops * tail + head_flops * head) / n
         return full / left if left > 0 else math.inf

@@ -411,15 +411,22 @@ class AdaSkipEngine:
             raise ValueError("SkipPlan.tail='last_user_turn' needs a prompt of chat messages")
         return min(self.user_turn_tokens(messages), n)
 
-    def prefill(self, ids: torch.Tensor, cache, plan: SkipPlan, tail: int = 0, probe: bool = False):
-        """Prefill the prompt ``ids`` (1, n) under ``plan``: the first n - ``tail`` tokens with its skips (probed
-        if ``probe``), then the protected tail with every sublayer that has a cache. Logits of the last token
-        and the probes."""
-        n = ids.shape[1]
-        if not tail or plan.is_empty:
-            return self.forward(ids, 0, cache, plan, "prefill", probe=probe)
-        _, probes = self.forward(ids[:, : n - tail], 0, cache, plan, "prefill", probe=probe)
-        logits, _ = self.forward(ids[:, n - tail :], n - tail, cache, plan.tail_plan(), "prefill")
+    def prefill(self, ids: torch.Tensor, cache, plan: SkipPlan, tail: int = 0, probe: bool = False,
+                logits_to_keep: int = 1):
+        """Prefill the prompt ``ids`` (1, n) under ``plan`` in up to three chunks: the protected head (``plan.head``
+        tokens) with every sublayer that has a cache, the body with the plan's skips (probed if ``probe``), the
+        protected tail of ``tail`` tokens like the head. The logits of the last ``logits_to_keep`` tokens (at
+        most the tail's when there is one; 0 = all of them) and the body's probes."""
+        n, head = ids.shape[1], plan.head
+        if plan.is_empty or not (head or tail):
+            return self.forward(ids, 0, cache, plan, "prefill", probe=probe, logits_to_keep=logits_to_keep)
+        if head:
+            self.forward(ids[:, :head], 0, cache, plan.protected_plan(), "prefill")
+        logits, probes = self.forward(ids[:, head : n - tail], head, cache, plan, "prefill", probe=probe,
+                                      logits_to_keep=logits_to_keep)
+        if tail:
+            logits, _ = self.forward(ids[:, n - tail :], n - tail, cache, plan.protected_plan(), "prefill",
+                                     logits_to_keep=logits_to_keep)
         return logits, probes
 
     def _plan(self, answer: tuple[SkipPlan, bool]) -> tuple[SkipPlan, bool]:
@@ -609,7 +616,7 @@ class _PlanRecord:
         self.attn: list[int] = []
         self.kept_kv: list[int] = []
         self.ffn: list[int] = []
-        self.tail = 0
+        self.tail = self.head = 0
         self.decode_attn: set[int] = set()
         self.decode_ffn: set[int] = set()
         self.decode_flops: list[float] = []
@@ -617,7 +624,8 @@ class _PlanRecord:
 
     def prefill(self, plan: SkipPlan, tail: int) -> None:
         attn, ffn, kept_kv = plan.skips("prefill")
-        self.attn, self.ffn, self.kept_kv, self.tail, self.last = sorted(attn), sorted(ffn), sorted(kept_kv), tail, plan
+        self.attn, self.ffn, self.kept_kv, self.last = sorted(attn), sorted(ffn), sorted(kept_kv), plan
+        self.tail, self.head = (tail, plan.head) if not plan.is_empty else (0, 0)
 
     def decode(self, plan: SkipPlan) -> None:
         attn, ffn, _ = plan.skips("decode")
@@ -636,6 +644,7 @@ class _PlanRecord:
             skipped_attention=self.attn,
             attention_kv_kept=self.kept_kv,
             protected_tail=self.tail,
+            protected_head=self.head,
             skipped_ffn_prefill=self.ffn,
             skipped_attention_decode=sorted(self.decode_attn),
             skipped_ffn_decode=sorted(self.decode_ffn),
@@ -644,7 +653,7 @@ class _PlanRecord:
             kv_bytes_saved=0,
             estimated_prefill_speedup=self.costs.speedup(
                 self.n, len(self.attn), len(self.ffn), "prefill", kept_kv=len(self.kept_kv), tail=self.tail,
-                tail_skipped_attn=len(self.attn) - len(self.kept_kv)),
+                head=self.head, protected_skipped_attn=len(self.attn) - len(self.kept_kv)),
             estimated_decode_speedup=full * len(self.decode_flops) / sum(self.decode_flops),
             finish_reason=finish,
         )

@@ -118,7 +118,8 @@ class AdaSkipPolicy:
     sublayer, ``"scalar"`` (the paper), ``"bias"`` or ``"affine"`` (``compensation.py``; profiles without
     moments fall back to scalar). ``keep_kv``: skipped attention sublayers still cache their keys and values and
     run in decode (else the paper: no cache, skipped in decode too). ``tail``: the last prompt tokens that run
-    every sublayer (a count, or ``"last_user_turn"``); no skipping for prompts not longer than an integer tail.
+    every sublayer (a count, or ``"last_user_turn"``); ``head``: the first prompt tokens that do (token 0 is the
+    attention sink); no skipping for prompts not longer than head and integer tail together.
     ``rank_by``: ``"similarity"`` (the paper's IO similarity) or ``"error"`` (the residual error of the
     sublayer's compensation, where the profile has moments).
     """
@@ -134,6 +135,7 @@ class AdaSkipPolicy:
     compensation: Mode = "affine"
     keep_kv: bool = True
     tail: Tail = 64
+    head: int = 1
     rank_by: Literal["similarity", "error"] = "similarity"
 
     def __post_init__(self) -> None:
@@ -144,7 +146,7 @@ class AdaSkipPolicy:
         for name in ("keep_kv", "cost_aware", "robust_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        SkipPlan(tail=self.tail)  # the tail's type and range
+        SkipPlan(tail=self.tail, head=self.head)  # their types and ranges
         budget_count(self.budget, 10**6)  # type and range of the value itself
         for name in ("warmup", "window", "refresh_every"):
             value = getattr(self, name)
@@ -157,7 +159,7 @@ class AdaSkipPolicy:
 
     def prefill_plan(self, profile: Profile, n: int, costs: CostModel, budget: int) -> SkipPlan:
         """The prefill plan for a prompt of ``n`` tokens: the ``budget`` most skippable sublayers, compensated."""
-        if isinstance(self.tail, int) and self.tail and n <= self.tail:
+        if n <= self.head + (self.tail if isinstance(self.tail, int) else 0):
             return SkipPlan()  # the whole prompt is protected
         scales = profile.mean("scale_no_sink" if self.robust_scale else "scale")
         has_moments = profile.moments is not None and profile.moments.shape[-1] == moments_width(costs.hidden)
@@ -173,7 +175,7 @@ class AdaSkipPolicy:
         plan = top_k_plan(score, compensations, budget, costs if self.cost_aware else None, n)
         if self.keep_kv:
             plan = SkipPlan(prefill_attn=plan.attn, ffn=plan.ffn)
-        return dataclasses.replace(plan, tail=self.tail if not plan.is_empty else 0)
+        return dataclasses.replace(plan, tail=self.tail, head=self.head) if not plan.is_empty else plan
 
     @staticmethod
     def beta(profile: Profile, budget: int) -> float:

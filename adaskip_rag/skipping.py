@@ -62,7 +62,8 @@ class SkipPlan:
     computed and cached, and decode runs them in full. ``ffn``: FFN sublayers skipped in prefill and decode.
     ``decode_ffn``: further FFNs skipped in decode only. ``tail``: the last ``tail`` prompt tokens (or, with
     ``"last_user_turn"``, those from the start of the last user message of a chat prompt) run every sublayer
-    that has a cache, after the rest of the prompt, attending to the whole cache.
+    that has a cache, after the rest of the prompt, attending to the whole cache. ``head``: likewise the first
+    ``head`` prompt tokens (token 0 is the attention sink, which every later token attends to).
     """
 
     attn: Mapping[int, Compensation] = field(default_factory=dict)
@@ -70,6 +71,7 @@ class SkipPlan:
     decode_ffn: Mapping[int, Compensation] = field(default_factory=dict)
     prefill_attn: Mapping[int, Compensation] = field(default_factory=dict)
     tail: Tail = 0
+    head: int = 0
 
     def __post_init__(self) -> None:
         for name in SKIP_FIELDS:
@@ -81,6 +83,8 @@ class SkipPlan:
         tail = self.tail
         if tail != "last_user_turn" and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
             raise ValueError(f"SkipPlan.tail must be a token count >= 0 or 'last_user_turn', got {tail!r}")
+        if isinstance(self.head, bool) or not isinstance(self.head, int) or self.head < 0:
+            raise ValueError(f"SkipPlan.head must be a token count >= 0, got {self.head!r}")
 
     @property
     def is_empty(self) -> bool:
@@ -88,7 +92,8 @@ class SkipPlan:
 
     def check(self, num_layers: int, hidden: int | None = None, prompt_tokens: int | None = None) -> None:
         """Raise ValueError if a layer index is outside ``0 .. num_layers - 1``, a per-channel compensation does not
-        have ``hidden`` channels, or an integer tail is not shorter than a prompt of ``prompt_tokens``."""
+        have ``hidden`` channels, or the protected head and (integer) tail leave no token of a prompt of
+        ``prompt_tokens`` to skip in."""
         for name in SKIP_FIELDS:
             bad = [layer for layer in getattr(self, name) if not 0 <= layer < num_layers]
             if bad:
@@ -97,9 +102,10 @@ class SkipPlan:
             if hidden is not None and wrong:
                 raise ValueError(f"SkipPlan.{name}: compensations of layers {wrong} do not have the model's "
                                  f"{hidden} channels")
-        if prompt_tokens is not None and isinstance(self.tail, int) and self.tail >= prompt_tokens and self.tail:
-            raise ValueError(f"SkipPlan.tail: a protected tail of {self.tail} tokens leaves nothing of the "
-                             f"{prompt_tokens}-token prompt to skip in; use a tail shorter than the prompt")
+        tail = self.tail if isinstance(self.tail, int) else 0
+        if prompt_tokens is not None and (tail or self.head) and tail + self.head >= prompt_tokens:
+            raise ValueError(f"SkipPlan: a protected head of {self.head} and tail of {tail} tokens leave nothing "
+                             f"of the {prompt_tokens}-token prompt to skip in; protect fewer tokens")
 
     def skips(self, phase: str) -> tuple[dict[int, Compensation], dict[int, Compensation], set[int]]:
         """The (attention, FFN) sublayers skipped in ``phase`` ('prefill' or 'decode'), and the skipped attention
@@ -108,8 +114,8 @@ class SkipPlan:
             return {**self.attn, **self.prefill_attn}, dict(self.ffn), set(self.prefill_attn)
         return dict(self.attn), {**self.ffn, **self.decode_ffn}, set()
 
-    def tail_plan(self) -> "SkipPlan":
-        """The plan of the protected tail: every sublayer runs, except attention that has no cache."""
+    def protected_plan(self) -> "SkipPlan":
+        """The plan of the protected head and tail: every sublayer runs, except attention that has no cache."""
         return SkipPlan(attn=self.attn)
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,14 +123,14 @@ class SkipPlan:
             return {"scale": c.scale.tolist(), "bias": c.bias.tolist()} if isinstance(c, Affine) else c
 
         out: dict[str, Any] = {name: {str(k): value(v) for k, v in getattr(self, name).items()} for name in SKIP_FIELDS}
-        return {**out, "tail": self.tail}
+        return {**out, "tail": self.tail, "head": self.head}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SkipPlan":
-        unknown = set(data) - {*SKIP_FIELDS, "tail"}
+        unknown = set(data) - {*SKIP_FIELDS, "tail", "head"}
         if unknown:
             raise ValueError(f"SkipPlan: unknown fields {sorted(unknown)}")
-        return cls(**{k: v if k == "tail" else dict(v) for k, v in data.items()})
+        return cls(**{k: v if k in ("tail", "head") else dict(v) for k, v in data.items()})
 
 
 class PlanSchedule(Protocol):
@@ -224,7 +230,7 @@ def skip_forward(
 
     Returns the logits of the last ``logits_to_keep`` positions (0 = all) and, with ``probe``, a Probe for every
     executed sublayer (with moments in prefill). ``cache`` is updated in place for the attention sublayers that
-    run or keep their keys and values. ``plan.tail`` is the caller's business (see ``engine.prefill``).
+    run or keep their keys and values. ``plan.head`` and ``plan.tail`` are the caller's (``engine.prefill``).
     """
     base = model.model
     skip_attn, skip_ffn, keep_kv = plan.skips(phase)

@@ -19,6 +19,7 @@ class SkipStats:
     skipped_attention: list[int]  # in prefill, including those that kept their KV cache
     attention_kv_kept: list[int]  # skipped in prefill with their keys and values still cached; run in decode
     protected_tail: int  # prompt tokens at the end that ran every sublayer with a cache
+    protected_head: int  # likewise at the start (the attention sink)
     skipped_ffn_prefill: list[int]
     skipped_attention_decode: list[int]
     skipped_ffn_decode: list[int]

@@ -12,10 +12,11 @@ Configurations, each at budgets 4, 8, 12, 16 and 24 sublayers (cumulative: each 
   +affine     per-channel a*x + b
   +kv         skipped attention keeps its KV cache (prefill-only skip; decode runs it)
   +tail       the last 64 prompt tokens run every sublayer
+  +sink       so does the first token (the attention sink)
   +error      ranked by the residual error of the compensation instead of IO similarity
-  tail 256    +tail with the last 256 prompt tokens protected
+  tail 256    +sink with the last 256 prompt tokens protected
 
-(AdaSkipPolicy()'s defaults are +tail.)
+(AdaSkipPolicy()'s defaults are +sink.)
 and the baselines Early Exit, SkipDecode and Unified Skipping at 4 and 8 layers (8 and 16 sublayers), the
 guarded budget (default configuration) and the full model. Per mode:
 
@@ -72,9 +73,10 @@ CONFIGS: dict[str, dict] = {  # cumulative
     "+bias": {**PAPER, "compensation": "bias"},
     "+affine": {**PAPER, "compensation": "affine"},
     "+kv": {**PAPER, "compensation": "affine", "keep_kv": True},
-    "+tail": {"compensation": "affine", "keep_kv": True, "tail": 64},
-    "+error": {"compensation": "affine", "keep_kv": True, "tail": 64, "rank_by": "error"},
-    "tail 256": {"compensation": "affine", "keep_kv": True, "tail": 256},
+    "+tail": {"compensation": "affine", "keep_kv": True, "tail": 64, "head": 0},
+    "+sink": {"compensation": "affine", "keep_kv": True, "tail": 64, "head": 1},
+    "+error": {"compensation": "affine", "keep_kv": True, "tail": 64, "head": 1, "rank_by": "error"},
+    "tail 256": {"compensation": "affine", "keep_kv": True, "tail": 256, "head": 1},
 }
 BUDGETS = (4, 8, 12, 16, 24)
 

@@ -170,3 +170,21 @@ def test_bad_keys_never_touch_stored_profiles(server):
         with pytest.raises(ValueError, match="collection key"):
             a.add(delta(1, bad))
     assert store(server, "reader").get("m", "docs").queries == 1
+
+
+def test_compensation_moments_of_a_full_size_model_round_trip_and_merge_exactly(server):
+    """Two replicas' moments at the default model's size (30 layers, d = 576: 1.1 MB a record) add up exactly."""
+    import torch
+
+    from adaskip_rag.history import Profile
+
+    def with_moments(seed: int) -> Profile:
+        p = Profile("m", "docs", 30, queries=1)
+        p.moments = torch.rand(2, 30, 4 * 576 + 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return p
+
+    a, b = store(server, "a", cache_seconds=0), store(server, "b", cache_seconds=0)
+    a.add(with_moments(1))
+    b.add(with_moments(2))
+    got = store(server, "reader").get("m", "docs")
+    assert got.queries == 2 and torch.equal(got.moments, with_moments(1).moments + with_moments(2).moments)

@@ -255,7 +255,7 @@ class FixedFidelity:
 
     def serve(self, fidelity: float | None) -> str:
         decision = self.learner.decide("docs", 100)
-        stats = SkipStats(100, 5, [], [], 0, [], [], [], 1.0, 0.1, 0, 1.0, 1.0, "stop")
+        stats = SkipStats(100, 5, [], [], 0, 0, [], [], [], 1.0, 0.1, 0, 1.0, 1.0, "stop")
         self.learner.record(decision, stats, probes=_all_probes(), fidelity=fidelity, skip_prefill_seconds=0.8)
         return decision.mode
 

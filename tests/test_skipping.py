@@ -169,6 +169,6 @@ def test_plan_range_check_and_json_round_trip():
         SkipPlan(attn={6: 1.0}).check(6)
     with pytest.raises(ValueError, match="out of range"):
         SkipPlan(decode_ffn={-1: 1.0}).check(6)
-    plan = SkipPlan(attn={4: 0.5, 1: 1.0}, ffn={2: 1.5}, decode_ffn={3: 0.25})
+    plan = SkipPlan(attn={4: 0.5, 1: 1.0}, ffn={2: 1.5}, decode_ffn={3: 0.25}, prefill_attn={2: 0.75}, tail=9, head=1)
     assert SkipPlan.from_dict(plan.to_dict()) == plan
     assert list(plan.attn) == [1, 4]
