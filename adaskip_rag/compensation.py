@@ -31,11 +31,21 @@ def moments_width(hidden: int) -> int:
 
 
 def moments(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The moments (float64, :func:`moments_width` long) of input ``x`` and output ``y``, both (tokens, d)."""
+    """The moments (float64, :func:`moments_width` long) of input ``x`` and output ``y``, both (tokens, d).
+
+    Sums of squares and products are taken around the means in the input's precision and shifted back in
+    float64, so channels with a large mean and a small spread keep their variance."""
+    n, d = x.shape
+    if n == 0:
+        return torch.zeros(moments_width(d), dtype=torch.float64)
     x, y = x.float(), y.float()
-    per_channel = torch.stack([x.sum(0), y.sum(0), x.square().sum(0), (x * y).sum(0)]).flatten()
-    totals = torch.stack([y.square().sum(), torch.tensor(float(x.shape[0]))])
-    return torch.cat([per_channel, totals]).double()
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    cxx, cxy = (xc * xc).sum(0).double(), (xc * yc).sum(0).double()
+    cyy = torch.linalg.vector_norm(yc).double().square()
+    mx, my = mx.double(), my.double()
+    per_channel = torch.stack([n * mx, n * my, cxx + n * mx * mx, cxy + n * mx * my]).flatten()
+    return torch.cat([per_channel, torch.stack([cyy + n * my.square().sum(), torch.tensor(float(n)).double()])])
 
 
 def _split(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float]:

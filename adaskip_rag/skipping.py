@@ -164,8 +164,8 @@ class Probe:
     ``similarity``: cosine(input, output) per token, mean over tokens. ``scale``: ||output|| / ||input|| over
     the whole tensor (the paper's estimate). ``scale_no_sink``: the same without token 0, whose huge
     activations (the attention sink) dominate the whole-tensor norm; equal to ``scale`` for one token.
-    ``moments``: in prefill, the sums that compensations are fitted from (``compensation.moments``; token 0 of
-    the sequence left out).
+    ``moments``: in a prefill that runs the full model, the sums that compensations are fitted from
+    (``compensation.moments``; token 0 of the sequence left out), so fits come from the full model's activations.
     """
 
     similarity: float
@@ -229,7 +229,7 @@ def skip_forward(
     """Run ``input_ids`` (batch, q), whose first token sits at ``position``, through the model under ``plan``.
 
     Returns the logits of the last ``logits_to_keep`` positions (0 = all) and, with ``probe``, a Probe for every
-    executed sublayer (with moments in prefill). ``cache`` is updated in place for the attention sublayers that
+    executed sublayer (with moments in a full prefill). ``cache`` is updated in place for the attention sublayers that
     run or keep their keys and values. ``plan.head`` and ``plan.tail`` are the caller's (``engine.prefill``).
     """
     base = model.model
@@ -243,10 +243,11 @@ def skip_forward(
     measured: list[tuple[Sublayer, torch.Tensor]] = []
     fitted: list[torch.Tensor] = []
     first = 1 if position == 0 else 0  # token 0 of the sequence (the attention sink) is left out of moments
+    fit_moments = phase == "prefill" and plan.is_empty
 
     def record(sub: Sublayer, x: torch.Tensor, y: torch.Tensor) -> None:
         measured.append((sub, _measure(x, y)))
-        if phase == "prefill":
+        if fit_moments:
             d = x.shape[-1]
             fitted.append(moments(x[:, first:].reshape(-1, d), y[:, first:].reshape(-1, d)))
 

@@ -80,7 +80,7 @@ def test_merged_moments_give_the_fit_of_one_pass():
     torch.testing.assert_close(merged.bias, one.bias)
 
 
-def test_prefill_probes_carry_the_moments_of_each_sublayer_without_the_sink_token():
+def test_full_prefill_probes_carry_the_moments_of_each_sublayer_without_the_sink_token():
     model = tiny_model("llama")
     ids = torch.randint(3, 49152, (1, 20), generator=torch.Generator().manual_seed(1))
     h1: dict[int, torch.Tensor] = {}
@@ -97,6 +97,8 @@ def test_prefill_probes_carry_the_moments_of_each_sublayer_without_the_sink_toke
             torch.testing.assert_close(probes[Sublayer(kind, i)].moments, expected, rtol=1e-5, atol=1e-3)
     _, decode = skip_forward(model, ids[:, -1:], 20, new_cache(model), SkipPlan(), "decode", probe=True)
     assert all(p.moments is None for p in decode.values())
+    _, skipping = skip_forward(model, ids, 0, new_cache(model), SkipPlan(ffn={2: 1.0}), "prefill", probe=True)
+    assert all(p.moments is None for p in skipping.values())  # fits come from the full model only
 
 
 # ----------------------------------------------------------------- profiles and policies

@@ -4,9 +4,11 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import tiny_model
 
 from adaskip_rag import AdaSkipEngine, CostModel, SkipPlan, Sublayer
+from adaskip_rag.compensation import fit
 from adaskip_rag.history import Profile, SQLiteProfileStore
 from adaskip_rag.learning import Learner
 from adaskip_rag.policies import (
@@ -314,3 +316,20 @@ def test_policies_per_collection(tokenizer, tmp_path):
     assert fast.skipped_attention == sorted(expected.prefill_attn) and fast.skipped_ffn_prefill == sorted(expected.ffn)
     with pytest.raises(ValueError, match="between 0 and 12"):
         AdaSkipEngine(tiny_model("llama"), tokenizer, policy=AdaSkipPolicy(budget=13)).learner
+
+
+def test_learned_plans_use_affine_compensations_fitted_from_the_full_requests(tokenizer, tmp_path):
+    engine = learning_engine(tokenizer, tmp_path, budget=3, warmup=2, window=0, refresh_every=0)
+    for q in QUESTIONS[:3]:
+        engine.generate(q, collection="docs", max_new_tokens=2)
+    profile = engine.learner.store.get(engine.fingerprint, "docs")
+    full_tokens = sum(len(engine.encode(q)) - 1 for q in QUESTIONS[:2])  # the warm-up requests, token 0 left out
+    assert profile.moments is not None and profile.moments[0, :, -1].tolist() == [full_tokens] * 6
+    plan = engine.learner.decide("docs", 20).plan
+    assert len(plan.prefill_attn) + len(plan.ffn) == 3 and not plan.attn
+    for kind, skips in (("attn", plan.prefill_attn), ("ffn", plan.ffn)):
+        for layer, compensation in skips.items():
+            sub = Sublayer(kind, layer)
+            expected = fit(profile.sublayer_moments(sub), "affine", profile.mean("scale_no_sink")[sub])
+            torch.testing.assert_close(compensation.scale, expected.scale)
+            torch.testing.assert_close(compensation.bias, expected.bias)
