@@ -340,9 +340,7 @@ class AdaSkipEngine:
             ids = ids[-max(1, self.context_window - max_new_tokens) :]
         messages = None if isinstance(prompt, str) else tuple(m for m in prompt if isinstance(m, Mapping)) or None
         if isinstance(plan, StaticSchedule):
-            plan.plan.check(self.num_layers, self.config.hidden_size, len(ids))
-            if plan.plan.tail == "last_user_turn" and messages is None:
-                raise ValueError("SkipPlan.tail='last_user_turn' needs a prompt of chat messages")
+            self.tail_tokens(plan.plan, len(ids), messages)  # a head and tail that fit the prompt
 
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -402,14 +400,15 @@ class AdaSkipEngine:
             return skip_forward(self.model, input_ids.to(self.device), position, cache, plan, phase, **kw)
 
     def tail_tokens(self, plan: SkipPlan, n: int, messages: Sequence[Mapping[str, Any]] | None = None) -> int:
-        """How many of the ``n`` prompt tokens ``plan`` protects (its ``tail``; for "last_user_turn", from
-        ``messages``)."""
-        if plan.tail != "last_user_turn":
-            plan.check(self.num_layers, self.config.hidden_size, n)
-            return int(plan.tail)
-        if messages is None:
-            raise ValueError("SkipPlan.tail='last_user_turn' needs a prompt of chat messages")
-        return min(self.user_turn_tokens(messages), n)
+        """How many of the ``n`` prompt tokens ``plan``'s tail protects (for "last_user_turn", from the chat
+        ``messages``); ValueError if its head and tail leave nothing of the prompt to skip in."""
+        tail = plan.tail
+        if tail == "last_user_turn":
+            if messages is None:
+                raise ValueError("SkipPlan.tail='last_user_turn' needs a prompt of chat messages")
+            tail = self.user_turn_tokens(messages)
+        dataclasses.replace(plan, tail=tail).check(self.num_layers, self.config.hidden_size, n)
+        return tail
 
     def prefill(self, ids: torch.Tensor, cache, plan: SkipPlan, tail: int = 0, probe: bool = False,
                 logits_to_keep: int = 1):
