@@ -54,10 +54,16 @@ def test_quality_guard_lowers_the_budget_on_the_real_model(default_engine, tmp_p
 
 def test_new_collection_starts_from_the_shipped_profile(default_engine, tmp_path):
     from adaskip_rag import AdaSkipEngine
+    from adaskip_rag.compensation import Affine
+    from adaskip_rag.corpora import rag_messages, squad_questions
     from adaskip_rag.history import SQLiteProfileStore
 
     engine = AdaSkipEngine(default_engine.model, default_engine.tokenizer, default_engine.name,
                            store=SQLiteProfileStore(tmp_path / "p.sqlite"))
-    stats = engine.generate(QUESTION, collection="fresh", max_new_tokens=8).stats
+    (doc, question), = squad_questions(1, paragraphs=1)
+    stats = engine.generate(rag_messages(doc, question), collection="fresh", max_new_tokens=8).stats
     assert stats.profile_source == "default" and stats.mode == "skip" and not stats.warming_up
     assert stats.skipped_sublayers == engine.policy.budget
+    assert (stats.protected_head, stats.protected_tail) == (1, 64) and stats.attention_kv_kept
+    plan = engine.learner.decide("fresh", stats.prompt_tokens).plan  # fitted from the shipped profile's moments
+    assert all(isinstance(c, Affine) for c in [*plan.prefill_attn.values(), *plan.ffn.values()])
