@@ -78,6 +78,7 @@ CONFIGS: dict[str, dict] = {  # cumulative
     "+error": {"compensation": "affine", "keep_kv": True, "tail": 64, "head": 1, "rank_by": "error"},
     "tail 256": {"compensation": "affine", "keep_kv": True, "tail": 256, "head": 1},
 }
+DEFAULT_CONFIGS = ("paper", "+bias", "+affine", "+kv", "+tail", "+sink", "+error")
 BUDGETS = (4, 8, 12, 16, 24)
 
 
@@ -99,11 +100,11 @@ def f1(prediction: str, answers: list[str]) -> float:
     return max(one(a) for a in answers)
 
 
-def guarded_budget(engine: AdaSkipEngine, calibration: list[Item], tmp: str) -> tuple[int, str]:
-    """The budget the quality guard settles on (default configuration). It starts at 24 and moves in steps of 2 while it serves the
+def guarded_budget(engine: AdaSkipEngine, calibration: list[Item], tmp: str, start: int) -> tuple[int, str]:
+    """The budget the quality guard settles on (default configuration). It starts at ``start`` and moves in steps of 2 while it serves the
     calibration questions (at most three passes), each a refresh that scores the plan in force. It has settled
     when its budget first rises again: the budget it scored then met the target."""
-    policy = AdaSkipPolicy(budget=24, warmup=0, refresh_every=1, quality_target=GUARD_TARGET, guard_step=2)
+    policy = AdaSkipPolicy(budget=start, warmup=0, refresh_every=1, quality_target=GUARD_TARGET, guard_step=2)
     guard = AdaSkipEngine(engine.model, engine.tokenizer, engine.name, policy=policy,
                           store=SQLiteProfileStore(Path(tmp) / f"guard-{len(calibration)}-{id(calibration)}.sqlite"))
     trail = [policy.budget]
@@ -123,7 +124,10 @@ def _trail(budgets: list[int]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(DEFAULT_SETTINGS))
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(DEFAULT_CONFIGS))
+    parser.add_argument("--baseline-layers", nargs="+", type=int, default=[4, 8],
+                        help="layer counts of the baselines (Early Exit, SkipDecode, Unified Skipping)")
+    parser.add_argument("--guard-budget", type=int, default=24, help="the budget the quality guard starts from")
     parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
     parser.add_argument("--calibration", type=int, default=8, help="questions per setting the profile is learned from")
     parser.add_argument("--questions", type=int, default=8, help="evaluation questions per setting")
@@ -154,7 +158,7 @@ def main() -> None:
                 r = engine.generate(rag_messages(item.document, item.question), max_new_tokens=1, probe=True)
                 profile = profile.merge(Profile.from_probes(engine.fingerprint, setting, L, r.prefill_probes,
                                                             r.stats.prompt_tokens))
-            guard_budget, guard_reason = guarded_budget(engine, calibration, tmp)
+            guard_budget, guard_reason = guarded_budget(engine, calibration, tmp, args.guard_budget)
 
             def adaskip(budget: int, **policy) -> Callable[[int], PlanSchedule]:
                 p = AdaSkipPolicy(budget=budget, **policy)
@@ -165,7 +169,7 @@ def main() -> None:
                 for budget in args.budgets:
                     modes[f"{config} {budget}"] = adaskip(budget, **CONFIGS[config])
             modes[f"guarded (budget {guard_budget})"] = adaskip(guard_budget)
-            for k in (4, 8):
+            for k in args.baseline_layers:
                 modes[f"Early Exit {k}L"] = lambda n, k=k: early_exit(L, k)
                 modes[f"SkipDecode {k}L"] = lambda n, k=k: SkipDecode(L, k, args.max_new_tokens)
                 modes[f"Unified {k}L"] = lambda n, k=k: unified_skipping(L, k)
