@@ -14,11 +14,11 @@ Configurations, each at budgets 4, 8, 12, 16 and 24 sublayers (cumulative: each 
   +tail       the last 64 prompt tokens run every sublayer
   +sink       so does the first token (the attention sink)
   +error      ranked by the residual error of the compensation instead of IO similarity
-  tail 256    +sink with the last 256 prompt tokens protected
+  tail 256    +sink with the last 256 prompt tokens protected (only with --configs)
 
 (AdaSkipPolicy()'s defaults are +sink.)
-and the baselines Early Exit, SkipDecode and Unified Skipping at 4 and 8 layers (8 and 16 sublayers), the
-guarded budget (default configuration) and the full model. Per mode:
+and the baselines Early Exit, SkipDecode and Unified Skipping at 4 and 8 layers (8 and 16 sublayers;
+--baseline-layers), the guarded budget (default configuration) and the full model. Per mode:
 
   F1          token F1 of its greedy answer against the gold answers (SQuAD normalisation)
   agreement   teacher-forced along the full model's answer: share of tokens whose top-1 is the full model's
@@ -33,7 +33,8 @@ guarded budget (default configuration) and the full model. Per mode:
 Prints a table per setting and a frontier summary (agreement / KL / prefill speedup per configuration and
 budget), and writes a plot: agreement and KL vs measured prefill speedup, one line per configuration.
 
-    python benchmarks/bench_quality.py [--quick] [--threads 2] [--plot quality_vs_speed.png]
+    python benchmarks/bench_quality.py [--quick] [--threads 2] [--plot quality_vs_speed.png] [--questions 8]
+        [--max-new-tokens 24] [--configs ...] [--budgets ...] [--baseline-layers 4 8] [--guard-budget 24]
 """
 
 from __future__ import annotations
