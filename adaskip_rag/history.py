@@ -159,7 +159,7 @@ class Profile:
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None or b is None:
-        return b if a is None else a
+        return None if a is None and b is None else (b if a is None else a).clone()  # a merge owns its result
     if a.shape != b.shape:
         raise ValueError(f"cannot merge compensation moments of shapes {tuple(a.shape)} and {tuple(b.shape)}")
     return a + b
