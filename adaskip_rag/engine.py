@@ -412,20 +412,16 @@ class AdaSkipEngine:
 
     def prefill(self, ids: torch.Tensor, cache, plan: SkipPlan, tail: int = 0, probe: bool = False,
                 logits_to_keep: int = 1):
-        """Prefill the prompt ``ids`` (1, n) under ``plan`` in up to three chunks: the protected head (``plan.head``
-        tokens) with every sublayer that has a cache, the body with the plan's skips (probed if ``probe``), the
-        protected tail of ``tail`` tokens like the head. The logits of the last ``logits_to_keep`` tokens (at
-        most the tail's when there is one; 0 = all of them) and the body's probes."""
-        n, head = ids.shape[1], plan.head
-        if plan.is_empty or not (head or tail):
+        """Prefill the prompt ``ids`` (1, n) under ``plan``: all but the last ``tail`` tokens with its skips (the
+        protected head inside, see :func:`~adaskip_rag.skipping.skip_forward`; probed if ``probe``), then the
+        protected tail with every sublayer that has a cache. The logits of the last ``logits_to_keep`` tokens (at
+        most the tail's when there is one; 0 = all of them) and the probes of the first chunk."""
+        n = ids.shape[1]
+        if plan.is_empty or not tail:
             return self.forward(ids, 0, cache, plan, "prefill", probe=probe, logits_to_keep=logits_to_keep)
-        if head:
-            self.forward(ids[:, :head], 0, cache, plan.protected_plan(), "prefill")
-        logits, probes = self.forward(ids[:, head : n - tail], head, cache, plan, "prefill", probe=probe,
-                                      logits_to_keep=logits_to_keep)
-        if tail:
-            logits, _ = self.forward(ids[:, n - tail :], n - tail, cache, plan.protected_plan(), "prefill",
-                                     logits_to_keep=logits_to_keep)
+        _, probes = self.forward(ids[:, : n - tail], 0, cache, plan, "prefill", probe=probe)
+        logits, _ = self.forward(ids[:, n - tail :], n - tail, cache, plan.protected_plan(), "prefill",
+                                 logits_to_keep=logits_to_keep)
         return logits, probes
 
     def _plan(self, answer: tuple[SkipPlan, bool]) -> tuple[SkipPlan, bool]:

@@ -215,6 +215,15 @@ def _cache_keys_values(layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Ten
     cache.update(keys, values, index)
 
 
+def _head_attention(layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The attention output of the first ``hidden.shape[1]`` tokens of a prefill: they see only each other."""
+    m = hidden.shape[1]
+    mask = torch.full((m, m), float("-inf"), dtype=hidden.dtype, device=hidden.device).triu(1)[None, None]
+    out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
+                             position_embeddings=tuple(r[:, :m] for r in rotary))
+    return out
+
+
 @torch.inference_mode()
 def skip_forward(
     model: PreTrainedModel,
@@ -230,7 +239,9 @@ def skip_forward(
 
     Returns the logits of the last ``logits_to_keep`` positions (0 = all) and, with ``probe``, a Probe for every
     executed sublayer (with moments in a full prefill). ``cache`` is updated in place for the attention sublayers that
-    run or keep their keys and values. ``plan.head`` and ``plan.tail`` are the caller's (``engine.prefill``).
+    run or keep their keys and values. In a prefill from position 0 the first ``plan.head`` tokens run every
+    sublayer that has a cache (they attend only to each other, so this costs little and keeps the prompt in one
+    chunk); ``plan.tail`` is the caller's (``engine.prefill``).
     """
     base = model.model
     skip_attn, skip_ffn, keep_kv = plan.skips(phase)
@@ -244,6 +255,7 @@ def skip_forward(
     fitted: list[torch.Tensor] = []
     first = 1 if position == 0 else 0  # token 0 of the sequence (the attention sink) is left out of moments
     fit_moments = phase == "prefill" and plan.is_empty
+    head = min(plan.head, input_ids.shape[1]) if phase == "prefill" and position == 0 else 0
 
     def record(sub: Sublayer, x: torch.Tensor, y: torch.Tensor) -> None:
         measured.append((sub, _measure(x, y)))
@@ -254,9 +266,12 @@ def skip_forward(
     for i, layer in enumerate(base.layers):
         # Attention sublayer: skip and compensate (caching K and V if the plan keeps them), or run (and probe).
         if i in skip_attn:
+            out = apply(hidden, skip_attn[i])
             if i in keep_kv:
                 _cache_keys_values(layer, hidden, rotary, cache, i)
-            hidden = apply(hidden, skip_attn[i])
+                if head:
+                    out[:, :head] = hidden[:, :head] + _head_attention(layer, hidden[:, :head], rotary)
+            hidden = out
         else:
             key = (types[i], cache.get_seq_length(i))
             if key not in masks:
@@ -276,7 +291,10 @@ def skip_forward(
 
         # FFN sublayer: the same steps.
         if i in skip_ffn:
-            hidden = apply(hidden, skip_ffn[i])
+            out = apply(hidden, skip_ffn[i])
+            if head:
+                out[:, :head] = hidden[:, :head] + layer.mlp(layer.post_attention_layernorm(hidden[:, :head]))
+            hidden = out
         else:
             out = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             if probe:

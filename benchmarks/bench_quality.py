@@ -68,7 +68,7 @@ SETTINGS = {  # name: (dataset, context tokens)
 DEFAULT_SETTINGS = ("hotpotqa 4k", "squad 4k", "hotpotqa 2k", "squad 2k")
 QUICK_SETTINGS = ("hotpotqa 2k",)
 GUARD_TARGET = 0.95
-PAPER = dict(compensation="scalar", keep_kv=False, tail=0)
+PAPER = dict(compensation="scalar", keep_kv=False, tail=0, head=0)
 CONFIGS: dict[str, dict] = {  # cumulative
     "paper": PAPER,
     "+bias": {**PAPER, "compensation": "bias"},

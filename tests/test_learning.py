@@ -30,7 +30,7 @@ QUESTIONS = [
 ]
 
 
-PAPER = dict(compensation="scalar", keep_kv=False, tail=0)  # the paper's plan: scales, no KV cache, no tail
+PAPER = dict(compensation="scalar", keep_kv=False, tail=0, head=0)  # the paper's plan: scales, no KV cache, no tail
 
 
 def known_profile() -> Profile:
