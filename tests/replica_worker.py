@@ -24,12 +24,13 @@ CACHE_SECONDS = 0.2
 def replica_engine(port: int, name: str) -> AdaSkipEngine:
     store = ChromaProfileStore("127.0.0.1", port, replica=name, cache_seconds=CACHE_SECONDS, retry_seconds=0)
     return AdaSkipEngine(tiny_model("llama"), AutoTokenizer.from_pretrained(default_model_path()), "tiny",
-                         store=store, policy=AdaSkipPolicy(budget=2, warmup=20, refresh_every=0))
+                         store=store, policy=AdaSkipPolicy(budget=2, warmup=20, refresh_every=0, tail=0))
 
 
 def skip_set(engine: AdaSkipEngine, collection: str) -> list[str]:
     plan = engine.learner.decide(collection, 24).plan
-    return [f"attn.{i}" for i in sorted(plan.attn)] + [f"ffn.{i}" for i in sorted(plan.ffn)]
+    attention = {**plan.attn, **plan.prefill_attn}
+    return [f"attn.{i}" for i in sorted(attention)] + [f"ffn.{i}" for i in sorted(plan.ffn)]
 
 
 if __name__ == "__main__":
