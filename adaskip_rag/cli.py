@@ -28,13 +28,14 @@ def ask(engine: AdaSkipEngine, document: str, question: str, budget: int, max_ne
     the default policy's compensation, kept KV cache and protected tail."""
     messages = rag_messages(document, question)
     engine.generate("Hello", max_new_tokens=2)  # warm-up, so the timings below compare like with like
-    full = engine.generate(messages, max_new_tokens=max_new_tokens, probe=True)
+    probed = engine.generate(messages, max_new_tokens=1, probe=True)  # the measurements the plan comes from
+    full = engine.generate(messages, max_new_tokens=max_new_tokens)  # timed without probes, like the skipping run
     n = full.stats.prompt_tokens
-    profile = Profile.from_probes(engine.fingerprint, "demo", engine.num_layers, full.prefill_probes or {}, n)
+    profile = Profile.from_probes(engine.fingerprint, "demo", engine.num_layers, probed.prefill_probes or {}, n)
     plan = AdaSkipPolicy(budget=budget).prefill_plan(profile, n, engine.costs, budget)
     skip = engine.generate(messages, plan, max_new_tokens=max_new_tokens)
     print(f"Question: {question}")
-    print(f"\nFull model ({full.stats.prompt_tokens} prompt tokens, prefill {full.stats.prefill_seconds:.2f}s with probes):")
+    print(f"\nFull model ({full.stats.prompt_tokens} prompt tokens, prefill {full.stats.prefill_seconds:.2f}s):")
     print(f"  {full.text.strip()}")
     print(f"\nAdaSkip, {budget} most redundant of {2 * engine.num_layers} sublayers skipped:")
     print(f"  {skip.text.strip()}")
