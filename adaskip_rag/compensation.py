@@ -15,7 +15,6 @@ their compensation reproduces them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -117,8 +116,11 @@ def residual_error(m: torch.Tensor, compensation: Compensation) -> float:
 
 
 def check_moments(m: torch.Tensor) -> bool:
-    """Whether ``m`` can be moments: finite, at least one channel, non-negative squares and token count."""
-    if m.dim() != 1 or m.numel() < moments_width(1) or (m.numel() - 2) % 4:
+    """Whether every row of ``m`` (..., width) can be moments: at least one channel, finite, non-negative squares,
+    sums of ||y||^2 and token counts."""
+    width = m.shape[-1] if m.dim() else 0
+    if width < moments_width(1) or (width - 2) % 4:
         return False
-    _, _, sxx, _, yy, n = _split(m)
-    return bool(torch.isfinite(m).all()) and bool((sxx >= 0).all()) and yy >= 0 and n >= 0 and math.isfinite(n)
+    d = (width - 2) // 4
+    squares = m[..., 2 * d : 3 * d]
+    return bool(torch.isfinite(m).all() and (squares >= 0).all() and (m[..., -2:] >= 0).all())

@@ -69,7 +69,8 @@ class CostModel:
         full = self.flops(n, 0, 0, phase)
         left = self.flops(n, skipped_attn, skipped_ffn, phase, kept_kv)
         if phase == "prefill" and (tail or head):
-            tail, head = min(tail, n), min(head, n - min(tail, n))
+            tail = min(tail, n)
+            head = min(head, n - tail)
             # a tail token sees about n keys, twice a prefill token's average
             tail_flops = self.flops(n, protected_skipped_attn, 0, "decode") - self.head("decode")
             head_flops = self.flops(n, protected_skipped_attn, 0, "prefill")

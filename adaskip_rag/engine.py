@@ -407,7 +407,7 @@ class AdaSkipEngine:
             if messages is None:
                 raise ValueError("SkipPlan.tail='last_user_turn' needs a prompt of chat messages")
             tail = self.user_turn_tokens(messages)
-        dataclasses.replace(plan, tail=tail).check(self.num_layers, self.config.hidden_size, n)
+        plan.check_protected(n, tail)
         return tail
 
     def prefill(self, ids: torch.Tensor, cache, plan: SkipPlan, tail: int = 0, probe: bool = False,

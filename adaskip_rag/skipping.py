@@ -90,20 +90,24 @@ class SkipPlan:
     def is_empty(self) -> bool:
         return not any(getattr(self, name) for name in SKIP_FIELDS)
 
-    def check(self, num_layers: int, hidden: int | None = None, prompt_tokens: int | None = None) -> None:
-        """Raise ValueError if a layer index is outside ``0 .. num_layers - 1``, a per-channel compensation does not
-        have ``hidden`` channels, or the protected head and (integer) tail leave no token of a prompt of
-        ``prompt_tokens`` to skip in."""
+    def check(self, num_layers: int, hidden: int | None = None) -> None:
+        """Raise ValueError if a layer index is outside ``0 .. num_layers - 1`` or a per-channel compensation does
+        not have ``hidden`` channels."""
         for name in SKIP_FIELDS:
             bad = [layer for layer in getattr(self, name) if not 0 <= layer < num_layers]
             if bad:
                 raise ValueError(f"SkipPlan.{name}: layer indices {bad} out of range for a {num_layers}-layer model")
+            if hidden is None:
+                continue
             wrong = [layer for layer, c in getattr(self, name).items() if isinstance(c, Affine) and c.hidden != hidden]
-            if hidden is not None and wrong:
+            if wrong:
                 raise ValueError(f"SkipPlan.{name}: compensations of layers {wrong} do not have the model's "
                                  f"{hidden} channels")
-        tail = self.tail if isinstance(self.tail, int) else 0
-        if prompt_tokens is not None and (tail or self.head) and tail + self.head >= prompt_tokens:
+
+    def check_protected(self, prompt_tokens: int, tail: int) -> None:
+        """Raise ValueError if the protected head and a tail of ``tail`` tokens (``self.tail`` resolved) leave no
+        token of a prompt of ``prompt_tokens`` to skip in."""
+        if (tail or self.head) and tail + self.head >= prompt_tokens:
             raise ValueError(f"SkipPlan: a protected head of {self.head} and tail of {tail} tokens leave nothing "
                              f"of the {prompt_tokens}-token prompt to skip in; protect fewer tokens")
 
