@@ -282,11 +282,11 @@ def skip_forward(
                 make_mask = create_sliding_window_causal_mask if types[i] == "sliding_attention" else create_causal_mask
                 masks[key] = make_mask(
                     config=model.config, inputs_embeds=hidden, attention_mask=None,
-                    past_key_values=cache, position_ids=position_ids, layer_idx=i,
+                    cache=cache, position_ids=position_ids, layer_idx=i,
                 )
             attn_out, _ = layer.self_attn(
                 hidden_states=layer.input_layernorm(hidden), attention_mask=masks[key], position_ids=position_ids,
-                past_key_values=cache, use_cache=True, position_embeddings=rotary,
+                cache=cache, use_cache=True, position_embeddings=rotary,
             )
             out = hidden + attn_out
             if probe:
