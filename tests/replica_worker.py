@@ -15,6 +15,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from adaskip_rag import AdaSkipEngine  # noqa: E402
 from adaskip_rag.chroma_store import ChromaProfileStore  # noqa: E402
+from adaskip_rag.learning import _skip_set  # noqa: E402
 from adaskip_rag.loading import default_model_path  # noqa: E402
 from adaskip_rag.policies import AdaSkipPolicy  # noqa: E402
 
@@ -28,9 +29,8 @@ def replica_engine(port: int, name: str) -> AdaSkipEngine:
 
 
 def skip_set(engine: AdaSkipEngine, collection: str) -> list[str]:
-    plan = engine.learner.decide(collection, 24).plan
-    attention = {**plan.attn, **plan.prefill_attn}
-    return [f"attn.{i}" for i in sorted(attention)] + [f"ffn.{i}" for i in sorted(plan.ffn)]
+    """The skip set the learner would use now, as the profile state names it."""
+    return _skip_set(engine.learner.decide(collection, 24).plan)
 
 
 if __name__ == "__main__":
