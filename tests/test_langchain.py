@@ -30,6 +30,16 @@ class StandardTestSettings:
     def chat_model_params(self) -> dict:
         return {"model": "default"}
 
+    @property
+    def standard_chat_model_params(self) -> dict:
+        # timeout, max_retries and api_key are settings of hosted APIs: a local model has none, and unknown
+        # constructor arguments raise
+        return {"temperature": 0, "max_tokens": 100, "stop": []}
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
 
 class TestChatAdaSkipUnit(StandardTestSettings, ChatModelUnitTests):
     pass

@@ -53,7 +53,7 @@ MESSAGES = [ChatMessage(role=MessageRole.SYSTEM, content="Be brief."),
 def test_metadata_and_bad_arguments(tiny):
     llm = AdaSkipLLM(engine=tiny, max_tokens=12)
     meta = llm.metadata
-    assert (meta.context_window, meta.num_output, meta.is_chat_model, meta.model_name) == (512, 12, True, "default")
+    assert (meta.context_window, meta.num_output, meta.is_chat_model, meta.model_name) == (512, 12, True, "tiny")
     with pytest.raises(ValueError, match="unsupported arguments: \\['frobnicate'\\]"):
         llm.complete("hello", frobnicate=1)
     with pytest.raises(ValueError, match="max_tokens"):

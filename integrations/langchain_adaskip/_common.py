@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
@@ -13,10 +14,10 @@ from langchain_core.callbacks import (
     CallbackManagerForLLMRun,
 )
 from langchain_core.language_models.base import LangSmithParams
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from adaskip_rag import AdaSkipEngine, SkipStats
-from adaskip_rag.engine import call_arguments
+from adaskip_rag.engine import call_arguments, check_model, model_label
 from langchain_adaskip._retrieval import TRACKER
 
 STATS_EVENT = "adaskip_stats"
@@ -26,26 +27,61 @@ DEFAULT_COLLECTION = "default"
 
 class AdaSkipParams(BaseModel):
     """Settings and LangChain hooks both classes share; every setting can be overridden per call as a keyword
-    argument. Listed first among a class's bases, so its hooks override the framework's defaults."""
+    argument. Listed first among a class's bases, so its hooks override the framework's defaults. Every value is
+    checked at construction; unknown keywords raise."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid",
+                              populate_by_name=True)
 
-    model: str = "default"
-    """``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder."""
+    model: str = Field(default="default", validation_alias=AliasChoices("model", "model_name"))
+    """``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder (alias ``model_name``)."""
     device: str | None = None
-    collection: str | None = None
+    collection: str | None = Field(default=None, min_length=1)
     """Profile key, unless a call passes ``collection=`` or config metadata ``adaskip_collection``; else the
     Chroma collection the enclosing chain retrieved from (``langchain-chroma``), else ``"default"``."""
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    max_tokens: int = Field(default=256, gt=0, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
+    """Most new tokens per answer (alias ``max_new_tokens``)."""
+    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     seed: int | None = None
     stop: list[str] | None = None
+    truncation: Literal["error", "left"] = "error"
+    """``"left"``: keep the last tokens of a prompt longer than the context window instead of raising."""
     engine: AdaSkipEngine | None = Field(default=None, exclude=True)
     """An engine to use instead of the shared one of ``model``."""
     ls_model_type: ClassVar[str]
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, model: str) -> str:
+        check_model(model)
+        return model
+
+    @field_validator("device")
+    @classmethod
+    def _device_parses(cls, device: str | None) -> str | None:
+        if device is not None:
+            import torch
+
+            try:
+                torch.device(device)
+            except RuntimeError as exc:
+                raise ValueError(f"not a torch device: {exc}") from None
+        return device
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_nonempty(cls, stop: list[str] | None) -> list[str] | None:
+        if stop is not None and not all(stop):
+            raise ValueError("stop strings must be non-empty")
+        return stop
+
+    @property
+    def model_name(self) -> str:
+        """The model's name (``SmolLM2-135M-Instruct`` for ``"default"``), as response metadata reports it."""
+        return self.engine.name if self.engine is not None else model_label(self.model)
 
     def get_engine(self, model: str | None = None) -> AdaSkipEngine:
         """The instance's engine, or the shared engine of ``model`` when a call overrides the model."""
@@ -76,7 +112,7 @@ class AdaSkipParams(BaseModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return LangSmithParams(
             ls_provider="adaskip",
-            ls_model_name=kwargs.get("model", self.model),
+            ls_model_name=model_label(kwargs["model"]) if "model" in kwargs else self.model_name,
             ls_model_type=self.ls_model_type,
             ls_temperature=kwargs.get("temperature", self.temperature),
             ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),

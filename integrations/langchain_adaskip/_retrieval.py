@@ -2,14 +2,23 @@
 collection is profiled under that collection's name.
 
 LangChain's retriever events name no vector store, so a callback handler, added to every run by a configure
-hook, finds the retriever object on the calling stack when its run starts, tags the run and its ancestors
-with the Chroma collection it reads, and the model looks up the nearest tagged ancestor of its own run.
+hook, finds the retriever object of each retriever run it is told of (the suspended frames of the callback
+manager's ``on_retriever_start`` that created that run id, on a thread's stack or in an asyncio task), tags the
+run's ancestors with the Chroma collection it reads, and the model looks up the nearest tagged ancestor of its
+own run.
+
+The handler is an ordinary (not inline) handler that only listens to chain and retriever events, so other
+models' callbacks behave exactly as without this package: an inline handler would make langchain-core's
+``AsyncCallbackManager.on_llm_start`` skip every non-inline handler of text-completion models.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
+from collections.abc import Iterator
 from contextvars import ContextVar
+from types import FrameType
 from typing import Any
 from uuid import UUID
 
@@ -18,8 +27,6 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.tracers.context import register_configure_hook
 
 from adaskip_rag.runs import RunTree
-
-_STACK_DEPTH = 12  # frames between a retriever's ``invoke`` and this handler
 
 
 def chroma_collection(retriever: BaseRetriever) -> str | None:
@@ -32,22 +39,46 @@ def chroma_collection(retriever: BaseRetriever) -> str | None:
     return store._collection.name if isinstance(store, Chroma) else None
 
 
-def _calling_retriever() -> BaseRetriever | None:
-    frame = sys._getframe(2)
-    for _ in range(_STACK_DEPTH):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, BaseRetriever):
-            return owner
-        frame = frame.f_back
+def _stacks() -> Iterator[list[FrameType]]:
+    """Every live call chain, outermost frame first: each thread's stack and each asyncio task's awaited
+    coroutines (a suspended ``ainvoke`` is on no thread's stack)."""
+    for frame in sys._current_frames().values():
+        chain: list[FrameType] = []
+        while frame is not None:
+            chain.append(frame)
+            frame = frame.f_back
+        yield chain[::-1]
+    try:
+        tasks = asyncio.all_tasks()
+    except RuntimeError:  # no event loop in this thread
+        return
+    for task in tasks:
+        chain, coro = [], task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                chain.append(frame)
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        yield chain
+
+
+def retriever_of(run_id: UUID) -> BaseRetriever | None:
+    """The retriever whose run ``run_id`` is starting: the nearest caller of the ``on_retriever_start`` frame
+    that holds this run id."""
+    for chain in _stacks():
+        for i, frame in enumerate(chain):
+            if frame.f_code.co_name == "on_retriever_start" and frame.f_locals.get("run_id") == run_id:
+                for caller in reversed(chain[:i]):
+                    owner = caller.f_locals.get("self")
+                    if isinstance(owner, BaseRetriever):
+                        return owner
     return None
 
 
 class RetrievalTracker(BaseCallbackHandler):
     """Follows the open chain runs and which of them retrieved from a Chroma collection."""
 
-    run_inline = True  # called on the retriever's own stack, so the retriever can be found
+    ignore_llm = ignore_chat_model = ignore_agent = ignore_custom_event = True
 
     def __init__(self) -> None:
         self.runs = RunTree()
@@ -59,9 +90,11 @@ class RetrievalTracker(BaseCallbackHandler):
                        **kwargs: Any) -> None:
         self.runs.open(run_id, parent_run_id)
 
-    def on_retriever_start(self, serialized: Any, query: str, *, run_id: UUID, parent_run_id: UUID | None = None,
-                           **kwargs: Any) -> None:
-        retriever = _calling_retriever()
+    async def on_retriever_start(self, serialized: Any, query: str, *, run_id: UUID,
+                                 parent_run_id: UUID | None = None, **kwargs: Any) -> None:
+        # a coroutine, so that under an AsyncCallbackManager it runs on the event loop, where the retriever's
+        # task can be seen, rather than in an executor thread
+        retriever = retriever_of(run_id)
         name = chroma_collection(retriever) if retriever is not None else None
         if name is not None:
             self.runs.retrieved(parent_run_id, name)

@@ -35,19 +35,20 @@ class AdaSkipLLM(AdaSkipParams, BaseLLM):
     callback handlers receive them as the custom event ``adaskip_stats``.
     """
 
+    model_config = AdaSkipParams.model_config  # over the framework's (which ignores unknown keywords)
     ls_model_type: ClassVar[str] = "llm"
 
     @property
     def _llm_type(self) -> str:
         return "adaskip"
 
-    @staticmethod
-    def _result(results: list[GenerationResult]) -> LLMResult:
+    def _result(self, results: list[GenerationResult]) -> LLMResult:
+        model_name = self.model_name
         total = {"prompt_tokens": sum(r.stats.prompt_tokens for r in results),
                  "completion_tokens": sum(r.stats.generated_tokens for r in results)}
         return LLMResult(
             generations=[[Generation(text=r.text, generation_info=_info(r.stats))] for r in results],
-            llm_output={"token_usage": total, "model_name": "adaskip"},
+            llm_output={"token_usage": total, "model_name": model_name},
         )
 
     def _generate(
@@ -78,6 +79,8 @@ class AdaSkipLLM(AdaSkipParams, BaseLLM):
         stream = engine.stream(prompt, **request)
         for delta in stream:
             chunk = GenerationChunk(text=delta)
+            if run_manager is not None:
+                run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
         emit_stats(run_manager, stream.result.stats)
         yield GenerationChunk(text="", generation_info=_info(stream.result.stats))
@@ -90,6 +93,8 @@ class AdaSkipLLM(AdaSkipParams, BaseLLM):
         stream = engine.astream(prompt, **request)
         async for delta in stream:
             chunk = GenerationChunk(text=delta)
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
         await aemit_stats(run_manager, stream.result.stats)
         yield GenerationChunk(text="", generation_info=_info(stream.result.stats))

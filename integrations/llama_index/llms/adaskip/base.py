@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -15,22 +15,30 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
+    TextBlock,
+    ToolCallBlock,
 )
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.instrumentation.span import active_span_id
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
-from pydantic import Field, PrivateAttr
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.program.function_program import FunctionCallingProgram, get_function_tool
+from llama_index.core.prompts import PromptTemplate
+from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, field_validator
 
-from adaskip_rag import AdaSkipEngine, SkipStats
-from adaskip_rag.engine import call_arguments
+from adaskip_rag import AdaSkipEngine, GenerationResult, SkipStats
+from adaskip_rag.engine import call_arguments, check_model, model_label
 from llama_index.llms.adaskip.retrieval import TRACKER
+
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
 
 DEFAULT_COLLECTION = "default"
 dispatcher = get_dispatcher(__name__)
 
-Prompt = str | list[dict[str, str]]
+Prompt = str | list[dict[str, Any]]
 
 
 class AdaSkipStatsEvent(BaseEvent):
@@ -48,11 +56,22 @@ def _usage(stats: SkipStats) -> dict[str, int]:
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens, "total_tokens": total}
 
 
-def _chat(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    return [{"role": m.role.value, "content": m.content or ""} for m in messages]
+def _chat(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """LlamaIndex messages as chat-template dicts, with an assistant's tool calls (``ToolCallBlock``s)."""
+    chat = []
+    for m in messages:
+        entry: dict[str, Any] = {"role": m.role.value, "content": m.content or ""}
+        calls = [b for b in m.blocks if isinstance(b, ToolCallBlock)]
+        if calls:
+            entry["tool_calls"] = [{"type": "function", "id": b.tool_call_id,
+                                    "function": {"name": b.tool_name, "arguments": b.tool_kwargs}} for b in calls]
+        if "tool_call_id" in m.additional_kwargs:
+            entry["tool_call_id"] = m.additional_kwargs["tool_call_id"]
+        chat.append(entry)
+    return chat
 
 
-class AdaSkipLLM(CustomLLM):
+class AdaSkipLLM(FunctionCallingLLM):
     """LLM that skips the sublayers its collection does not need (AdaSkip), on a local model.
 
     Example:
@@ -70,21 +89,40 @@ class AdaSkipLLM(CustomLLM):
     and every call sends an :class:`AdaSkipStatsEvent` to the dispatcher's event handlers.
     """
 
-    model: str = Field(default="default", description='"default" (SmolLM2-135M-Instruct, bundled) or a local model folder.')
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    model: str = Field(default="default", validation_alias=AliasChoices("model", "model_name"),
+                       description='"default" (SmolLM2-135M-Instruct, bundled) or a local model folder.')
     device: str | None = Field(default=None, description="torch device; default: the engine's choice.")
     collection: str | None = Field(
-        default=None,
+        default=None, min_length=1,
         description="Profile key, unless a call passes collection=; else the Chroma collection the enclosing "
         'query retrieved from; else "default".',
     )
-    max_tokens: int = Field(default=256, gt=0, description="Most new tokens per answer.")
-    temperature: float = Field(default=0.0, ge=0.0, description="0 is greedy.")
+    max_tokens: int = Field(default=256, gt=0, validation_alias=AliasChoices("max_tokens", "max_new_tokens"),
+                            description="Most new tokens per answer.")
+    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, description="0 is greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     seed: int | None = None
     stop: list[str] | None = Field(default=None, description="Stop strings, not part of the answer.")
+    truncation: Literal["error", "left"] = Field(
+        default="error", description='"left": keep the last tokens of a prompt longer than the context window.')
     _engine: AdaSkipEngine | None = PrivateAttr(default=None)
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, model: str) -> str:
+        check_model(model)
+        return model
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_nonempty(cls, stop: list[str] | None) -> list[str] | None:
+        if stop is not None and not all(stop):
+            raise ValueError("stop strings must be non-empty")
+        return stop
 
     def __init__(self, engine: AdaSkipEngine | None = None, **kwargs: Any) -> None:
         """``engine``: an engine to use instead of the shared one of ``model``."""
@@ -101,12 +139,63 @@ class AdaSkipLLM(CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        return LLMMetadata(context_window=self.engine.context_window, num_output=self.max_tokens,
-                           is_chat_model=True, model_name=self.model, system_role=MessageRole.SYSTEM)
+        engine = self.engine
+        return LLMMetadata(context_window=engine.context_window, num_output=self.max_tokens, is_chat_model=True,
+                           is_function_calling_model=engine.supports_tools, model_name=engine.name,
+                           system_role=MessageRole.SYSTEM)
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """``chat`` arguments offering ``tools``: a call is generated under its tool's JSON schema; with
+        ``tool_required`` the answer is a tool call ("any"), ``tool_choice`` may name the tool."""
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str)
+                            else user_msg)
+        return {
+            "messages": messages,
+            "tools": [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools] or None,
+            "tool_choice": tool_choice or ("any" if tool_required else None),
+            "parallel_tool_calls": allow_parallel_tool_calls,
+            **kwargs,
+        }
+
+    def _structured_program(self, output_cls: type, prompt: PromptTemplate) -> FunctionCallingProgram:
+        """Structured prediction as a forced call of the output class's tool, streamed or not (the framework's
+        streaming program would leave the call to the model's choice)."""
+        if self.pydantic_program_mode != "default":
+            raise ValueError("AdaSkipLLM's structured prediction decodes under the schema; leave pydantic_program_mode")
+        name = get_function_tool(output_cls).metadata.name
+        return FunctionCallingProgram.from_defaults(output_cls=output_cls, prompt=prompt, llm=self, tool_choice=name)
+
+    def _structured_stream_call(self, output_cls: type, prompt: PromptTemplate,
+                                llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any) -> Any:
+        return self._structured_program(output_cls, prompt).stream_call(llm_kwargs=llm_kwargs, **prompt_args)
+
+    async def _structured_astream_call(self, output_cls: type, prompt: PromptTemplate,
+                                       llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any) -> Any:
+        return await self._structured_program(output_cls, prompt).astream_call(llm_kwargs=llm_kwargs, **prompt_args)
+
+    def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
+                                     **kwargs: Any) -> list[ToolSelection]:
+        calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+        if not calls and error_on_no_tool_call:
+            raise ValueError(f"expected a tool call, the model answered: {response.message.content!r}")
+        return [ToolSelection(tool_id=b.tool_call_id or "", tool_name=b.tool_name, tool_kwargs=b.tool_kwargs)
+                for b in calls]
 
     def _request(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Engine arguments of one call: per-call kwargs over the instance's settings."""
-        kwargs = dict(kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if not (k in ("tools", "tool_choice") and v is None)}
         collection = kwargs.pop("collection", None) or self.collection or TRACKER.collection_of(active_span_id.get())
         return {"collection": collection or DEFAULT_COLLECTION, **call_arguments(self, kwargs)}
 
@@ -115,15 +204,20 @@ class AdaSkipLLM(CustomLLM):
         return prompt if formatted else [{"role": "user", "content": prompt}]
 
     @staticmethod
-    def _finish(stats: SkipStats, span_id: str | None) -> dict[str, Any]:
-        """Send the stats event; the response fields that carry the stats."""
-        data = stats.to_dict()
+    def _final(text: str, result: GenerationResult, span_id: str | None, streamed: bool = False
+               ) -> CompletionResponse:
+        """The response that ends a call (the whole answer when not streaming); sends the stats event. Its ``raw``
+        holds the token usage and the tool calls (``{"id", "name", "arguments"}``), ``additional_kwargs`` the
+        stats."""
+        data = result.stats.to_dict()
         dispatcher.event(AdaSkipStatsEvent(stats=data, span_id=span_id))
-        return {"raw": {"usage": _usage(stats)}, "additional_kwargs": {"adaskip": data}}
+        raw = {"usage": _usage(result.stats), "tool_calls": result.tool_calls}
+        return CompletionResponse(text=text, delta="" if streamed else None, raw=raw,
+                                  additional_kwargs={"adaskip": data})
 
     def _complete(self, prompt: Prompt, kwargs: dict[str, Any]) -> CompletionResponse:
         result = self.engine.generate(prompt, **self._request(kwargs))
-        return CompletionResponse(text=result.text, **self._finish(result.stats, active_span_id.get()))
+        return self._final(result.text, result, active_span_id.get())
 
     def _stream(self, prompt: Prompt, kwargs: dict[str, Any]) -> Iterator[CompletionResponse]:
         request, span_id = self._request(kwargs), active_span_id.get()  # now, not when the stream is read
@@ -133,13 +227,13 @@ class AdaSkipLLM(CustomLLM):
             for delta in stream:
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
-            yield CompletionResponse(text=text, delta="", **self._finish(stream.result.stats, span_id))
+            yield self._final(text, stream.result, span_id, streamed=True)
 
         return gen()
 
     async def _acomplete(self, prompt: Prompt, kwargs: dict[str, Any]) -> CompletionResponse:
         result = await self.engine.agenerate(prompt, **self._request(kwargs))
-        return CompletionResponse(text=result.text, **self._finish(result.stats, active_span_id.get()))
+        return self._final(result.text, result, active_span_id.get())
 
     def _astream(self, prompt: Prompt, kwargs: dict[str, Any]) -> AsyncIterator[CompletionResponse]:
         request, span_id = self._request(kwargs), active_span_id.get()
@@ -149,14 +243,21 @@ class AdaSkipLLM(CustomLLM):
             async for delta in stream:
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
-            yield CompletionResponse(text=text, delta="", **self._finish(stream.result.stats, span_id))
+            yield self._final(text, stream.result, span_id, streamed=True)
 
         return gen()
 
     @staticmethod
     def _as_chat(response: CompletionResponse) -> ChatResponse:
-        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=response.text),
-                            delta=response.delta, raw=response.raw, additional_kwargs=response.additional_kwargs)
+        calls = (response.raw or {}).get("tool_calls") or []
+        blocks = [TextBlock(text=response.text),
+                  *(ToolCallBlock(tool_call_id=c["id"], tool_name=c["name"], tool_kwargs=c["arguments"]) for c in calls)]
+        # the calls are also listed in the message's additional_kwargs, where the framework's streaming
+        # structured prediction looks for them
+        message = ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks,
+                              additional_kwargs={"tool_calls": calls} if calls else {})
+        return ChatResponse(message=message, delta=response.delta, raw=response.raw,
+                            additional_kwargs=response.additional_kwargs)
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:

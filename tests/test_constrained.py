@@ -1,0 +1,180 @@
+"""Constrained decoding in the engine: JSON schemas, tool calls, the default model's tool template (tiny models)."""
+
+import json
+
+import jsonschema
+import pytest
+import torch
+from conftest import tiny_model
+
+from adaskip_rag import AdaSkipEngine, SkipPlan
+from adaskip_rag.chat_templates import SMOLLM2_TOOLS
+from adaskip_rag.constrained import parse_tool_calls
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["color", "count", "ok"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 3}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
+                                  "additionalProperties": False}}}
+CHAT = [{"role": "user", "content": "Retrieved context: the fox jumps. Question: what jumps? Answer in JSON."}]
+PLANS = [SkipPlan(), SkipPlan(attn={1: 1.0}, ffn={2: 0.9}), SkipPlan(prefill_attn={0: 1.0, 3: 1.0}, tail=4)]
+
+
+@pytest.fixture(scope="module")
+def tool_engine(tokenizer):
+    """A tiny model behind the default model's tool-calling template."""
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = SMOLLM2_TOOLS
+    return AdaSkipEngine(tiny_model("qwen2"), tok, name="tiny-tools")
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=["full", "skips", "kv-kept-tail"])
+def test_json_schema_answers_validate_with_and_without_skips(tiny_engine, plan):
+    result = tiny_engine.generate(CHAT, plan, json_schema=SCHEMA, max_new_tokens=64)
+    assert result.stats.finish_reason == "stop"
+    jsonschema.validate(json.loads(result.text), SCHEMA)
+    unconstrained = tiny_engine.generate(CHAT, plan, max_new_tokens=16)
+    with pytest.raises(ValueError):  # the random model alone writes no JSON: the grammar did the work
+        json.loads(unconstrained.text)
+
+
+def test_json_schema_from_text_and_pydantic_and_streaming(tiny_engine):
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):
+        ok: bool
+        count: int = Field(ge=0, le=99)  # bounded: a random model would write digits to the token limit
+
+    result = tiny_engine.generate(CHAT, json_schema=Answer, max_new_tokens=64)
+    Answer.model_validate_json(result.text)
+    stream = tiny_engine.stream(CHAT, json_schema=json.dumps(SCHEMA), max_new_tokens=64, temperature=1.0, seed=3)
+    text = "".join(stream)
+    assert text == stream.result.text
+    jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_constrained_greedy_step_is_the_best_allowed_token(tiny_engine):
+    """The first answer token is the model's argmax among the tokens that begin one of the enum's JSON texts,
+    computed here from the model's logits and the vocabulary."""
+    choices = ['"alpha"', '"beta"', '"gamma"']
+    result = tiny_engine.generate(CHAT, json_schema={"enum": ["alpha", "beta", "gamma"]}, max_new_tokens=16)
+    assert result.text in choices
+    ids = tiny_engine.encode(CHAT)
+    with torch.no_grad():
+        logits = tiny_engine.model(torch.tensor([ids])).logits[0, -1]
+    tok = tiny_engine.tokenizer
+    allowed = [t for t in range(len(logits)) if (s := tok.decode([t])) and any(c.startswith(s) for c in choices)]
+    assert result.token_ids[0] == max(allowed, key=lambda t: logits[t])
+
+
+@pytest.mark.parametrize("plan", PLANS[:2], ids=["full", "skips"])
+def test_tool_calls_follow_their_schema(tool_engine, plan):
+    forced = tool_engine.generate(CHAT, plan, tools=[WEATHER, ADD], tool_choice="any", max_new_tokens=64)
+    assert forced.stats.finish_reason == "stop" and forced.text == "" and not forced.invalid_tool_calls
+    [call] = forced.tool_calls
+    tool = {"get_weather": WEATHER, "add": ADD}[call["name"]]
+    jsonschema.validate(call["arguments"], tool["function"]["parameters"])
+    named = tool_engine.generate(CHAT, plan, tools=[WEATHER, ADD], tool_choice="add", max_new_tokens=64)
+    assert [c["name"] for c in named.tool_calls] == ["add"] and isinstance(named.tool_calls[0]["arguments"]["a"], bool)
+    none = tool_engine.generate(CHAT, plan, tools=[WEATHER, ADD], tool_choice="none", max_new_tokens=24)
+    assert none.tool_calls == [] and "<tool_call>" not in none.text
+
+
+def test_streamed_tool_calls_are_parsed_not_streamed(tool_engine):
+    stream = tool_engine.stream(CHAT, tools=[WEATHER], tool_choice="get_weather", max_new_tokens=64)
+    deltas = list(stream)
+    assert "".join(deltas) == stream.result.text == ""
+    assert [c["name"] for c in stream.result.tool_calls] == ["get_weather"]
+
+
+def test_parallel_tool_calls_are_all_parsed(tool_engine):
+    result = tool_engine.generate(CHAT, tools=[WEATHER, ADD], tool_choice="any", parallel_tool_calls=True,
+                                  max_new_tokens=80)
+    assert result.tool_calls
+    assert not result.invalid_tool_calls or result.stats.finish_reason == "length"  # only a cut call is invalid
+    for call in result.tool_calls:
+        jsonschema.validate(call["arguments"], {"get_weather": WEATHER, "add": ADD}[call["name"]]["function"]["parameters"])
+
+
+def test_a_tool_result_turn_renders_and_answers(tool_engine):
+    call = {"type": "function", "id": "c1", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}}
+    history = [*CHAT, {"role": "assistant", "content": "", "tool_calls": [call]},
+               {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]
+    text = tool_engine.apply_chat_template(history, [WEATHER])
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}\n</tool_call>' in text
+    assert text.endswith("<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert text.count('"name": "get_weather"') == 2  # the schema in the system turn and the call
+    assert tool_engine.generate(history, tools=[WEATHER], max_new_tokens=8).stats.generated_tokens > 0
+
+
+def test_default_template_renders_conversations_without_tools_as_the_bundled_one(tokenizer):
+    bundled = tokenizer.chat_template
+    conversations = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+         {"role": "user", "content": "b"}],
+        [{"role": "user", "content": "x"}, {"role": "system", "content": "late"}, {"role": "user", "content": "y"}],
+    ]
+    for messages in conversations:
+        for prompt in (True, False):
+            ours = tokenizer.apply_chat_template(messages, chat_template=SMOLLM2_TOOLS, tokenize=False,
+                                                 add_generation_prompt=prompt)
+            assert ours == tokenizer.apply_chat_template(messages, chat_template=bundled, tokenize=False,
+                                                         add_generation_prompt=prompt)
+
+
+def test_parse_tool_calls_splits_text_calls_and_invalid_calls():
+    text = ('Let me check.<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "g", "arguments": [1]}\n</tool_call><tool_call>\n{"name": "h", "argu')
+    content, calls, invalid = parse_tool_calls(text)
+    assert content == "Let me check.\n"
+    assert [(c["name"], c["arguments"]) for c in calls] == [("f", {"x": 1})]
+    assert [c["arguments"] for c in invalid] == ['{"name": "g", "arguments": [1]}', '{"name": "h", "argu']
+    assert len({c["id"] for c in calls + invalid}) == 3
+    assert parse_tool_calls("\n<tool_call>{}</tool_call>\n")[0] == ""
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tools": [WEATHER], "json_schema": SCHEMA}, "json_schema or tools"),
+    ({"tool_choice": "any"}, "tool_choice needs tools"),
+    ({"tools": [WEATHER], "tool_choice": "nope"}, "tool_choice must be"),
+    ({"tools": []}, "non-empty list"),
+    ({"tools": [{"type": "function", "function": {}}]}, r"tools\[0\]"),
+    ({"tools": [WEATHER, WEATHER]}, "unique"),
+    ({"json_schema": 5}, "json_schema must be"),
+    ({"json_schema": "{not json"}, "not valid JSON"),
+    ({"json_schema": SCHEMA, "ignore_eos": True}, "ignore_eos"),
+])
+def test_bad_constraints_raise_before_generation(tool_engine, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tool_engine.stream(CHAT, **kwargs)
+
+
+def test_tools_need_a_template_that_supports_them(tiny_engine, tool_engine):
+    with pytest.raises(ValueError, match="tiny-llama's chat template does not support tool calling"):
+        tiny_engine.generate(CHAT, tools=[WEATHER])
+    with pytest.raises(ValueError, match="tools need a prompt of chat messages"):
+        tool_engine.generate("plain text", tools=[WEATHER])
+    assert tool_engine.supports_tools and not tiny_engine.supports_tools
+
+
+def test_empty_prompts_raise_for_text_and_chat(tiny_engine):
+    for prompt in ("", "  ", [{"role": "user", "content": ""}], [{"role": "system", "content": ""},
+                                                                  {"role": "user", "content": " "}]):
+        with pytest.raises(ValueError, match="prompt is empty"):
+            tiny_engine.generate(prompt)
+    with pytest.raises(ValueError, match="messages\\[0\\] needs a string 'role'"):
+        tiny_engine.generate([{"content": "hi"}])
