@@ -5,10 +5,13 @@ from typing import Any
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.tools import tool
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
+from pydantic import BaseModel, Field
 
 from langchain_adaskip import AdaSkipLLM, ChatAdaSkip
 
@@ -193,3 +196,238 @@ def test_rag_chains_over_two_chroma_collections_build_two_profiles_automatically
     assert store.get(full_engine.fingerprint, "default") is None
     # outside a chain that retrieved, the fallback is "default"
     assert llm.invoke(QUESTION).response_metadata["adaskip"]["collection"] == "default"
+
+
+# ----------------------------------------------------------------- callbacks, conventions, validation
+
+class TokenCounter(BaseCallbackHandler):
+    def __init__(self):
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token, **kwargs):
+        self.tokens.append(token)
+
+
+def test_completion_streams_report_every_token_sync_async_and_in_a_chain(tiny_engine):
+    llm = AdaSkipLLM(engine=tiny_engine, max_tokens=12)
+    counter = TokenCounter()
+    deltas = list(llm.stream(QUESTION, config={"callbacks": [counter]}))
+    assert deltas[-1] == ""  # the last chunk carries the stats, no text
+    deltas = deltas[:-1]
+    assert len(deltas) > 3 and counter.tokens == deltas
+
+    async def astream(runnable, value, counter):
+        return [c async for c in runnable.astream(value, config={"callbacks": [counter]})]
+
+    counter = TokenCounter()
+    assert asyncio.run(astream(llm, QUESTION, counter))[:-1] == deltas and counter.tokens == deltas
+    chain = ChatPromptTemplate.from_template("{q}") | llm
+    counter = TokenCounter()
+    streamed = list(chain.stream({"q": QUESTION}, config={"callbacks": [counter]}))[:-1]
+    assert counter.tokens == streamed and "".join(streamed)
+    counter = TokenCounter()
+    assert asyncio.run(astream(chain, {"q": QUESTION}, counter))[:-1] == streamed and counter.tokens == streamed
+
+    async def events():
+        return [e["event"] async for e in chain.astream_events({"q": QUESTION}, version="v2")]
+
+    kinds = asyncio.run(events())
+    assert kinds.count("on_llm_start") == kinds.count("on_llm_end") == 1
+    assert kinds.count("on_llm_stream") == len(streamed)
+
+
+FOREIGN_MODELS = """
+import asyncio, json, sys
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models import FakeListLLM, FakeStreamingListLLM
+from langchain_core.prompts import PromptTemplate
+
+class Recorder(BaseCallbackHandler):
+    def __init__(self):
+        self.events = []
+    def on_llm_start(self, *a, **k): self.events.append("llm_start")
+    def on_llm_new_token(self, token, **k): self.events.append("token")
+    def on_llm_end(self, *a, **k): self.events.append("llm_end")
+    def on_chain_start(self, *a, **k): self.events.append("chain_start")
+    def on_chain_end(self, *a, **k): self.events.append("chain_end")
+
+def record():
+    seen = []
+    handler = Recorder()
+    asyncio.run(FakeListLLM(responses=["a"]).ainvoke("x", config={"callbacks": [handler]}))
+    seen.append(handler.events)
+    chain = PromptTemplate.from_template("{q}") | FakeStreamingListLLM(responses=["abc"])
+    handler = Recorder()
+    async def astream():
+        return [c async for c in chain.astream({"q": "x"}, config={"callbacks": [handler]})]
+    asyncio.run(astream())
+    seen.append(handler.events)
+    handler = Recorder()
+    chain.invoke({"q": "x"}, config={"callbacks": [handler]})
+    seen.append(handler.events)
+    async def events():
+        return [e["event"] async for e in chain.astream_events({"q": "x"}, version="v2")]
+    seen.append(asyncio.run(events()))
+    return seen
+
+before = record()
+import langchain_adaskip  # noqa: E402
+print(json.dumps({"before": before, "after": record()}))
+"""
+
+
+def test_importing_the_package_leaves_other_models_callbacks_alone():
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", FOREIGN_MODELS], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout)
+    assert "llm_start" in seen["before"][0] and "on_llm_start" in seen["before"][3]
+    assert seen["after"] == seen["before"]
+    assert "KeyError" not in run.stderr and "Error in" not in run.stderr
+
+
+@pytest.mark.parametrize("cls", [ChatAdaSkip, AdaSkipLLM])
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_new_tokens": -1}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"foo": 1}, "foo"), ({"model_name": "x"}, "model_name"),
+    ({"model": "/nonexistent"}, "model"), ({"truncation": "right"}, "truncation"), ({"stop": [""]}, "stop"),
+    ({"collection": ""}, "collection"), ({"device": "gpu9"}, "device"),
+])
+def test_bad_constructor_arguments_raise_naming_the_field(cls, kwargs, field):
+    with pytest.raises(ValueError, match=rf"(?s)\b{field}\b.*"):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", [ChatAdaSkip, AdaSkipLLM])
+def test_aliases_and_the_model_name(cls, tiny_engine, tmp_path):
+    assert cls(max_new_tokens=5).max_tokens == 5 and cls(model_name="default").model == "default"
+    assert cls().model_name == "SmolLM2-135M-Instruct" and cls(engine=tiny_engine).model_name == "tiny-llama"
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    llm = cls(model=str(folder))
+    assert llm.model_name == "my-model" and llm._get_ls_params()["ls_model_name"] == "my-model"
+
+
+def test_responses_name_the_model_and_empty_prompts_raise_in_both_classes(tiny_engine):
+    chat, completion = ChatAdaSkip(engine=tiny_engine, max_tokens=4), AdaSkipLLM(engine=tiny_engine, max_tokens=4)
+    assert chat.invoke(QUESTION).response_metadata["model_name"] == "tiny-llama"
+    assert completion.generate([QUESTION]).llm_output["model_name"] == "tiny-llama"
+    for llm in (chat, completion):
+        with pytest.raises(ValueError, match="prompt is empty"):
+            llm.invoke("")
+
+
+def test_truncation_left_through_field_and_call(tiny_engine):
+    long_prompt = "Retrieved context: " + "the fox jumps over the dog. " * 120 + "Question: what jumps?"
+    assert len(tiny_engine.encode(long_prompt)) > tiny_engine.context_window
+    for llm in (ChatAdaSkip(engine=tiny_engine, max_tokens=4), AdaSkipLLM(engine=tiny_engine, max_tokens=4)):
+        with pytest.raises(ValueError, match="truncation='left'"):
+            llm.invoke(long_prompt)
+        llm.invoke(long_prompt, truncation="left")
+        llm.model_copy(update={"truncation": "left"}).invoke(long_prompt)
+    kept = ChatAdaSkip(engine=tiny_engine, max_tokens=4, truncation="left").invoke(long_prompt)
+    assert kept.response_metadata["adaskip"]["prompt_tokens"] == tiny_engine.context_window - 4
+
+
+# ----------------------------------------------------------------- structured output and tools (default model)
+
+class Person(BaseModel):
+    """A person mentioned in the text."""
+
+    name: str = Field(description="the person's full name")
+    age: int = Field(ge=0, le=150, description="age in years")
+    city: str = Field(description="the city where the person lives")
+
+
+PEOPLE = [("Marie Curie", 66, "Paris"), ("Alan Turing", 41, "Manchester"), ("Ada Lovelace", 36, "London"),
+          ("Nikola Tesla", 86, "New York"), ("Frida Kahlo", 47, "Mexico City")]
+TEMPLATES = [
+    "{name} is {age} years old and lives in {city}. Extract the person.",
+    "Extract the person from this note: '{city} resident {name}, aged {age}.'",
+    "Record: name={name}; age={age}; home={city}. Return the person as JSON.",
+    "Our customer {name} ({age}) moved to {city} last year. Who is the customer?",
+]
+EXTRACTIONS = [t.format(name=n, age=a, city=c) for t in TEMPLATES for n, a, c in PEOPLE]  # 20 prompts
+
+
+@pytest.fixture(scope="module")
+def skipping_engine(tmp_path_factory):
+    """The default model learning from the first query with a tail that fits short prompts: every answer skips."""
+    from adaskip_rag import AdaSkipEngine
+    from adaskip_rag.history import SQLiteProfileStore
+    from adaskip_rag.policies import AdaSkipPolicy
+
+    base = AdaSkipEngine.shared("default")
+    store = SQLiteProfileStore(tmp_path_factory.mktemp("skip") / "p.sqlite")
+    return AdaSkipEngine(base.model, base.tokenizer, base.name, store=store,
+                         policy=AdaSkipPolicy(warmup=0, refresh_every=0, budget=6, tail=8))
+
+
+@pytest.mark.slow
+def test_structured_output_always_parses_with_and_without_skipping_streamed_and_not(full_engine, skipping_engine):
+    for engine in (full_engine, skipping_engine):
+        structured = ChatAdaSkip(engine=engine, max_tokens=48).with_structured_output(Person, include_raw=True)
+        for i, prompt in enumerate(EXTRACTIONS):
+            if i % 2 == 0:
+                out = structured.invoke(prompt)
+                raw, person = out["raw"], out["parsed"]
+                assert out["parsing_error"] is None
+            else:
+                chunks = list(structured.stream(prompt))
+                raw, person = chunks[-1]["raw"], chunks[-1]["parsed"]
+            assert isinstance(person, Person), (prompt, raw)
+            stats = raw.response_metadata["adaskip"]
+            skipped = stats["skipped_attention"] + stats["skipped_ffn_prefill"]
+            assert bool(skipped) == (engine is skipping_engine)
+
+
+@pytest.mark.slow
+def test_structured_output_methods_and_schema_kinds(full_engine):
+    from typing_extensions import TypedDict
+
+    class PersonDict(TypedDict):
+        name: str
+        age: int
+
+    llm = ChatAdaSkip(engine=full_engine, max_tokens=48)
+    prompt = EXTRACTIONS[0]
+    assert llm.with_structured_output(Person).invoke(prompt) == Person(name="Marie Curie", age=66, city="Paris")
+    assert llm.with_structured_output(PersonDict).invoke(prompt) == {"name": "Marie Curie", "age": 66}
+    schema = Person.model_json_schema()
+    assert llm.with_structured_output(schema).invoke(prompt)["name"] == "Marie Curie"
+    assert isinstance(llm.with_structured_output(Person, method="function_calling").invoke(prompt), Person)
+    assert isinstance(llm.with_structured_output(schema, method="json_mode").invoke(prompt + " Answer in JSON."), dict)
+    with pytest.raises(ValueError, match="method must be"):
+        llm.with_structured_output(Person, method="xml")
+
+
+@tool
+def get_weather(city: str) -> str:
+    """The current weather of a city."""
+    return f"sunny and 21 C in {city}"
+
+
+@pytest.mark.slow
+def test_tool_calls_parse_and_a_second_turn_with_the_result_answers(full_engine):
+    llm = ChatAdaSkip(engine=full_engine, max_tokens=48)
+    question = HumanMessage("What is the weather in Paris?")
+    for choice in ("any", "get_weather", {"type": "function", "function": {"name": "get_weather"}}):
+        call = llm.bind_tools([get_weather], tool_choice=choice).invoke([question])
+        assert [c["name"] for c in call.tool_calls] == ["get_weather"] and call.tool_calls[0]["args"]["city"]
+    chunks = list(llm.bind_tools([get_weather], tool_choice="any").stream([question]))
+    streamed = chunks[0]
+    for c in chunks[1:]:
+        streamed += c
+    assert [c["name"] for c in streamed.tool_calls] == ["get_weather"]
+    result = get_weather.invoke(call.tool_calls[0])
+    answer = llm.bind_tools([get_weather]).invoke([question, call, result])
+    assert isinstance(answer, AIMessage) and answer.content.strip() and not answer.invalid_tool_calls
+    prompt = answer.response_metadata["adaskip"]["prompt_tokens"]
+    assert prompt > llm.bind_tools([get_weather]).invoke([question]).response_metadata["adaskip"]["prompt_tokens"]
+    with pytest.raises(ValueError, match="tool_choice must be"):
+        llm.bind_tools([get_weather], tool_choice="other_tool")
