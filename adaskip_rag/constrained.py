@@ -8,6 +8,7 @@ parses (an answer cut by ``max_new_tokens`` is reported with ``finish_reason="le
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -114,7 +115,7 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]], list[dict[st
     for match in _CALL.finditer(text):
         raw, call_id = match.group(1).strip(), f"call_{uuid.uuid4().hex[:24]}"
         try:
-            call = json.loads(raw)
+            call = json.JSONDecoder().raw_decode(raw)[0]  # a cut closing tag may follow
             if not isinstance(call, dict) or not isinstance(call.get("name"), str):
                 raise ValueError("not an object with a name")
             arguments = call.get("arguments", {})
@@ -132,28 +133,106 @@ class Grammars:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_token_ids: Sequence[int]):
         self.vocab_size = vocab_size
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
-        self.compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                       stop_token_ids=list(stop_token_ids))
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
 
-    def constraint(self, grammar: xgr.Grammar) -> "Constraint":
-        return Constraint(xgr.GrammarMatcher(self.compiler.compile_grammar(grammar)), self.vocab_size)
+    @functools.cached_property
+    def closers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token, its rank as a way to end an answer: inside a JSON string (first) and elsewhere (second);
+        0 for none. Stop tokens rank highest; inside a string, tokens that close it (``"`` then only ``}],``);
+        elsewhere, tokens of only ``}`` and ``]`` (closing objects and arrays), then of only ``,`` (to the
+        next required key). Whitespace is ignored."""
+        in_string, outside = torch.zeros(self.vocab_size), torch.zeros(self.vocab_size)
+        for i, piece in enumerate(self.info.decoded_vocab[: self.vocab_size]):
+            rest = piece.strip()
+            if rest.startswith(b'"') and not rest[1:].strip(b'}],'):
+                in_string[i] = 1
+            if rest and not rest.strip(b"}]"):
+                outside[i] = 2
+            elif rest and not rest.strip(b","):
+                outside[i] = 1
+        stops = list(self.info.stop_token_ids)
+        in_string[stops] = outside[stops] = 3
+        return in_string, outside
+
+    @functools.cached_property
+    def token_lengths(self) -> torch.Tensor:
+        return torch.tensor([len(p) for p in self.info.decoded_vocab[: self.vocab_size]], dtype=torch.float32)
+
+    def closing(self, allowed: torch.Tensor) -> torch.Tensor:
+        """Of the ``allowed`` tokens (bool, vocab), those that end the answer most directly (all of them if none
+        does). Where most of the vocabulary is allowed, the answer is inside a string."""
+        ranks = self.closers[0] if allowed.sum() > self.vocab_size // 2 else self.closers[1]
+        ranks = torch.where(allowed, ranks, -1.0)
+        best = ranks.max()
+        return ranks == best if best > 0 else allowed
+
+    def constraint(self, grammar: xgr.Grammar, budget: int, closes: bool) -> "Constraint":
+        """A request's constraint for an answer of at most ``budget`` tokens; with ``closes``, it ends the answer
+        early (closing its open strings and objects) when the budget would otherwise cut it."""
+        return Constraint(xgr.GrammarMatcher(self.compiler.compile_grammar(grammar)), self, budget, closes)
 
 
 class Constraint:
-    """One request's grammar state."""
+    """One request's grammar state.
 
-    def __init__(self, matcher: xgr.GrammarMatcher, vocab_size: int):
-        self.matcher = matcher
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    A JSON answer the token budget would cut does not parse, and a small model can loop inside a string until
+    the budget runs out. So, with ``closes``, each step near the end of the budget finds a short way to finish (a
+    dry run on a fork of the matcher, taking the tokens that close most directly). When the budget left nears its
+    length, the model only chooses among the allowed tokens that close most directly; when it is all the budget
+    left, the answer follows the dry run, which finishes in time.
+    """
+
+    LOOKAHEAD = 64  # estimate the way to finish only this near the end of the budget
+
+    def __init__(self, matcher: xgr.GrammarMatcher, grammars: Grammars, budget: int, closes: bool):
+        self.matcher, self.grammars, self.budget, self.closes = matcher, grammars, budget, closes
+        self.bitmask = xgr.allocate_token_bitmask(1, grammars.vocab_size)
+        self.steps = 0
+        self.need, self.checked = 0, -self.LOOKAHEAD  # the last way to finish found, and at which step
+        self.closed_early = False  # the end came sooner than the model would have made it
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` (1, vocab) with the tokens the grammar forbids next set to -inf (a copy)."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
         logits = logits.float().cpu().clone()
         xgr.apply_token_bitmask_inplace(logits, self.bitmask)
-        return logits
+        left = self.budget - self.steps
+        if not self.closes or left > self.LOOKAHEAD:
+            return logits
+        if left > 2 * self.need + 8 and self.steps < self.checked + 4:  # far from it: check every 4th step
+            return logits
+        self.checked = self.steps
+        self.need, first = self._way_to_finish()
+        if left <= self.need + 1:  # only the dry run's way fits: take it
+            keep = torch.zeros_like(logits, dtype=torch.bool)
+            keep[0, first] = True
+        elif left <= self.need + self.need // 2 + 4:  # nearly: the model chooses among the tokens that end soonest
+            keep = self.grammars.closing(logits[0] > -torch.inf).unsqueeze(0)
+        else:
+            return logits
+        self.closed_early |= not bool(keep[0, logits[0].argmax()])  # the model's own choice was cut away
+        return logits.masked_fill(~keep, -torch.inf)
 
     def accept(self, token: int) -> None:
         if not self.matcher.accept_token(token):
             raise RuntimeError(f"token {token} violates the grammar")  # only if the mask was not applied
+        self.steps += 1
 
+    def _way_to_finish(self) -> tuple[int, int]:
+        """How many tokens a dry run from the current state takes to finish, and its first token: at each step the
+        longest of the allowed tokens that end the answer most directly."""
+        dry, bitmask = self.matcher.fork(), xgr.allocate_token_bitmask(1, self.grammars.vocab_size)
+        first = -1
+        for n in range(self.LOOKAHEAD):
+            if dry.is_terminated():
+                return n, first
+            dry.fill_next_token_bitmask(bitmask)
+            allowed = torch.zeros(1, self.grammars.vocab_size)
+            xgr.apply_token_bitmask_inplace(allowed, bitmask)
+            best = self.grammars.closing(allowed[0] == 0)
+            token = int(torch.where(best, self.grammars.token_lengths, -1.0).argmax())
+            first = token if n == 0 else first
+            dry.accept_token(token)
+        return self.LOOKAHEAD, first

@@ -80,6 +80,7 @@ class _Request:
     messages: tuple[Mapping[str, Any], ...] | None = None  # the chat prompt, for a tail of "last_user_turn"
     grammar: Any = None  # xgrammar.Grammar the answer must follow
     tools: bool = False  # the answer may hold tool calls
+    closes: bool = False  # the grammar is JSON all through: close it early rather than let max_new_tokens cut it
 
 
 class TextStream(Iterator[str]):
@@ -447,6 +448,7 @@ class AdaSkipEngine:
             top_p=float(top_p), top_k=top_k, repetition_penalty=float(repetition_penalty), seed=seed, stop=stops,
             stop_token_ids=frozenset(eos_ids | set(stop_token_ids or ())), teacher_forced_ids=forced,
             messages=messages, grammar=grammar, tools=tools is not None,
+            closes=json_schema is not None or tool_choice not in (None, "auto", "none"),
         )
 
     def user_turn_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
@@ -544,7 +546,10 @@ class AdaSkipEngine:
         ids = torch.zeros(1, n + max_new, dtype=torch.long, device=self.device)  # prompt, then generated tokens
         ids[0, :n] = torch.tensor(req.input_ids)
         cache = new_cache(self.model)
-        choose = self._sampler(req, self.grammars.constraint(req.grammar) if req.grammar is not None else None)
+        constraint = None
+        if req.grammar is not None:
+            constraint = self.grammars.constraint(req.grammar, max_new, closes=req.closes)
+        choose = self._sampler(req, constraint)
         record = _PlanRecord(self.costs, n)
         hidden = (TOOL_CALL_OPEN,) if req.tools else ()  # tool calls are returned parsed, not streamed
 
@@ -591,6 +596,8 @@ class AdaSkipEngine:
                 decode_probes.append(probes)
             token = choose(ids[:, : position + 1], logits[:, -1])
         decode_seconds = time.perf_counter() - decode_start
+        if constraint is not None and constraint.closed_early and finish == "stop":
+            finish = "length"  # a complete answer, closed early to fit max_new_tokens
         calls, invalid = [], []
         if req.tools:
             text, calls, invalid = parse_tool_calls(text)

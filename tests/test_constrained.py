@@ -82,7 +82,7 @@ def test_constrained_greedy_step_is_the_best_allowed_token(tiny_engine):
 
 @pytest.mark.parametrize("plan", PLANS[:2], ids=["full", "skips"])
 def test_tool_calls_follow_their_schema(tool_engine, plan):
-    forced = tool_engine.generate(CHAT, plan, tools=[WEATHER, ADD], tool_choice="any", max_new_tokens=64)
+    forced = tool_engine.generate(CHAT, plan, tools=[WEATHER, ADD], tool_choice="any", max_new_tokens=128)
     assert forced.stats.finish_reason == "stop" and forced.text == "" and not forced.invalid_tool_calls
     [call] = forced.tool_calls
     tool = {"get_weather": WEATHER, "add": ADD}[call["name"]]
@@ -178,3 +178,23 @@ def test_empty_prompts_raise_for_text_and_chat(tiny_engine):
             tiny_engine.generate(prompt)
     with pytest.raises(ValueError, match="messages\\[0\\] needs a string 'role'"):
         tiny_engine.generate([{"content": "hi"}])
+
+
+LOOSE = {"type": "object", "properties": {"title": {"type": "string"}, "n": {"type": "integer"},
+                                          "tags": {"type": "array", "items": {"type": "string"}}},
+         "required": ["title", "n", "tags"]}
+
+
+@pytest.mark.parametrize("budget", [24, 33, 48])
+def test_answers_the_budget_would_cut_are_closed_in_time(tiny_engine, budget):
+    """Unbounded strings and numbers: the random model alone runs to the budget; the answer still parses."""
+    result = tiny_engine.generate(CHAT, json_schema=LOOSE, max_new_tokens=budget)
+    assert result.stats.generated_tokens <= budget and result.stats.finish_reason == "length"
+    assert result.token_ids[-1] in tiny_engine.grammars.info.stop_token_ids  # ended by the grammar, not the budget
+    jsonschema.validate(json.loads(result.text), LOOSE)
+
+
+def test_answers_that_fit_are_not_changed_by_the_budget(tiny_engine):
+    roomy = tiny_engine.generate(CHAT, json_schema=SCHEMA, max_new_tokens=200)
+    tight = tiny_engine.generate(CHAT, json_schema=SCHEMA, max_new_tokens=len(roomy.token_ids))
+    assert tight.token_ids == roomy.token_ids and tight.stats.finish_reason == "stop"

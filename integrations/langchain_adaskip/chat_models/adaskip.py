@@ -111,8 +111,8 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
         """Answers parsed into ``schema`` (a pydantic class, a TypedDict or a JSON schema).
 
         ``method``: "json_schema" (default: the answer is a JSON text decoded under the schema), "function_calling"
-        (a forced call of a tool whose arguments follow the schema) or "json_mode" (any JSON object; say the
-        format in the prompt). ``include_raw``: return ``{"raw", "parsed", "parsing_error"}``. The grammar always
+        (a forced call of a tool whose arguments follow the schema) or "json_mode" (as "json_schema": where hosted
+        APIs only promise some JSON object, the local grammar costs nothing more). ``include_raw``: return ``{"raw", "parsed", "parsing_error"}``. The grammar always
         holds, so ``strict`` is accepted and has no further effect.
         """
         if kwargs:
@@ -126,7 +126,8 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
             parser: Runnable = (PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic
                                 else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
         elif method in ("json_schema", "json_mode"):
-            json_schema = convert_to_json_schema(schema) if method == "json_schema" else {"type": "object"}
+            # json_mode decodes under the schema too: a local grammar costs nothing, and the answer then parses
+            json_schema = convert_to_json_schema(schema)
             llm = self.bind(json_schema=json_schema, ls_structured_output_format={
                 "kwargs": {"method": method}, "schema": json_schema})
             parser = PydanticOutputParser(pydantic_object=schema) if pydantic else JsonOutputParser()
