@@ -4,6 +4,7 @@ import asyncio
 import time
 from typing import Any
 
+import pydantic
 import pytest
 
 pytest.importorskip("llama_index.core")
@@ -174,3 +175,94 @@ def test_query_engines_over_two_chroma_collections_build_two_profiles_automatica
         assert store.get(full_engine.fingerprint, name).queries == 4
     assert store.get(full_engine.fingerprint, "default") is None
     assert llm.complete("Hello").additional_kwargs["adaskip"]["collection"] == "default"
+
+
+# ----------------------------------------------------------------- conventions, structured prediction, tools
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": 0}, "max_tokens"), ({"temperature": float("nan")}, "temperature"), ({"top_p": 1.5}, "top_p"),
+    ({"foo": 1}, "foo"), ({"model_name": "x"}, "model_name"), ({"truncation": "middle"}, "truncation"),
+    ({"stop": [""]}, "stop"), ({"collection": ""}, "collection"),
+])
+def test_bad_constructor_arguments_raise_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"(?s)\b{field}\b"):
+        AdaSkipLLM(**kwargs)
+
+
+def test_aliases_empty_prompts_and_truncation(tiny):
+    assert AdaSkipLLM(max_new_tokens=7).max_tokens == 7 and AdaSkipLLM(model_name="default").model == "default"
+    llm = AdaSkipLLM(engine=tiny, max_tokens=4)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.complete("")
+    long_prompt = "Context: " + "the fox jumps over the dog. " * 120 + "Question: what jumps?"
+    with pytest.raises(ValueError, match="truncation='left'"):
+        llm.complete(long_prompt)
+    assert llm.complete(long_prompt, truncation="left").additional_kwargs["adaskip"]["prompt_tokens"] == 508
+    kept = AdaSkipLLM(engine=tiny, max_tokens=4, truncation="left").chat(
+        [ChatMessage(role=MessageRole.USER, content=long_prompt)])
+    assert kept.additional_kwargs["adaskip"]["prompt_tokens"] == tiny.context_window - 4
+
+
+def test_a_model_without_tool_template_is_not_function_calling(tiny):
+    from llama_index.core.tools import FunctionTool
+
+    llm = AdaSkipLLM(engine=tiny, max_tokens=4)
+    assert llm.metadata.is_function_calling_model is False
+    tool = FunctionTool.from_defaults(lambda city: city, name="echo", description="Echo a city.")
+    with pytest.raises(ValueError, match="tiny's chat template does not support tool calling"):
+        llm.chat_with_tools([tool], user_msg="hi")
+
+
+class City(pydantic.BaseModel):
+    """A city and its country."""
+
+    city: str
+    country: str
+    population_millions: float = pydantic.Field(ge=0)
+
+
+@pytest.mark.slow
+def test_structured_predict_and_structured_llm_parse_streamed_and_not(full_engine):
+    from llama_index.core.prompts import PromptTemplate
+
+    llm = AdaSkipLLM(engine=full_engine, max_tokens=48)
+    assert llm.metadata.is_function_calling_model and llm.metadata.model_name == "SmolLM2-135M-Instruct"
+    prompt = PromptTemplate("Extract the city: {text}")
+    texts = ["Paris is the capital of France, home to 2.1 million people.",
+             "Tokyo, Japan has about 14 million inhabitants.", "Rome (Italy) counts 2.8 million residents."]
+    for text in texts:
+        assert isinstance(llm.structured_predict(City, prompt, text=text), City)
+        assert isinstance(asyncio.run(llm.astructured_predict(City, prompt, text=text)), City)
+        assert isinstance(list(llm.stream_structured_predict(City, prompt, text=text))[-1], City)
+
+        async def astream(text=text):
+            return [c async for c in await llm.astream_structured_predict(City, prompt, text=text)]
+
+        assert isinstance(asyncio.run(astream())[-1], City)
+    structured = llm.as_structured_llm(City)
+    response = structured.chat([ChatMessage(role=MessageRole.USER, content=f"Extract the city: {texts[0]}")])
+    assert isinstance(response.raw, City) and City.model_validate_json(response.message.content)
+
+
+@pytest.mark.slow
+def test_tool_calls_and_a_second_turn_with_the_result(full_engine):
+    from llama_index.core.tools import FunctionTool
+
+    def get_weather(city: str) -> str:
+        """The current weather of a city."""
+        return f"sunny and 21 C in {city}"
+
+    tool = FunctionTool.from_defaults(get_weather)
+    llm = AdaSkipLLM(engine=full_engine, max_tokens=48)
+    response = llm.chat_with_tools([tool], user_msg="What is the weather in Paris?", tool_required=True)
+    [call] = llm.get_tool_calls_from_response(response)
+    assert call.tool_name == "get_weather" and call.tool_kwargs["city"]
+    streamed = list(llm.stream_chat_with_tools([tool], user_msg="What is the weather in Paris?", tool_required=True))
+    assert [c.tool_name for c in llm.get_tool_calls_from_response(streamed[-1])] == ["get_weather"]
+    result = tool(**call.tool_kwargs)
+    history = [ChatMessage(role=MessageRole.USER, content="What is the weather in Paris?"), response.message,
+               ChatMessage(role=MessageRole.TOOL, content=str(result), additional_kwargs={"tool_call_id": call.tool_id})]
+    answer = llm.chat_with_tools([tool], chat_history=history)
+    assert answer.message.content.strip()
+    assert answer.additional_kwargs["adaskip"]["prompt_tokens"] > response.additional_kwargs["adaskip"]["prompt_tokens"]
+    assert llm.predict_and_call([tool], user_msg="What is the weather in Rome?", tool_choice="get_weather").response
