@@ -3,7 +3,7 @@
 
 At every step the grammar's matcher masks the logits of the tokens it forbids, and the chosen token advances
 it; once the grammar is complete only the end-of-sequence token is allowed, so a finished answer always
-parses (an answer cut by ``max_new_tokens`` is reported with ``finish_reason="length"``).
+parses, and :class:`Constraint` finishes a JSON answer before ``max_new_tokens`` would cut it.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def test_empty_plan_matches_transformers_prefill_and_decode(arch, attn_impl):
     ref_cache, token = ref.past_key_values, ref.logits[:, -1:].argmax(-1)
     for step in range(6):  # step-by-step decode, each step against transformers with its own cache
         with torch.no_grad():
-            ref = model(token, past_key_values=ref_cache, use_cache=True)
+            ref = model(token, cache=ref_cache, use_cache=True)
         logits, _ = skip_forward(model, token, 40 + step, cache, SkipPlan(), "decode")
         torch.testing.assert_close(logits, ref.logits, atol=ATOL, rtol=0)
         ref_cache, token = ref.past_key_values, ref.logits[:, -1:].argmax(-1)
