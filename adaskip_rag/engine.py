@@ -304,13 +304,18 @@ class AdaSkipEngine:
                 raise ValueError(f"messages[{i}] needs a string 'role' and a string 'content', got {dict(m)!r}")
         if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages):
             raise ValueError("prompt is empty: every message's content is empty")
-        if tools and not self.supports_tools:
+        if tools:
+            self.check_tool_support()
+        return self.tokenizer.apply_chat_template([dict(m) for m in messages], tools=list(tools) if tools else None,
+                                                  tokenize=False, add_generation_prompt=True)
+
+    def check_tool_support(self) -> None:
+        """ValueError naming the model unless :attr:`supports_tools`."""
+        if not self.supports_tools:
             raise ValueError(
                 f"{self.name}'s chat template does not support tool calling in the <tool_call> format "
                 "(tools, assistant tool calls and tool results)"
             )
-        return self.tokenizer.apply_chat_template([dict(m) for m in messages], tools=list(tools) if tools else None,
-                                                  tokenize=False, add_generation_prompt=True)
 
     @functools.cached_property
     def supports_tools(self) -> bool:

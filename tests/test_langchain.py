@@ -431,3 +431,8 @@ def test_tool_calls_parse_and_a_second_turn_with_the_result_answers(full_engine)
     assert prompt > llm.bind_tools([get_weather]).invoke([question]).response_metadata["adaskip"]["prompt_tokens"]
     with pytest.raises(ValueError, match="tool_choice must be"):
         llm.bind_tools([get_weather], tool_choice="other_tool")
+
+
+def test_bind_tools_needs_a_template_with_tool_support(tiny_engine):
+    with pytest.raises(ValueError, match="tiny-llama's chat template does not support tool calling"):
+        ChatAdaSkip(engine=tiny_engine).bind_tools([get_weather])

@@ -93,8 +93,10 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
         """Offer ``tools`` to the model through its chat template; a call is generated under the tool's JSON schema.
 
         ``tool_choice``: "auto" (default: answer or call), "none", "any"/"required"/True (must call one), or a
-        tool's name (must call it). One call per answer unless ``parallel_tool_calls``.
+        tool's name (must call it). One call per answer unless ``parallel_tool_calls``. Loads the model, to
+        raise here if its chat template has no tool support.
         """
+        self.get_engine().check_tool_support()
         formatted = [convert_to_openai_tool(t) for t in tools]
         choice = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
         return self.bind(tools=formatted, tool_choice=choice, parallel_tool_calls=parallel_tool_calls, **kwargs)
