@@ -20,7 +20,7 @@ import warnings
 from collections import OrderedDict
 from typing import Any
 
-from .history import Profile, ProfileStore, check_collection
+from .history import Profile, ProfileStore, check_collection, parse_profile
 
 log = logging.getLogger(__name__)
 DEFAULT_COLLECTION = "adaskip_profiles"
@@ -62,6 +62,7 @@ class ChromaProfileStore(ProfileStore):
         self._down_since: float | None = None
         self._last_try = 0.0
         self._lock = threading.RLock()
+        self._warned: set[tuple[str, str]] = set()
 
     @property
     def degraded(self) -> bool:
@@ -75,20 +76,28 @@ class ChromaProfileStore(ProfileStore):
             return self._merged(model, collection, self._read(model))
 
     def add(self, delta: Profile) -> Profile:
-        check_collection(delta.collection)
-        key = (delta.model, delta.collection)
+        return self.add_all([delta])[0]
+
+    def add_all(self, deltas: list[Profile]) -> list[Profile]:
+        """:meth:`add` of every delta, sent to the server in one upsert."""
+        for delta in deltas:
+            check_collection(delta.collection)
         with self._lock:
-            others = self._read(delta.model)  # also adopts this replica's record from an earlier run
-            _, own = self._own.get(key, (0.0, Profile(delta.model, delta.collection, delta.num_layers)))
-            self._own[key] = (time.time(), own.merge(delta))
-            self._pending[key] = None
-            self._pending.move_to_end(key)
+            results = []
+            for delta in deltas:
+                key = (delta.model, delta.collection)
+                others = self._read(delta.model)  # also adopts this replica's record from an earlier run
+                _, own = self._own.get(key, (0.0, Profile(delta.model, delta.collection, delta.num_layers)))
+                self._own[key] = (time.time(), own.merge(delta))
+                self._pending[key] = None
+                self._pending.move_to_end(key)
+                results.append((key, others))
             while len(self._pending) > self.max_pending:
                 lost, _ = self._pending.popitem(last=False)
                 self._own.pop(lost, None)
                 log.error("profile server unreachable: dropped this replica's unsent totals of %s", lost)
             self.flush()
-            return self._merged(*key, others)
+            return [self._merged(*key, others) for key, others in results]
 
     def profiles(self, model: str | None = None) -> list[Profile]:
         with self._lock:
@@ -197,13 +206,16 @@ class ChromaProfileStore(ProfileStore):
         if meta.get("model") == _CORRUPT_MODEL:
             return None
         try:
-            profile = Profile.from_dict(json.loads(doc))
+            profile = parse_profile(doc)
             if (profile.model, profile.collection) != (meta.get("model"), meta.get("collection")):
                 raise ValueError("record metadata does not match its content")
             float(meta["updated"]), str(meta["replica"])
             return profile
         except (ValueError, TypeError, KeyError) as exc:
-            warnings.warn(f"ignoring corrupt profile record {record_id}: {exc!r}", stacklevel=4)
+            if (record_id, doc) not in self._warned:  # once per record content, not on every read
+                self._warned.add((record_id, doc))
+                warnings.warn(f"ignoring corrupt profile record {record_id} (collection {meta.get('collection')!r}): "
+                              f"{exc}", stacklevel=4)
             if meta.get("replica") == self.replica:  # about to be overwritten: keep a copy for inspection
                 self._remote().upsert(ids=[f"{record_id}#corrupt-{time.time()}"], documents=[doc],
                                       metadatas=[{"model": _CORRUPT_MODEL}], embeddings=[[0.0]])
@@ -216,7 +228,11 @@ class ChromaProfileStore(ProfileStore):
             parts.append(self._own[(model, collection)])
         total: Profile | None = None
         for _, profile in sorted(parts, key=lambda part: part[0]):
-            total = Profile(model, collection, profile.num_layers).merge(profile) if total is None else total.merge(profile)
+            try:
+                total = Profile(model, collection, profile.num_layers).merge(profile) if total is None else total.merge(profile)
+            except ValueError as exc:  # records that cannot add up (layer counts, moment widths): keep the first
+                warnings.warn(f"ignoring a profile record of collection {collection!r} that does not add to the "
+                              f"others: {exc}", stacklevel=4)
         return total
 
     def _unreachable(self, exc: BaseException) -> None:

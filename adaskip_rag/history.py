@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import sqlite3
 import time
 import warnings
@@ -129,32 +130,102 @@ class Profile:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Profile":
-        """Parse and validate; raises ValueError on anything malformed."""
+    def from_dict(cls, data: Any) -> "Profile":
+        """Parse and validate field by field: types, ranges, finiteness, list lengths equal to ``num_layers`` (and
+        to the layer count in a fingerprint's ``-<L>L-``), the layout of ``state``; ValueError naming the field."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"malformed profile: not a JSON object but {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise ValueError(f"malformed profile: unknown format {data.get('format')!r}")
+        names = {f.name for f in fields(cls)}
+        missing, unknown = names - {"moments"} - set(data), set(data) - names - {"format"}
+        if missing or unknown:
+            raise ValueError(f"malformed profile: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}")
+        for name in ("model", "collection"):
+            if not isinstance(data[name], str) or not data[name].strip() or len(data[name]) > MAX_COLLECTION_KEY:
+                raise _field(name, f"must be a non-empty string of at most {MAX_COLLECTION_KEY} characters")
+        for name in ("num_layers", "queries", "context_tokens", "max_context"):
+            if not _is_int(data[name]) or data[name] < (1 if name == "num_layers" else 0):
+                raise _field(name, f"must be an integer >= {1 if name == 'num_layers' else 0}, got {data[name]!r}")
+        L, queries = data["num_layers"], data["queries"]
+        declared = re.search(r"-(\d+)L-", data["model"])
+        if declared and int(declared.group(1)) != L:
+            raise _field("num_layers", f"is {L}, but the model {data['model']} has {declared.group(1)} layers")
+        if data["max_context"] > data["context_tokens"]:
+            raise _field("max_context", "exceeds context_tokens, the sum of all prompt lengths")
+        sums, counts = data["sums"], data["counts"]
+        if not isinstance(sums, Mapping) or set(sums) != {f"{k}.{m}" for k in KINDS for m in METRICS}:
+            raise _field("sums", f"must map exactly {[f'{k}.{m}' for k in KINDS for m in METRICS]} to lists")
+        if not isinstance(counts, Mapping) or set(counts) != set(KINDS):
+            raise _field("counts", f"must map exactly {list(KINDS)} to lists")
+        for key, values in sums.items():
+            if not _numbers(values, L, lambda x: not isinstance(x, bool) and isinstance(x, (int, float))
+                            and math.isfinite(x)):
+                raise _field(f"sums.{key}", f"must be {L} finite numbers")
+        for key, values in counts.items():
+            if not _numbers(values, L, lambda x: _is_int(x) and 0 <= x <= queries):
+                raise _field(f"counts.{key}", f"must be {L} integers in [0, queries = {queries}]")
+        _check_state(data["state"])
         try:
-            if data.get("format") != FORMAT:
-                raise ValueError(f"unknown profile format {data.get('format')!r}")
-            values = {k: data[k] for k in ("model", "collection", "num_layers", "queries", "context_tokens",
-                                           "max_context", "sums", "counts", "state")}
-            complete = (
-                set(values["sums"]) == {f"{k}.{m}" for k in KINDS for m in METRICS}
-                and set(values["counts"]) == set(KINDS)
-            )
-            profile = cls(**values, moments=_moments(data.get("moments"), values["num_layers"]))
-            L = profile.num_layers
-            ok = (
-                complete and isinstance(L, int) and L > 0 and isinstance(profile.queries, int) and profile.queries >= 0
-                and all(len(v) == L and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
-                        for v in profile.sums.values())
-                and all(len(v) == L and all(isinstance(x, int) and 0 <= x <= profile.queries for x in v)
-                        for v in profile.counts.values())
-                and isinstance(profile.state, dict)
-            )
+            moments = _moments(data.get("moments"), L)
         except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"malformed profile: {exc!r}") from None
-        if not ok:
-            raise ValueError("malformed profile: sums or counts do not fit its layer count")
-        return profile
+            raise _field("moments", f"malformed ({exc!r})") from None
+        return cls(model=data["model"], collection=data["collection"], num_layers=L, queries=queries,
+                   context_tokens=data["context_tokens"], max_context=data["max_context"],
+                   sums={k: list(v) for k, v in sums.items()}, counts={k: list(v) for k, v in counts.items()},
+                   state=dict(data["state"]), moments=moments)
+
+
+def parse_profile(text: str | bytes) -> Profile:
+    """A profile from its JSON text (what every reader uses): ValueError for anything that does not parse or
+    validate, nesting too deep for the JSON parser included."""
+    return Profile.from_dict(_json(text))
+
+
+def _json(text: str | bytes) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("malformed profile: JSON nested too deeply") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"malformed profile: not JSON ({exc})") from None
+
+
+def _field(name: str, problem: str) -> ValueError:
+    return ValueError(f"malformed profile: field {name!r} {problem}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _numbers(values: Any, length: int, ok: Any) -> bool:
+    return isinstance(values, list) and len(values) == length and all(ok(x) for x in values)
+
+
+def _check_state(state: Any) -> None:
+    """The learner's per-collection state: ``skip_set`` (sublayer names), ``measured`` (the latest refresh) and
+    ``guard`` (the quality guard's budget)."""
+    if not isinstance(state, Mapping) or set(state) - {"skip_set", "measured", "guard"}:
+        raise _field("state", "must be an object with only skip_set, measured and guard")
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
+    fraction = lambda x: x is None or number(x) and 0 <= x <= 1  # noqa: E731
+    if "skip_set" in state and not (isinstance(state["skip_set"], list)
+                                    and all(isinstance(x, str) for x in state["skip_set"])):
+        raise _field("state.skip_set", "must be a list of sublayer names")
+    measured = state.get("measured")
+    if measured is not None and not (
+        isinstance(measured, Mapping) and set(measured) == {"speedup", "prompt_tokens", "budget", "fidelity"}
+        and number(measured["speedup"]) and measured["speedup"] > 0 and _is_int(measured["prompt_tokens"])
+        and _is_int(measured["budget"]) and measured["budget"] >= 0 and fraction(measured["fidelity"])
+    ):
+        raise _field("state.measured", "must hold a positive finite speedup, prompt_tokens, budget and fidelity")
+    guard = state.get("guard")
+    if guard is not None and not (
+        isinstance(guard, Mapping) and set(guard) == {"budget", "reason", "fidelity"} and _is_int(guard["budget"])
+        and guard["budget"] >= 0 and isinstance(guard["reason"], str) and fraction(guard["fidelity"])
+    ):
+        raise _field("state.guard", "must hold an integer budget >= 0, a reason and a fidelity in [0, 1]")
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -218,27 +289,58 @@ class ProfileStore(ABC):
     def export_json(self, model: str | None = None) -> str:
         return json.dumps([p.to_dict() for p in self.profiles(model)], indent=1)
 
+    def add_all(self, deltas: list[Profile]) -> list[Profile]:
+        """:meth:`add` of every delta, written together where the store can (SQLite: one transaction)."""
+        return [self.add(delta) for delta in deltas]
+
     def import_json(self, text: str) -> int:
-        """Add every profile in ``text`` (from :meth:`export_json`) to this store; returns how many were added."""
-        items = json.loads(text)
+        """Add every profile in ``text`` (from :meth:`export_json`) to this store; returns how many were added.
+        Every item is validated first and all are written together: a bad item writes nothing (ValueError
+        naming the item and the field)."""
+        items = _json(text)
         if not isinstance(items, list):
             raise ValueError("profile JSON must be a list of profiles")
-        profiles = [Profile.from_dict(item) for item in items]  # all valid, or nothing is written
-        for p in profiles:
-            self.add(p)
+        profiles = []
+        for i, item in enumerate(items):
+            try:
+                profiles.append(Profile.from_dict(item))
+                check_collection(profiles[-1].collection)
+            except ValueError as exc:
+                raise ValueError(f"profile {i} of {len(items)}: {exc}") from None
+        for i, p in enumerate(profiles):  # the merges a write will make, checked before anything is written
+            stored = self.get(p.model, p.collection)
+            try:
+                (stored or Profile(p.model, p.collection, p.num_layers)).merge(p)
+            except ValueError as exc:
+                raise ValueError(f"profile {i} of {len(items)}: {exc}") from None
+        self.add_all(profiles)
         return len(profiles)
 
 
 class SQLiteProfileStore(ProfileStore):
     """Profiles in one SQLite file (WAL). Each :meth:`add` is one ``BEGIN IMMEDIATE`` transaction.
 
-    A row that does not parse is never used: reads skip it with a warning, and the next update of that
-    collection moves it to the ``corrupt_profiles`` table (kept for inspection) before starting afresh.
+    A row that does not validate is never used: the first read that meets it warns once, naming the collection
+    and the field, and moves it to the ``corrupt_profiles`` table (kept for inspection); the collection starts
+    afresh. A file that is not a SQLite database (damaged, truncated) is renamed to ``<name>.corrupt-<time>``
+    with a warning and a fresh store is created: profiles are relearned, serving goes on.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._create()
+        except sqlite3.DatabaseError as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.time():.0f}")
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{self.path}{suffix}").exists():
+                    Path(f"{self.path}{suffix}").rename(f"{aside}{suffix}")
+            warnings.warn(f"profile store {self.path} is damaged ({exc}): moved to {aside}, starting a new store; "
+                          "collections relearn their profiles", stacklevel=2)
+            self._create()
+
+    def _create(self) -> None:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(
@@ -248,6 +350,7 @@ class SQLiteProfileStore(ProfileStore):
             db.execute(
                 "CREATE TABLE IF NOT EXISTS corrupt_profiles (model TEXT, collection TEXT, data TEXT, moved REAL)"
             )
+            db.execute("SELECT count(*) FROM profiles").fetchone()
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -258,44 +361,68 @@ class SQLiteProfileStore(ProfileStore):
         finally:
             db.close()
 
-    @staticmethod
-    def _parse(model: str, collection: str, data: str) -> Profile | None:
+    def _read(self, db: sqlite3.Connection, model: str, collection: str, data: str) -> Profile | None:
+        """The row's profile, or None after moving a row that does not validate aside (with one warning)."""
         try:
-            profile = Profile.from_dict(json.loads(data))
+            profile = parse_profile(data)
             if (profile.model, profile.collection) != (model, collection):
-                raise ValueError("row key does not match its content")
+                raise ValueError("malformed profile: row key does not match its content")
             return profile
-        except (ValueError, TypeError) as exc:
-            warnings.warn(f"ignoring corrupt profile row ({model}, {collection}): {exc}", stacklevel=3)
+        except ValueError as exc:
+            self._move_aside(db, model, collection, data, exc)
             return None
+
+    @staticmethod
+    def _move_aside(db: sqlite3.Connection, model: str, collection: str, data: str, why: Exception) -> None:
+        moved = db.execute(  # unless another reader moved it first
+            "DELETE FROM profiles WHERE model = ? AND collection = ? AND data = ?", (model, collection, data)
+        ).rowcount
+        if moved:
+            db.execute("INSERT INTO corrupt_profiles VALUES (?, ?, ?, ?)", (model, collection, data, time.time()))
+            warnings.warn(f"profile of collection {collection!r} (model {model}) moved aside to corrupt_profiles: "
+                          f"{why}", stacklevel=4)
 
     def get(self, model: str, collection: str) -> Profile | None:
         with self._connect() as db:
             row = db.execute(
                 "SELECT data FROM profiles WHERE model = ? AND collection = ?", (model, collection)
             ).fetchone()
-        return self._parse(model, collection, row[0]) if row else None
+            return self._read(db, model, collection, row[0]) if row else None
 
     def add(self, delta: Profile) -> Profile:
-        check_collection(delta.collection)
+        return self.add_all([delta])[0]
+
+    def add_all(self, deltas: list[Profile]) -> list[Profile]:
+        """:meth:`add` of every delta in one transaction: all are written, or (on an error) none."""
+        for delta in deltas:
+            check_collection(delta.collection)
+        results = []
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            row = db.execute(
-                "SELECT data FROM profiles WHERE model = ? AND collection = ?", (delta.model, delta.collection)
-            ).fetchone()
-            current = self._parse(delta.model, delta.collection, row[0]) if row else None
-            if row and current is None:
-                db.execute(
-                    "INSERT INTO corrupt_profiles VALUES (?, ?, ?, ?)", (delta.model, delta.collection, row[0], time.time())
-                )
-            base = current or Profile(delta.model, delta.collection, delta.num_layers)
-            result = base.merge(delta)
-            db.execute(
-                "INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?)",
-                (delta.model, delta.collection, json.dumps(result.to_dict()), time.time()),
-            )
+            try:
+                for delta in deltas:
+                    results.append(self._add(db, delta))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
             db.execute("COMMIT")  # a crash before this line rolls the whole update back
-            return result
+        return results
+
+    def _add(self, db: sqlite3.Connection, delta: Profile) -> Profile:
+        row = db.execute(
+            "SELECT data FROM profiles WHERE model = ? AND collection = ?", (delta.model, delta.collection)
+        ).fetchone()
+        current = self._read(db, delta.model, delta.collection, row[0]) if row else None
+        try:
+            result = (current or Profile(delta.model, delta.collection, delta.num_layers)).merge(delta)
+        except ValueError as exc:  # a stored profile this model's updates cannot add to (layers, moment widths)
+            self._move_aside(db, delta.model, delta.collection, row[0], exc)
+            result = Profile(delta.model, delta.collection, delta.num_layers).merge(delta)
+        db.execute(
+            "INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?)",
+            (delta.model, delta.collection, json.dumps(result.to_dict()), time.time()),
+        )
+        return result
 
     def profiles(self, model: str | None = None) -> list[Profile]:
         with self._connect() as db:
@@ -303,7 +430,7 @@ class SQLiteProfileStore(ProfileStore):
                 "SELECT model, collection, data FROM profiles WHERE ? IS NULL OR model = ? ORDER BY model, collection",
                 (model, model),
             ).fetchall()
-        return [p for p in (self._parse(*row) for row in rows) if p is not None]
+            return [p for p in (self._read(db, *row) for row in rows) if p is not None]
 
     def delete(self, model: str, collection: str | None = None) -> int:
         with self._connect() as db:

@@ -14,7 +14,6 @@ Every request of a collection is one of:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from .costs import CostModel
-from .history import Profile, ProfileStore, check_collection
+from .history import Profile, ProfileStore, check_collection, merged, parse_profile
 from .policies import AdaSkipPolicy, OnlineSchedule, budget_count
 from .skipping import PlanSchedule, SkipPlan
 from .stats import SkipStats
@@ -41,8 +40,8 @@ def shipped_profile(model_id: str, name: str) -> Profile | None:
     if not path.is_file():
         return None
     try:
-        profile = Profile.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as exc:
+        profile = parse_profile(path.read_bytes())
+    except (ValueError, OSError) as exc:
         warnings.warn(f"ignoring shipped profile {path}: {exc}", stacklevel=2)
         return None
     if profile.model != model_id:
@@ -83,10 +82,28 @@ class Learner:
         default_profile: Profile | None = None, policies: Mapping[str, AdaSkipPolicy] | None = None,
     ):
         self.model_id, self.num_layers, self.costs = model_id, num_layers, costs
-        self.store, self.policy, self.default_profile = store, policy, default_profile
+        self.store, self.policy = store, policy
         self.policies = dict(policies or {})
         for p in (policy, *self.policies.values()):
             budget_count(p.budget, num_layers)  # a budget this model cannot meet fails here, not per request
+        self._warned: set[str] = set()
+        self.default_profile = self._usable(default_profile)
+
+    def _usable(self, profile: Profile | None) -> Profile | None:
+        """``profile`` if it fits this model (its layer count, and moments as wide as the hidden size needs),
+        else None, with one warning per collection."""
+        if profile is None:
+            return None
+        width = 4 * self.costs.hidden + 2
+        problem = (f"{profile.num_layers} layers, the model has {self.num_layers}" if profile.num_layers != self.num_layers
+                   else f"moments of width {profile.moments.shape[2]}, the model needs {width}"
+                   if profile.moments is not None and profile.moments.shape[2] != width else None)
+        if problem is None:
+            return profile
+        if profile.collection not in self._warned:
+            self._warned.add(profile.collection)
+            warnings.warn(f"ignoring the profile of collection {profile.collection!r}: {problem}", stacklevel=3)
+        return None
 
     def policy_for(self, collection: str) -> AdaSkipPolicy:
         return self.policies.get(collection, self.policy)
@@ -94,7 +111,7 @@ class Learner:
     def decide(self, collection: str, n: int) -> Decision:
         check_collection(collection)
         policy = self.policy_for(collection)
-        own = self.store.get(self.model_id, collection)
+        own = self._usable(self.store.get(self.model_id, collection))
         state = own.state if own else {}
         seen = own.queries if own else 0
         max_budget = budget_count(policy.budget, self.num_layers)
@@ -127,7 +144,7 @@ class Learner:
         warm = lambda p: p is not None and p.queries >= warmup  # noqa: E731
         if warm(own):
             return own, "collection"
-        merged_all = self.store.global_profile(self.model_id)
+        merged_all = merged((p for p in map(self._usable, self.store.profiles(self.model_id)) if p), "*")
         if warm(merged_all):
             return merged_all, "global"
         if warm(self.default_profile):
