@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -87,19 +88,23 @@ class TextStream(Iterator[str]):
     """Iterator of text deltas; ``result`` holds the GenerationResult once the stream is exhausted.
 
     Generation runs in the consumer's thread as it reads: a consumer that stops reading stops generation, and
-    :meth:`close` (or garbage collection) releases it. Errors inside generation are raised from ``next``.
+    :meth:`close` (or garbage collection) releases it. Setting ``cancel`` (a ``threading.Event``, from any
+    thread) ends the stream before its next decode step. Errors inside generation are raised from ``next``.
     """
 
     def __init__(self, steps: Iterator[str | GenerationResult]):
         self._steps = steps
         self.result: GenerationResult | None = None
+        self.cancel = threading.Event()
 
     def __next__(self) -> str:
-        for item in self._steps:
+        while not self.cancel.is_set():  # one item per decode step, so a cancel waits for one step at most
+            item = next(self._steps)
             if isinstance(item, GenerationResult):
                 self.result = item
             elif item:
                 return item
+        self.close()
         raise StopIteration
 
     def close(self) -> None:
@@ -116,7 +121,7 @@ class AsyncTextStream(AsyncIterator[str]):
     def __init__(self, stream: TextStream):
         self._stream = stream
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._cancel = threading.Event()
+        self._cancel = stream.cancel
         # the worker holds no reference to this object, so dropping it cancels the worker
         self._worker = threading.Thread(
             target=_feed, args=(stream, self._queue, asyncio.get_running_loop(), self._cancel),
@@ -136,6 +141,10 @@ class AsyncTextStream(AsyncIterator[str]):
         if kind == "error":
             raise value
         raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        """Stop the worker before its next decode step, without waiting for it."""
+        self._cancel.set()
 
     async def aclose(self) -> None:
         self._cancel.set()
@@ -177,6 +186,26 @@ def call_arguments(settings: Any, overrides: Mapping[str, Any]) -> dict[str, Any
     if rest:
         raise ValueError(f"unsupported arguments: {sorted(rest)}")
     return args
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+def _check_real(name: str, value: Any, ok: Callable[[float], bool], what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _sequence(name: str, values: Any) -> tuple:
+    """``values`` (None = empty) as a tuple; ValueError unless it is a list-like of items."""
+    if values is None:
+        return ()
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name} must be a list, got {type(values).__name__}")
+    return tuple(values)
 
 
 def check_model(name_or_path: str | os.PathLike) -> None:
@@ -397,28 +426,31 @@ class AdaSkipEngine:
         tool_choice: str | None = None,
         parallel_tool_calls: bool = False,
     ) -> _Request:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
-        if not repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+        _check_int("max_new_tokens", max_new_tokens, 1, self.context_window)
+        _check_real("temperature", temperature, lambda t: t >= 0, "a finite number >= 0")
+        _check_real("top_p", top_p, lambda p: 0 < p <= 1, "a number in (0, 1]")
+        _check_int("top_k", top_k, 0)
+        _check_real("repetition_penalty", repetition_penalty, lambda r: r > 0, "a finite number > 0")
+        if seed is not None:
+            _check_int("seed", seed, 0, 2**64 - 1)
+        for name, flag in (("probe", probe), ("ignore_eos", ignore_eos), ("parallel_tool_calls", parallel_tool_calls)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         if truncation not in ("error", "left"):
             raise ValueError(f"truncation must be 'error' or 'left', got {truncation!r}")
+        if plan is not None and not isinstance(plan, (SkipPlan, PlanSchedule)):
+            raise ValueError(f"plan must be a SkipPlan or a PlanSchedule, got {type(plan).__name__}")
         plan = plan or SkipPlan()
         if isinstance(plan, SkipPlan):
             plan.check(self.num_layers, self.config.hidden_size)
             plan = StaticSchedule(plan, probe)
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        stops = (stop,) if isinstance(stop, str) else _sequence("stop", stop)
         if any(not isinstance(s, str) or not s for s in stops):
-            raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
-        forced = tuple(teacher_forced_ids or ())
-        if any(not isinstance(t, int) or not 0 <= t < self.config.vocab_size for t in forced):
-            raise ValueError(f"teacher_forced_ids must be token ids below {self.config.vocab_size}, got {forced!r}")
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        forced = self._token_ids("teacher_forced_ids", teacher_forced_ids)
+        stop_ids = self._token_ids("stop_token_ids", stop_token_ids)
+        if tool_choice is not None and not isinstance(tool_choice, str):
+            raise ValueError(f"tool_choice must be 'auto', 'none', 'any' or a tool's name, got {tool_choice!r}")
 
         grammar = None
         if tools is not None:
@@ -451,10 +483,16 @@ class AdaSkipEngine:
         return _Request(
             input_ids=ids, schedule=plan, max_new_tokens=max_new_tokens, temperature=float(temperature),
             top_p=float(top_p), top_k=top_k, repetition_penalty=float(repetition_penalty), seed=seed, stop=stops,
-            stop_token_ids=frozenset(eos_ids | set(stop_token_ids or ())), teacher_forced_ids=forced,
+            stop_token_ids=frozenset(eos_ids | set(stop_ids)), teacher_forced_ids=forced,
             messages=messages, grammar=grammar, tools=tools is not None,
             closes=json_schema is not None or tool_choice not in (None, "auto", "none"),
         )
+
+    def _token_ids(self, name: str, ids: Sequence[int] | None) -> tuple[int, ...]:
+        values = _sequence(name, ids)
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size for t in values):
+            raise ValueError(f"{name} must be token ids in [0, {self.config.vocab_size}), got {list(values)[:8]!r}")
+        return values
 
     def user_turn_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
         """How many prompt tokens of ``messages`` run from the start of the last user message's content to the end
@@ -591,6 +629,8 @@ class AdaSkipEngine:
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
+            else:
+                yield ""  # a step without new text: where a stream can be cancelled
             if len(generated) >= max_new:
                 break
             position = n + len(generated) - 1
@@ -609,6 +649,7 @@ class AdaSkipEngine:
         if len(text) > emitted:
             yield text[emitted:]
         stats = record.stats(len(generated), prefill_seconds, decode_seconds, finish)
+        stats.max_new_tokens = max_new
         cached = n + len(generated) - 1  # the last token was never fed back
         stats.kv_bytes_saved = self._kv_bytes_per_token() * sum(
             cached - cache.get_seq_length(i) for i in range(self.num_layers)
@@ -721,8 +762,16 @@ class AdaSkipEngine:
 
     async def agenerate(self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, **kwargs: Any
                         ) -> GenerationResult:
-        """:meth:`generate` in a worker thread, so the event loop keeps running."""
-        return await asyncio.to_thread(functools.partial(self.generate, prompt, plan, **kwargs))
+        """:meth:`generate` in a worker thread, so the event loop keeps running. Cancelling the awaiting task
+        stops the generation before its next decode step."""
+        stream = self.astream(prompt, plan, **kwargs)
+        try:
+            async for _ in stream:
+                pass
+        finally:
+            stream.cancel()  # a no-op once generation is done; else (cancelled, failed) the worker stops
+        assert stream.result is not None
+        return stream.result
 
     def astream(self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, **kwargs: Any
                 ) -> AsyncTextStream:
@@ -781,6 +830,7 @@ class _PlanRecord:
                 head=self.head, protected_skipped_attn=len(self.attn) - len(self.kept_kv)),
             estimated_decode_speedup=full * len(self.decode_flops) / sum(self.decode_flops),
             finish_reason=finish,
+            skipped_every_sublayer=len(self.attn) == len(self.ffn) == self.costs.layers,
         )
 
 

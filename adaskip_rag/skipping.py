@@ -16,7 +16,7 @@ import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -38,16 +38,23 @@ Tail = int | Literal["last_user_turn"]
 
 
 def _compensations(name: str, raw: Mapping[Any, Any]) -> dict[int, Compensation]:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"SkipPlan.{name} must map layer indices to compensations, got {type(raw).__name__}")
     out: dict[int, Compensation] = {}
     for layer, value in raw.items():
         if isinstance(layer, bool) or not isinstance(layer, (int, str)) or not str(layer).lstrip("-").isdigit():
             raise ValueError(f"SkipPlan.{name}: layer index {layer!r} is not an integer")
-        if isinstance(value, Mapping):
-            value = Affine(torch.tensor(value["scale"]), torch.tensor(value["bias"]))
-        if not isinstance(value, Affine):
-            value = float(value)
-            if math.isnan(value) or math.isinf(value) or value < 0:
-                raise ValueError(f"SkipPlan.{name}[{layer}]: scale must be a finite number >= 0, got {value}")
+        try:
+            if isinstance(value, Mapping):
+                value = Affine(torch.tensor(value["scale"]), torch.tensor(value["bias"]))
+            if not isinstance(value, Affine):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise TypeError(f"a scale is a number, got {type(value).__name__}")
+                value = float(value)
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+            raise ValueError(f"SkipPlan.{name}[{layer}]: not a scale or an affine compensation ({exc})") from None
+        if not isinstance(value, Affine) and (math.isnan(value) or math.isinf(value) or value < 0):
+            raise ValueError(f"SkipPlan.{name}[{layer}]: scale must be a finite number >= 0, got {value}")
         out[int(layer)] = value
     return dict(sorted(out.items()))
 
@@ -137,6 +144,7 @@ class SkipPlan:
         return cls(**{k: v if k in ("tail", "head") else dict(v) for k, v in data.items()})
 
 
+@runtime_checkable
 class PlanSchedule(Protocol):
     """Chooses the plan of every step of one request, and whether to probe it.
 

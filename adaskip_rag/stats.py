@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,6 +42,8 @@ class SkipStats:
     budget_reason: str | None = None
     skip_set_changed: bool = False
     fidelity: float | None = None  # teacher-forced top-1 agreement of the plan with the full answer (refresh)
+    max_new_tokens: int | None = None  # the answer's token limit: the request's, or less where the window ends
+    skipped_every_sublayer: bool = False  # prefill ran no sublayer; its estimated speedup is unbounded (None)
 
     @property
     def skipped_sublayers(self) -> int:
@@ -57,7 +60,11 @@ class SkipStats:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types: an unbounded estimated speedup (every sublayer skipped) is None."""
         data = asdict(self)
+        for name in ("estimated_prefill_speedup", "estimated_decode_speedup"):
+            if not math.isfinite(data[name]):
+                data[name] = None
         data["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         data["decode_tokens_per_s"] = self.decode_tokens_per_s
         return data
@@ -68,6 +75,8 @@ class SkipStats:
         where = f"[{self.collection}: {self.mode}] " if self.collection else ""
         kept = f" (KV kept: {self.attention_kv_kept})" if self.attention_kv_kept else ""
         tail = f"; last {self.protected_tail} prompt tokens in full" if self.protected_tail else ""
+        if self.skipped_every_sublayer:
+            tail += "; every sublayer skipped in prefill"
         return where + (
             f"{self.prompt_tokens} prompt tokens, {self.generated_tokens} generated; skipped attention "
             f"{self.skipped_attention or '-'}{kept}, FFN {self.skipped_ffn_prefill or '-'} (decode FFN "

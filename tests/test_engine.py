@@ -231,22 +231,51 @@ def test_cost_model_matches_hand_computation():
         ([], {}, "prompt is empty"),
         ([10**9], {}, "out of range for vocabulary"),
         ([{"role": "user"}, 3], {}, "prompt must be"),
-        ("hi", {"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+        (None, {}, "prompt must be"),
+        (5, {}, "prompt must be"),
+        (b"hello", {}, "prompt must be"),
+        ([{"content": "hi"}], {}, "needs a string 'role'"),
+        ("hi", {"max_new_tokens": 0}, "max_new_tokens must be an integer in \\[1, 512\\]"),
+        ("hi", {"max_new_tokens": True}, "max_new_tokens"),
+        ("hi", {"max_new_tokens": 10**9}, "max_new_tokens"),
+        ("hi", {"max_new_tokens": 2.0}, "max_new_tokens"),
         ("hi", {"temperature": -1.0}, "temperature"),
         ("hi", {"temperature": float("nan")}, "temperature"),
+        ("hi", {"temperature": float("inf")}, "temperature"),
+        ("hi", {"temperature": "0.5"}, "temperature"),
         ("hi", {"top_p": 0.0}, "top_p"),
         ("hi", {"top_k": -2}, "top_k"),
-        ("hi", {"stop": [""]}, "stop strings"),
+        ("hi", {"top_k": 1.5}, "top_k"),
+        ("hi", {"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ("hi", {"seed": "abc"}, "seed"),
+        ("hi", {"seed": True}, "seed"),
+        ("hi", {"stop": [""]}, "stop must be"),
+        ("hi", {"stop": 5}, "stop must be"),
+        ("hi", {"stop_token_ids": [-1]}, "stop_token_ids"),
+        ("hi", {"stop_token_ids": [1.5]}, "stop_token_ids"),
+        ("hi", {"stop_token_ids": 7}, "stop_token_ids"),
+        ("hi", {"probe": "yes"}, "probe"),
+        ("hi", {"plan": {"attn": {1: 1.0}}}, "plan must be a SkipPlan"),
         ("hi", {"plan": SkipPlan(attn={6: 1.0})}, "out of range for a 6-layer model"),
         ("hi", {"truncation": "middle"}, "truncation"),
+        ("hi", {"collection": 5}, "collection key"),
         ("word " * 600, {}, "context window is 512"),
     ],
 )
 def test_bad_input_raises_value_error(tiny_engine, prompt, kwargs, message):
+    kwargs = dict(kwargs)
+    plan = kwargs.pop("plan", None)
     with pytest.raises(ValueError, match=message):
-        tiny_engine.generate(prompt, **kwargs)
+        tiny_engine.generate(prompt, plan, **kwargs)
     with pytest.raises(ValueError, match=message):
-        tiny_engine.stream(prompt, **kwargs)  # before any work is done
+        tiny_engine.stream(prompt, plan, **kwargs)  # before any work is done
+
+
+@pytest.mark.parametrize("field, value", [("attn", {1: None}), ("ffn", {1: "x"}), ("attn", True),
+                                          ("ffn", {1: True}), ("attn", {1: {"scale": [1.0]}})])
+def test_bad_skip_plans_raise_value_error_at_construction(field, value):
+    with pytest.raises(ValueError, match=f"SkipPlan.{field}"):
+        SkipPlan(**{field: value})
 
 
 def test_left_truncation_keeps_the_prompt_end(tiny_engine):
@@ -318,3 +347,51 @@ def test_generation_scores_a_given_answer_from_its_own_prefill(tiny_engine):
         torch.testing.assert_close(both.teacher_forced_logits, expected, atol=1e-5, rtol=1e-6, msg=name)
     with pytest.raises(ValueError, match="teacher_forced_ids"):
         tiny_engine.generate(prompt, max_new_tokens=2, teacher_forced_ids=[tiny_engine.config.vocab_size])
+
+
+def test_a_cancelled_agenerate_stops_its_worker_within_one_decode_step(tiny_engine, monkeypatch):
+    steps: list[float] = []  # when each forward step finished
+    forward = tiny_engine.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        out = forward(*args, **kwargs)
+        steps.append(time.perf_counter())
+        return out
+
+    monkeypatch.setattr(tiny_engine, "forward", slow)
+
+    async def cancel_midway():
+        task = asyncio.create_task(tiny_engine.agenerate(PROMPT, max_new_tokens=400, ignore_eos=True))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        cancelled_at = time.perf_counter()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)  # long enough for many more steps if the worker went on
+        return cancelled_at
+
+    cancelled_at = asyncio.run(cancel_midway())
+    assert 5 < len(steps) < 100
+    assert len([t for t in steps if t > cancelled_at]) <= 1  # the step running at the cancel, at most
+
+
+def test_a_plan_that_skips_every_sublayer_generates_and_says_so(tiny_engine):
+    L = tiny_engine.num_layers
+    everything = SkipPlan(attn=dict.fromkeys(range(L), 1.0), ffn=dict.fromkeys(range(L), 1.0))
+    result = tiny_engine.generate(PROMPT, everything, max_new_tokens=4, ignore_eos=True)
+    stats = result.stats.to_dict()
+    assert result.stats.generated_tokens == 4 and stats["skipped_every_sublayer"] is True
+    assert stats["estimated_prefill_speedup"] is None and stats["estimated_decode_speedup"] > 1
+    json.dumps(stats, allow_nan=False)
+    assert "every sublayer skipped" in result.stats.summary()
+    kv_kept = SkipPlan(prefill_attn=dict.fromkeys(range(L), 1.0), ffn=dict.fromkeys(range(L), 1.0))
+    stats = tiny_engine.generate(PROMPT, kv_kept, max_new_tokens=4).stats
+    assert stats.skipped_every_sublayer and 1 < stats.estimated_prefill_speedup < float("inf")
+
+
+def test_max_new_tokens_beyond_the_window_left_is_clamped_and_reported(tiny_engine):
+    ids = [100] * 500
+    stats = tiny_engine.generate(ids, max_new_tokens=300, ignore_eos=True).stats
+    assert stats.max_new_tokens == 12 == stats.generated_tokens and stats.finish_reason == "length"
+    assert tiny_engine.generate(ids, max_new_tokens=5).stats.max_new_tokens == 5

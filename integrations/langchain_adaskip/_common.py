@@ -39,13 +39,13 @@ class AdaSkipParams(BaseModel):
     collection: str | None = Field(default=None, min_length=1)
     """Profile key, unless a call passes ``collection=`` or config metadata ``adaskip_collection``; else the
     Chroma collection the enclosing chain retrieved from (``langchain-chroma``), else ``"default"``."""
-    max_tokens: int = Field(default=256, gt=0, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
+    max_tokens: int = Field(default=256, gt=0, strict=True, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
     """Most new tokens per answer (alias ``max_new_tokens``)."""
-    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
-    seed: int | None = None
+    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, strict=True)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
+    top_k: int = Field(default=0, ge=0, strict=True)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False, strict=True)
+    seed: int | None = Field(default=None, ge=0, strict=True)
     stop: list[str] | None = None
     truncation: Literal["error", "left"] = "error"
     """``"left"``: keep the last tokens of a prompt longer than the context window instead of raising."""

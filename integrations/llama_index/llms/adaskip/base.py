@@ -99,13 +99,13 @@ class AdaSkipLLM(FunctionCallingLLM):
         description="Profile key, unless a call passes collection=; else the Chroma collection the enclosing "
         'query retrieved from; else "default".',
     )
-    max_tokens: int = Field(default=256, gt=0, validation_alias=AliasChoices("max_tokens", "max_new_tokens"),
+    max_tokens: int = Field(default=256, gt=0, strict=True, validation_alias=AliasChoices("max_tokens", "max_new_tokens"),
                             description="Most new tokens per answer.")
-    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, description="0 is greedy.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
-    seed: int | None = None
+    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, strict=True, description="0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
+    top_k: int = Field(default=0, ge=0, strict=True)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False, strict=True)
+    seed: int | None = Field(default=None, ge=0, strict=True)
     stop: list[str] | None = Field(default=None, description="Stop strings, not part of the answer.")
     truncation: Literal["error", "left"] = Field(
         default="error", description='"left": keep the last tokens of a prompt longer than the context window.')
