@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 import tempfile
 from pathlib import Path
 
@@ -176,10 +179,40 @@ def profiles_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line naming the argument, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n")
+
+
+def _count(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a count or fraction >= 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adaskip-rag", description=__doc__)
+    parser = _Parser(prog="adaskip-rag", description=__doc__)
     parser.add_argument("--model", default="default", help="'default' or a local model folder")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=_count(1), default=None, help="torch CPU threads")
     sub = parser.add_subparsers(dest="command", required=True)
     ask_p = sub.add_parser("ask", help="answer a question about a document, in full and with skipping")
     ask_p.add_argument("question")
@@ -187,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--file", type=Path, help="a text file")
     source.add_argument("--squad", metavar="TITLE", help="a built-in SQuAD v2 dev article")
     for p in (ask_p, sub.add_parser("demo", help=f"ask about the built-in article {DEMO_ARTICLE}")):
-        p.add_argument("--budget", type=int, default=8, help="sublayers to skip (default 8)")
-        p.add_argument("--max-new-tokens", type=int, default=48)
+        p.add_argument("--budget", type=_count(0), default=8, help="sublayers to skip (default 8)")
+        p.add_argument("--max-new-tokens", type=_count(1), default=48)
 
     prof = sub.add_parser("profiles", help="inspect and manage the learned per-collection profiles")
     prof.add_argument("--store", default=loading.profile_store_url(),
@@ -199,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("show", "plot"):
         a = actions.add_parser(name, help=f"{name} one collection's profile")
         a.add_argument("collection")
-        a.add_argument("--budget", type=float, default=8, help="mark the sublayers skipped at this budget")
+        a.add_argument("--budget", type=_budget, default=8, help="mark the sublayers skipped at this budget")
         if name == "plot":
             a.add_argument("-o", "--output", type=Path, default=Path("heatmap.png"))
     export = actions.add_parser("export", help="profiles as JSON")
@@ -211,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     build = actions.add_parser(
         "build-default", help=f"build the shipped cold-start profile of --model over {DEFAULT_PROFILE_CORPUS}"
     )
-    build.add_argument("--questions", type=int, default=24)
+    build.add_argument("--questions", type=_count(1), default=24)
     build.add_argument("-o", "--output", type=Path)
     args = parser.parse_args(argv)
 

@@ -180,6 +180,9 @@ def call_arguments(settings: Any, overrides: Mapping[str, Any]) -> dict[str, Any
     :data:`CALL_SETTINGS` and :data:`CALL_OPTIONS`) over the same-named attributes of ``settings`` (the
     framework's LLM object). Anything else in ``overrides`` raises ValueError."""
     rest = dict(overrides)
+    for name in ("max_tokens", "max_new_tokens"):
+        if name in rest:
+            _check_int(name, rest[name], 1)
     args = {"max_new_tokens": rest.pop("max_tokens", rest.pop("max_new_tokens", settings.max_tokens))}
     args.update({name: rest.pop(name, getattr(settings, name)) for name in CALL_SETTINGS})
     args.update({name: rest.pop(name) for name in CALL_OPTIONS if name in rest})

@@ -152,7 +152,10 @@ class AdaSkipPolicy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if self.quality_target is not None and not 0 < self.quality_target <= 1:
+        if self.quality_target is not None and (
+            isinstance(self.quality_target, bool) or not isinstance(self.quality_target, (int, float))
+            or not 0 < self.quality_target <= 1
+        ):
             raise ValueError(f"quality_target must be in (0, 1], got {self.quality_target!r}")
         if isinstance(self.guard_step, bool) or not isinstance(self.guard_step, int) or self.guard_step < 1:
             raise ValueError(f"guard_step must be an integer >= 1, got {self.guard_step!r}")

@@ -52,3 +52,33 @@ def test_export_import_and_reset(store_path, tmp_path, capsys):
 def test_unknown_collection_is_a_clear_error(store_path):
     with pytest.raises(SystemExit, match="no profile for collection 'nope'"):
         main(["profiles", "--store", str(store_path), "show", "nope"])
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["ask", "q", "--squad", "X", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["ask", "q", "--squad", "X", "--budget", "-1"], "--budget"),
+    (["ask", "q", "--squad", "X", "--budget", "two"], "--budget"),
+    (["--threads", "0", "demo"], "--threads"),
+    (["demo", "--max-new-tokens", "1.5"], "--max-new-tokens"),
+    (["profiles", "show", "docs", "--budget", "nan"], "--budget"),
+    (["profiles", "build-default", "--questions", "0"], "--questions"),
+    (["profiles", "import"], "file"),
+    (["frobnicate"], "command"),
+])
+def test_bad_arguments_exit_2_with_one_line_naming_them(argv, name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and name in err, err
+
+
+def test_bad_import_files_exit_2_with_one_line_and_write_nothing(store_path, tmp_path, capsys):
+    other = tmp_path / "other.sqlite"
+    for text in ("[" * 100_000, '[{"format": 1}]', "not json", "{}"):
+        (tmp_path / "bad.json").write_text(text)
+        assert main(["profiles", "--store", str(other), "import", str(tmp_path / "bad.json")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error:"), err
+    assert SQLiteProfileStore(other).profiles() == []
+    assert main(["profiles", "--store", str(other), "import", str(tmp_path / "missing.json")]) == 2

@@ -395,3 +395,19 @@ def test_max_new_tokens_beyond_the_window_left_is_clamped_and_reported(tiny_engi
     stats = tiny_engine.generate(ids, max_new_tokens=300, ignore_eos=True).stats
     assert stats.max_new_tokens == 12 == stats.generated_tokens and stats.finish_reason == "length"
     assert tiny_engine.generate(ids, max_new_tokens=5).stats.max_new_tokens == 5
+
+
+def test_a_policy_that_skips_all_2l_sublayers_serves(tokenizer, tmp_path):
+    from adaskip_rag.history import SQLiteProfileStore
+    from adaskip_rag.policies import AdaSkipPolicy
+
+    model = tiny_model("llama")
+    L = model.config.num_hidden_layers
+    engine = AdaSkipEngine(model, tokenizer, "tiny", store=SQLiteProfileStore(tmp_path / "p.sqlite"),
+                           policy=AdaSkipPolicy(budget=2 * L, warmup=1, refresh_every=0, tail=0, head=0))
+    engine.generate(PROMPT, collection="all", max_new_tokens=2)  # warm-up: the full model, measured
+    stats = engine.generate(PROMPT, collection="all", max_new_tokens=3).stats
+    assert stats.mode == "skip" and stats.skipped_every_sublayer
+    json.dumps(stats.to_dict(), allow_nan=False)
+    with pytest.raises(ValueError, match="quality_target"):
+        AdaSkipPolicy(quality_target="0.9")

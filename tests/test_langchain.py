@@ -436,3 +436,52 @@ def test_tool_calls_parse_and_a_second_turn_with_the_result_answers(full_engine)
 def test_bind_tools_needs_a_template_with_tool_support(tiny_engine):
     with pytest.raises(ValueError, match="tiny-llama's chat template does not support tool calling"):
         ChatAdaSkip(engine=tiny_engine).bind_tools([get_weather])
+
+
+BAD_CALLS = [({"temperature": "0.5"}, "temperature"), ({"temperature": float("inf")}, "temperature"),
+             ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"stop": 5}, "stop"),
+             ({"seed": "abc"}, "seed"), ({"top_k": 1.5}, "top_k"), ({"repetition_penalty": float("inf")},
+                                                                      "repetition_penalty"),
+             ({"collection": 5}, "collection"), ({"truncation": "middle"}, "truncation"),
+             ({"stop_token_ids": [1]}, "stop_token_ids"), ({"json_schema": 5}, "json_schema")]
+
+
+@pytest.mark.parametrize("kwargs, name", BAD_CALLS)
+@pytest.mark.parametrize("cls", [ChatAdaSkip, AdaSkipLLM])
+def test_bad_call_arguments_raise_value_error_naming_them(cls, kwargs, name, tiny_engine):
+    llm = cls(engine=tiny_engine, max_tokens=4)
+    with pytest.raises(ValueError, match=name):
+        llm.invoke(QUESTION, **kwargs)
+    with pytest.raises(ValueError, match=name):
+        list(llm.stream(QUESTION, **kwargs))
+    with pytest.raises(ValueError, match=name):
+        asyncio.run(llm.ainvoke(QUESTION, **kwargs))
+
+
+def test_a_cancelled_ainvoke_stops_generating(tiny_engine, monkeypatch):
+    import time
+
+    steps: list[float] = []
+    forward = tiny_engine.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        out = forward(*args, **kwargs)
+        steps.append(time.perf_counter())
+        return out
+
+    monkeypatch.setattr(tiny_engine, "forward", slow)
+    llm = ChatAdaSkip(engine=tiny_engine, max_tokens=400)
+
+    async def cancel_midway():
+        task = asyncio.create_task(llm.ainvoke(QUESTION))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        at = time.perf_counter()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)
+        return at
+
+    at = asyncio.run(cancel_midway())
+    assert 5 < len(steps) < 100 and len([t for t in steps if t > at]) <= 1

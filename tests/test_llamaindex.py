@@ -266,3 +266,45 @@ def test_tool_calls_and_a_second_turn_with_the_result(full_engine):
     assert answer.message.content.strip()
     assert answer.additional_kwargs["adaskip"]["prompt_tokens"] > response.additional_kwargs["adaskip"]["prompt_tokens"]
     assert llm.predict_and_call([tool], user_msg="What is the weather in Rome?", tool_choice="get_weather").response
+
+
+BAD_CALLS = [({"temperature": "0.5"}, "temperature"), ({"max_tokens": True}, "max_tokens"), ({"stop": 5}, "stop"),
+             ({"seed": "abc"}, "seed"), ({"top_k": 1.5}, "top_k"), ({"collection": 5}, "collection"),
+             ({"truncation": "middle"}, "truncation"), ({"frobnicate": 1}, "frobnicate")]
+
+
+@pytest.mark.parametrize("kwargs, name", BAD_CALLS)
+def test_bad_call_arguments_raise_value_error_naming_them(tiny, kwargs, name):
+    llm = AdaSkipLLM(engine=tiny, max_tokens=4)
+    for call in (lambda: llm.complete("hi", **kwargs), lambda: llm.chat(MESSAGES, **kwargs),
+                 lambda: list(llm.stream_complete("hi", **kwargs)),
+                 lambda: asyncio.run(llm.acomplete("hi", **kwargs))):
+        with pytest.raises(ValueError, match=name):
+            call()
+
+
+def test_a_cancelled_acomplete_stops_generating(tiny, monkeypatch):
+    steps: list[float] = []
+    forward = tiny.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        out = forward(*args, **kwargs)
+        steps.append(time.perf_counter())
+        return out
+
+    monkeypatch.setattr(tiny, "forward", slow)
+    llm = AdaSkipLLM(engine=tiny, max_tokens=400)
+
+    async def cancel_midway():
+        task = asyncio.create_task(llm.acomplete("The capital of France is"))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        at = time.perf_counter()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)
+        return at
+
+    at = asyncio.run(cancel_midway())
+    assert 5 < len(steps) < 100 and len([t for t in steps if t > at]) <= 1
