@@ -90,10 +90,12 @@ def test_each_malformed_profile_raises_a_value_error_naming_the_field(valid):
     assert parse_profile(json.dumps(valid)).to_dict() == valid
 
 
-def test_fuzzed_profiles_parse_into_valid_profiles_or_raise_value_error(valid):
-    rng = random.Random(0)
+def fuzzed(valid: dict, count: int, seed: int = 0) -> list[dict]:
+    """``count`` copies of ``valid`` with one to three random field deletions or type swaps each."""
+    rng = random.Random(seed)
     swaps = [None, "x", -1, 1.5, float("nan"), float("inf"), True, [], {}, [[[]]], 10**30]
-    for _ in range(400):
+    out = []
+    for _ in range(count):
         data = copy.deepcopy(valid)
         for _ in range(rng.randint(1, 3)):
             parent, key, node = None, None, data
@@ -106,12 +108,35 @@ def test_fuzzed_profiles_parse_into_valid_profiles_or_raise_value_error(valid):
                 parent.pop(key)
             else:
                 parent[key] = rng.choice(swaps)
+        out.append(data)
+    return out
+
+
+def test_fuzzed_profiles_parse_into_valid_profiles_or_raise_value_error(valid):
+    for data in fuzzed(valid, 400):
         try:
             profile = parse_profile(json.dumps(data))
         except ValueError:
             continue
         profile.merge(profile)  # what parses is usable: merging and serialising work
         parse_profile(json.dumps(profile.to_dict()))
+
+
+def test_fuzzed_rows_never_stop_a_sqlite_reader(valid, tmp_path):
+    store = SQLiteProfileStore(tmp_path / "p.sqlite")
+    rows = [json.dumps(dict(d, collection=f"c{i}") if isinstance(d.get("collection"), str) else d)
+            for i, d in enumerate(fuzzed(valid, 60, seed=1))]
+    with sqlite3.connect(store.path) as db:
+        db.executemany("INSERT INTO profiles VALUES (?, ?, ?, 0)",
+                       [(valid["model"], f"c{i}", row) for i, row in enumerate(rows)])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        kept = store.profiles(valid["model"])
+        assert [p.collection for p in store.profiles(valid["model"])] == [p.collection for p in kept]  # no more warnings
+    with sqlite3.connect(store.path) as db:
+        aside = db.execute("SELECT count(*) FROM corrupt_profiles").fetchone()[0]
+    assert aside == len(seen) == len(rows) - len(kept) > 30
+    store.global_profile(valid["model"])
 
 
 @pytest.fixture(params=["sqlite", "chroma"])
