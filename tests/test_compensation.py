@@ -215,4 +215,4 @@ def test_profile_with_corrupt_moments_is_skipped_with_a_warning(tmp_path, how):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert store.get("m", "c") is None
-    assert any("ignoring corrupt profile row (m, c)" in str(w.message) for w in caught)
+    assert any("collection 'c' (model m) moved aside" in str(w.message) and "moments" in str(w.message) for w in caught)
