@@ -17,12 +17,15 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from .costs import CostModel
+from .generation import GenerationResult
 from .history import Profile, ProfileStore, check_collection, merged, parse_profile
 from .policies import AdaSkipPolicy, OnlineSchedule, budget_count
 from .skipping import PlanSchedule, SkipPlan
@@ -150,6 +153,18 @@ class Learner:
         if warm(self.default_profile):
             return self.default_profile, "default"
         return None, "none"
+
+    def learn(self, decision: Decision, result: GenerationResult,
+              rescore: Callable[[SkipPlan], tuple[torch.Tensor, float]]) -> Profile:
+        """Record a finished request of ``decision``. A refresh first scores the collection's plan against the
+        full model's answer: ``rescore(plan)`` gives the plan's teacher-forced logits over that answer and its
+        prefill seconds, hence the top-1 agreement and the measured speedup."""
+        fidelity = skip_seconds = None
+        if decision.mode == "refresh" and not decision.plan.is_empty:
+            logits, skip_seconds = rescore(decision.plan)
+            answer = torch.tensor(result.token_ids, device=logits.device)
+            fidelity = (logits.argmax(-1) == answer).float().mean().item()
+        return self.record(decision, result.stats, result.prefill_probes, fidelity, skip_seconds)
 
     def record(
         self, decision: Decision, stats: SkipStats, probes, fidelity: float | None = None,

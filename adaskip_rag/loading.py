@@ -22,6 +22,11 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 
 
+def model_label(name_or_path: str | os.PathLike) -> str:
+    """The name of the model at ``name_or_path``: the default model's, or its folder's."""
+    return DEFAULT_MODEL if str(name_or_path) == "default" else Path(name_or_path).name
+
+
 def cache_dir() -> Path:
     """Where converted models and profiles live: $ADASKIP_CACHE, else $XDG_CACHE_HOME/adaskip-rag."""
     if os.environ.get("ADASKIP_CACHE"):

@@ -9,6 +9,7 @@ from conftest import tiny_model
 
 from adaskip_rag import AdaSkipEngine, SkipPlan
 from adaskip_rag.compensation import Affine, apply
+from adaskip_rag.generation import prefill
 from adaskip_rag.skipping import new_cache, skip_forward
 
 ATOL, RTOL = 1e-5, 1e-6
@@ -110,7 +111,7 @@ def test_protected_head_and_tail_logits_and_decode_equal_the_reference(tokenizer
     engine = AdaSkipEngine(model, tokenizer)
     ids, plan = prompt(26), SkipPlan(**{**vars(plan_for(model)), "tail": 6, "head": head})
     cache = new_cache(model)
-    logits, _ = engine.prefill(ids[:, :20], cache, plan, tail=6, logits_to_keep=0)
+    logits, _ = prefill(engine, ids[:, :20], cache, plan, tail=6, logits_to_keep=0)
     with torch.no_grad():
         ref, _ = reference(model, ids, plan, body=14, decode_from=20, head=head)
     assert logits.shape[1] == 6
@@ -134,7 +135,7 @@ def test_generate_with_kept_cache_and_tail_is_greedy_over_the_reference(tokenize
     assert stats.skipped_attention == [1, 3, 4] and stats.attention_kv_kept == [1, 3]
     assert (stats.protected_head, stats.protected_tail) == (1, 5)
     assert stats.skipped_attention_decode == [4]
-    assert stats.kv_bytes_saved == engine._kv_bytes_per_token() * (24 + 6 - 1)  # layer 4 only
+    assert stats.kv_bytes_saved == engine.kv_bytes_per_token() * (24 + 6 - 1)  # layer 4 only
     c = engine.costs
     attn, ffn, kv = c.attention(24), c.ffn(), c.keys_values()
     body = 3 * attn + 2 * kv + 5 * ffn  # attention 1, 3 (keys and values kept) and 4 skipped; FFN 2 skipped

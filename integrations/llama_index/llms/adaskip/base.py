@@ -29,7 +29,8 @@ from llama_index.core.prompts import PromptTemplate
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, field_validator
 
 from adaskip_rag import AdaSkipEngine, GenerationResult, SkipStats
-from adaskip_rag.engine import call_arguments, check_model, model_label
+from adaskip_rag.adapters import call_arguments, check_model
+from adaskip_rag.loading import model_label
 from llama_index.llms.adaskip.retrieval import TRACKER
 
 if TYPE_CHECKING:

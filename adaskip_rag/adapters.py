@@ -1,0 +1,39 @@
+"""What the framework adapters (LangChain, LlamaIndex) share: a call's generation arguments from the adapter's
+settings and the call's keywords, and the model check they run at construction."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .requests import check_int
+
+CALL_SETTINGS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "truncation")
+CALL_OPTIONS = ("json_schema", "tools", "tool_choice", "parallel_tool_calls")  # per call only, no setting
+
+
+def call_arguments(settings: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Generation arguments of one framework call: per-call ``overrides`` (``max_tokens`` or ``max_new_tokens``,
+    :data:`CALL_SETTINGS` and :data:`CALL_OPTIONS`) over the same-named attributes of ``settings`` (the
+    framework's LLM object). Anything else in ``overrides`` raises ValueError."""
+    rest = dict(overrides)
+    for name in ("max_tokens", "max_new_tokens"):
+        if name in rest:
+            check_int(name, rest[name], 1)
+    args = {"max_new_tokens": rest.pop("max_tokens", rest.pop("max_new_tokens", settings.max_tokens))}
+    args.update({name: rest.pop(name, getattr(settings, name)) for name in CALL_SETTINGS})
+    args.update({name: rest.pop(name) for name in CALL_OPTIONS if name in rest})
+    if rest:
+        raise ValueError(f"unsupported arguments: {sorted(rest)}")
+    return args
+
+
+def check_model(name_or_path: str | os.PathLike) -> None:
+    """ValueError unless ``name_or_path`` is "default" or a local model folder (what an adapter checks at
+    construction, before loading anything)."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise ValueError(f"model must be 'default' or a local model folder, got {name_or_path!r}")
+    if str(name_or_path) != "default" and not (Path(name_or_path) / "config.json").is_file():
+        raise ValueError(f"model {str(name_or_path)!r} is neither 'default' nor a local model folder (no config.json)")

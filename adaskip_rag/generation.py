@@ -1,0 +1,260 @@
+"""Generation by phase, the way gpt-fast separates them: :func:`prefill` the prompt, :func:`decode_one_token`
+step by step, and emit text (:class:`Emitter`: stop strings, held-back text, tool calls kept out);
+:func:`generate_steps` runs a request through them. Teacher forcing scores a given answer over the same
+forward pass (:func:`teacher_forced`)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .constrained import TOOL_CALL_OPEN, parse_tool_calls
+from .costs import CostModel
+from .skipping import PlanSchedule, Probe, SkipPlan, StaticSchedule, Sublayer, new_cache
+from .stats import SkipStats
+
+if TYPE_CHECKING:
+    from .engine import AdaSkipEngine
+    from .requests import Request
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: SkipStats
+    prefill_probes: dict[Sublayer, Probe] | None = None
+    decode_probes: list[dict[Sublayer, Probe]] = field(default_factory=list)
+    teacher_forced_logits: torch.Tensor | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    """Tool calls of a request with ``tools``: ``{"id", "name", "arguments"}``; ``text`` is the rest."""
+    invalid_tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+def prefill(engine: AdaSkipEngine, ids: torch.Tensor, cache: Any, plan: SkipPlan, tail: int = 0,
+            probe: bool = False, logits_to_keep: int = 1) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
+    """Prefill the prompt ``ids`` (1, n) under ``plan``: all but the last ``tail`` tokens with its skips (the
+    protected head inside, see :func:`~adaskip_rag.skipping.skip_forward`; probed if ``probe``), then the
+    protected tail with every sublayer that has a cache. The logits of the last ``logits_to_keep`` tokens (at
+    most the tail's when there is one; 0 = all of them) and the probes of the first chunk."""
+    n = ids.shape[1]
+    if plan.is_empty or not tail:
+        return engine.forward(ids, 0, cache, plan, "prefill", probe=probe, logits_to_keep=logits_to_keep)
+    _, probes = engine.forward(ids[:, : n - tail], 0, cache, plan, "prefill", probe=probe)
+    logits, _ = engine.forward(ids[:, n - tail :], n - tail, cache, plan.protected_plan(), "prefill",
+                               logits_to_keep=logits_to_keep)
+    return logits, probes
+
+
+def decode_one_token(engine: AdaSkipEngine, ids: torch.Tensor, position: int, cache: Any, plan: SkipPlan,
+                     probe: bool) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
+    """The logits after the token at ``position`` of ``ids``, fed under ``plan`` into ``cache``."""
+    return engine.forward(ids[:, position : position + 1], position, cache, plan, "decode", probe=probe)
+
+
+class Emitter:
+    """The text of the generated tokens as it may be shown: a stop string ends it (and is never shown), the
+    possible start of a stop string or an incomplete character is held back, tool calls are kept out."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...], tools: bool):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.hidden = (TOOL_CALL_OPEN,) if tools else ()
+        self.text, self.emitted = "", 0
+
+    def add(self, generated: list[int]) -> tuple[str, bool]:
+        """The newly showable text once ``generated`` are the answer's tokens, and whether a stop string ended it."""
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = text[:cut]
+            return "", True
+        self.text = text
+        visible = text.split(TOOL_CALL_OPEN, 1)[0] if self.hidden else text
+        safe = len(visible) - held_back(visible, self.stop + self.hidden)
+        if safe <= self.emitted:
+            return "", False
+        delta, self.emitted = text[self.emitted : safe], safe
+        return delta, False
+
+    def finish(self) -> tuple[str, str, list[dict[str, Any]], list[dict[str, Any]]]:
+        """The answer's text, its part not shown yet, and its tool calls (valid, invalid)."""
+        text, calls, invalid = self.text, [], []
+        if self.hidden:
+            text, calls, invalid = parse_tool_calls(text)
+        return text, text[self.emitted :], calls, invalid
+
+
+def generate_steps(engine: AdaSkipEngine, req: Request) -> Iterator[str | GenerationResult]:
+    """Run ``req``: one item per decode step (the new text, "" if none) and finally the GenerationResult."""
+    n = len(req.input_ids)
+    max_new = min(req.max_new_tokens, engine.context_window - n)
+    ids = torch.zeros(1, n + max_new, dtype=torch.long, device=engine.device)  # prompt, then generated tokens
+    ids[0, :n] = torch.tensor(req.input_ids)
+    cache = new_cache(engine.model)
+    constraint = None if req.grammar is None else engine.grammars.constraint(req.grammar, max_new, req.closes)
+    choose = engine.sampler(req, constraint)
+    record, emitter = PlanRecord(engine.costs, n), Emitter(engine.tokenizer, req.stop, req.tools)
+    token, prefill_probes, forced, prefill_seconds = _prefill_phase(engine, req, ids, cache, choose, record)
+    decode_start = time.perf_counter()
+
+    generated: list[int] = []
+    decode_probes: list[dict[Sublayer, Probe]] = []
+    probes, finish = None, "length"
+    while True:
+        generated.append(token)
+        ids[0, n + len(generated) - 1] = token
+        delta, stopped = ("", True) if token in req.stop_token_ids else emitter.add(generated)
+        if stopped:  # a stop token (its text is not part of the answer) or a stop string
+            finish = "stop"
+            break
+        yield delta  # "" for a step without new text: where a stream can be cancelled
+        if len(generated) >= max_new:
+            break
+        position = n + len(generated) - 1
+        plan, probe = engine.checked(req.schedule.decode(len(generated) - 1, probes))
+        record.decode(plan)
+        logits, probes = decode_one_token(engine, ids, position, cache, plan, probe)
+        if probes is not None:
+            decode_probes.append(probes)
+        token = choose(ids[:, : position + 1], logits[:, -1])
+    if constraint is not None and constraint.closed_early and finish == "stop":
+        finish = "length"  # a complete answer, closed early to fit max_new_tokens
+    text, rest, calls, invalid = emitter.finish()
+    if rest:
+        yield rest
+    stats = record.stats(len(generated), prefill_seconds, time.perf_counter() - decode_start, finish)
+    stats.max_new_tokens = max_new
+    cached = n + len(generated) - 1  # the last token was never fed back
+    stats.kv_bytes_saved = engine.kv_bytes_per_token() * sum(cached - cache.get_seq_length(i)
+                                                               for i in range(engine.num_layers))
+    yield GenerationResult(
+        text=text, token_ids=generated, stats=stats, prefill_probes=prefill_probes, decode_probes=decode_probes,
+        teacher_forced_logits=forced, tool_calls=calls, invalid_tool_calls=invalid,
+    )
+
+
+def _prefill_phase(engine: AdaSkipEngine, req: Request, ids: torch.Tensor, cache: Any, choose: Any,
+                   record: PlanRecord) -> tuple[int, dict[Sublayer, Probe] | None, torch.Tensor | None, float]:
+    """Prefill the prompt under the schedule's first plan: the first answer token, the prefill's probes, the
+    teacher-forced logits of ``req.teacher_forced_ids`` (scored on copies: the generation goes on untouched),
+    and the seconds the prefill took (the forcing left out)."""
+    n, start = len(req.input_ids), time.perf_counter()
+    plan, probe = engine.checked(req.schedule.prefill())
+    tail = engine.tail_tokens(plan, n, req.messages)
+    record.prefill(plan, tail)
+    logits, probes = prefill(engine, ids[:, :n], cache, plan, tail, probe)
+    token = choose(ids[:, :n], logits[:, -1])
+    seconds = time.perf_counter() - start
+    forced = None
+    if req.teacher_forced_ids:
+        forcing = req.schedule.plan if isinstance(req.schedule, StaticSchedule) else copy.deepcopy(req.schedule)
+        forced = force(engine, copy.deepcopy(cache), n, logits[0, -1:], req.teacher_forced_ids, forcing)
+    return token, probes, forced, seconds
+
+
+def teacher_forced(engine: AdaSkipEngine, prompt_ids: Sequence[int], answer_ids: Sequence[int],
+                   plan: SkipPlan | PlanSchedule, messages: Sequence[Any] | None = None) -> tuple[torch.Tensor, float]:
+    """Teacher forcing: the logits under ``plan`` at the positions that predict each token of ``answer_ids``
+    (shape (len(answer_ids), vocab)), and the seconds the prompt's prefill took.
+
+    A SkipPlan is fed the answer in one chunk; a PlanSchedule token by token, with each step's plan.
+    ``messages``: the chat prompt of ``prompt_ids``, for a plan whose tail is "last_user_turn".
+    """
+    schedule = StaticSchedule(plan) if isinstance(plan, SkipPlan) else plan
+    prefill_plan, _ = engine.checked(schedule.prefill())
+    tail = engine.tail_tokens(prefill_plan, len(prompt_ids), messages)
+    cache = new_cache(engine.model)
+    start = time.perf_counter()
+    first, _ = prefill(engine, torch.tensor([list(prompt_ids)]), cache, prefill_plan, tail)
+    prefill_seconds = time.perf_counter() - start
+    return force(engine, cache, len(prompt_ids), first[0, -1:], answer_ids, plan), prefill_seconds
+
+
+def force(engine: AdaSkipEngine, cache: Any, n: int, first: torch.Tensor, answer_ids: Sequence[int],
+          plan: SkipPlan | PlanSchedule) -> torch.Tensor:
+    """Feed ``answer_ids[:-1]`` after a prefill of ``n`` tokens into ``cache`` whose last logits are ``first``;
+    the logits that predict each answer token."""
+    logits = [first]
+    if isinstance(plan, SkipPlan):
+        if len(answer_ids) > 1:
+            rest, _ = engine.forward(torch.tensor([list(answer_ids[:-1])]), n, cache, plan, "decode",
+                                     logits_to_keep=0)
+            logits.append(rest[0])
+    else:
+        probes = None
+        for step, token in enumerate(answer_ids[:-1]):
+            step_plan, probe = engine.checked(plan.decode(step, probes))
+            rest, probes = engine.forward(torch.tensor([[token]]), n + step, cache, step_plan, "decode", probe=probe)
+            logits.append(rest[0, -1:])
+    return torch.cat(logits)
+
+
+class PlanRecord:
+    """What a request skipped, step by step, and the FLOP-estimated speedup of that."""
+
+    def __init__(self, costs: CostModel, n: int):
+        self.costs, self.n = costs, n
+        self.attn: list[int] = []
+        self.kept_kv: list[int] = []
+        self.ffn: list[int] = []
+        self.tail = self.head = 0
+        self.decode_attn: set[int] = set()
+        self.decode_ffn: set[int] = set()
+        self.decode_flops: list[float] = []
+        self.last = SkipPlan()
+
+    def prefill(self, plan: SkipPlan, tail: int) -> None:
+        attn, ffn, kept_kv = plan.skips("prefill")
+        self.attn, self.ffn, self.kept_kv, self.last = sorted(attn), sorted(ffn), sorted(kept_kv), plan
+        self.tail, self.head = (tail, plan.head) if not plan.is_empty else (0, 0)
+
+    def decode(self, plan: SkipPlan) -> None:
+        attn, ffn, _ = plan.skips("decode")
+        self.decode_attn |= set(attn)
+        self.decode_ffn |= set(ffn)
+        self.decode_flops.append(self.costs.flops(self.n, len(attn), len(ffn), "decode"))
+        self.last = plan
+
+    def stats(self, generated: int, prefill_s: float, decode_s: float, finish: str) -> SkipStats:
+        if not self.decode_flops:  # a single token: nothing was decoded, estimate with the prefill plan
+            self.decode(self.last)
+        full = self.costs.flops(self.n, 0, 0, "decode")
+        return SkipStats(
+            prompt_tokens=self.n,
+            generated_tokens=generated,
+            skipped_attention=self.attn,
+            attention_kv_kept=self.kept_kv,
+            protected_tail=self.tail,
+            protected_head=self.head,
+            skipped_ffn_prefill=self.ffn,
+            skipped_attention_decode=sorted(self.decode_attn),
+            skipped_ffn_decode=sorted(self.decode_ffn),
+            prefill_seconds=prefill_s,
+            decode_seconds=decode_s,
+            kv_bytes_saved=0,
+            estimated_prefill_speedup=self.costs.speedup(
+                self.n, len(self.attn), len(self.ffn), "prefill", kept_kv=len(self.kept_kv), tail=self.tail,
+                head=self.head, protected_skipped_attn=len(self.attn) - len(self.kept_kv)),
+            estimated_decode_speedup=full * len(self.decode_flops) / sum(self.decode_flops),
+            finish_reason=finish,
+            skipped_every_sublayer=len(self.attn) == len(self.ffn) == self.costs.layers,
+        )
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters to hold back: a possible start of a stop string, or an incomplete character."""
+    if text.endswith("\ufffd"):
+        return 1
+    held = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:k]):
+                held = k
+                break
+    return held

@@ -1,0 +1,207 @@
+"""A request, checked: its prompt tokens, plan schedule and generation settings; and its next-token sampler."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .constrained import JSONSchema, Constraint, check_tools, json_grammar, tool_grammar
+from .skipping import PlanSchedule, SkipPlan, StaticSchedule
+
+if TYPE_CHECKING:
+    from .engine import AdaSkipEngine
+    from .prompts import Prompt
+
+Sampler = Callable[[torch.Tensor, torch.Tensor], int]
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request: prompt tokens plus generation settings."""
+
+    input_ids: list[int]
+    schedule: PlanSchedule
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    seed: int | None
+    stop: tuple[str, ...]
+    stop_token_ids: frozenset[int]
+    teacher_forced_ids: tuple[int, ...] = ()
+    messages: tuple[Mapping[str, Any], ...] | None = None  # the chat prompt, for a tail of "last_user_turn"
+    grammar: Any = None  # xgrammar.Grammar the answer must follow
+    tools: bool = False  # the answer may hold tool calls
+    closes: bool = False  # the grammar is JSON all through: close it early rather than let max_new_tokens cut it
+
+
+def build_request(
+    engine: AdaSkipEngine,
+    prompt: Prompt,
+    plan: SkipPlan | PlanSchedule | None = None,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    probe: bool = False,
+    truncation: Literal["error", "left"] = "error",
+    ignore_eos: bool = False,
+    teacher_forced_ids: Sequence[int] | None = None,
+    json_schema: JSONSchema | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | None = None,
+    parallel_tool_calls: bool = False,
+) -> Request:
+    """Check every argument of :meth:`AdaSkipEngine.generate` (ValueError naming the first bad one) and encode
+    the prompt."""
+    check_int("max_new_tokens", max_new_tokens, 1, engine.context_window)
+    check_real("temperature", temperature, lambda t: t >= 0, "a finite number >= 0")
+    check_real("top_p", top_p, lambda p: 0 < p <= 1, "a number in (0, 1]")
+    check_int("top_k", top_k, 0)
+    check_real("repetition_penalty", repetition_penalty, lambda r: r > 0, "a finite number > 0")
+    if seed is not None:
+        check_int("seed", seed, 0, 2**64 - 1)
+    for name, flag in (("probe", probe), ("ignore_eos", ignore_eos), ("parallel_tool_calls", parallel_tool_calls)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if truncation not in ("error", "left"):
+        raise ValueError(f"truncation must be 'error' or 'left', got {truncation!r}")
+    schedule = _schedule(engine, plan, probe)
+    stops = (stop,) if isinstance(stop, str) else sequence("stop", stop)
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    vocab = engine.config.vocab_size
+    forced, stop_ids = token_ids("teacher_forced_ids", teacher_forced_ids, vocab), token_ids("stop_token_ids", stop_token_ids, vocab)
+    grammar, tools = _grammar(json_schema, tools, tool_choice, parallel_tool_calls, ignore_eos)
+
+    ids = engine.encode(prompt, tools)
+    if len(ids) >= engine.context_window:
+        if truncation == "error":
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, the model's context window is {engine.context_window}; "
+                "shorten it or pass truncation='left' to keep its last tokens"
+            )
+        ids = ids[-max(1, engine.context_window - max_new_tokens) :]
+    messages = None if isinstance(prompt, str) else tuple(m for m in prompt if isinstance(m, Mapping)) or None
+    if isinstance(schedule, StaticSchedule):
+        engine.tail_tokens(schedule.plan, len(ids), messages)  # a head and tail that fit the prompt
+    return Request(
+        input_ids=ids, schedule=schedule, max_new_tokens=max_new_tokens, temperature=float(temperature),
+        top_p=float(top_p), top_k=top_k, repetition_penalty=float(repetition_penalty), seed=seed, stop=stops,
+        stop_token_ids=frozenset((set() if ignore_eos else engine.eos_ids()) | set(stop_ids)),
+        teacher_forced_ids=forced, messages=messages, grammar=grammar, tools=tools is not None,
+        closes=json_schema is not None or tool_choice not in (None, "auto", "none"),
+    )
+
+
+def _schedule(engine: AdaSkipEngine, plan: Any, probe: bool) -> PlanSchedule:
+    if plan is not None and not isinstance(plan, (SkipPlan, PlanSchedule)):
+        raise ValueError(f"plan must be a SkipPlan or a PlanSchedule, got {type(plan).__name__}")
+    plan = plan or SkipPlan()
+    if isinstance(plan, SkipPlan):
+        plan.check(engine.num_layers, engine.config.hidden_size)
+        return StaticSchedule(plan, probe)
+    return plan
+
+
+def _grammar(json_schema: JSONSchema | None, tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any,
+             parallel: bool, ignore_eos: bool) -> tuple[Any, list[dict[str, Any]] | None]:
+    """The grammar constrained decoding follows (None: free text), and the checked tools."""
+    if tool_choice is not None and not isinstance(tool_choice, str):
+        raise ValueError(f"tool_choice must be 'auto', 'none', 'any' or a tool's name, got {tool_choice!r}")
+    grammar, checked = None, None
+    if tools is not None:
+        if json_schema is not None:
+            raise ValueError("pass json_schema or tools, not both")
+        checked = check_tools(tools)
+        grammar = tool_grammar(checked, "auto" if tool_choice is None else tool_choice, parallel)
+    elif tool_choice is not None:
+        raise ValueError("tool_choice needs tools")
+    elif json_schema is not None:
+        grammar = json_grammar(json_schema)
+    if grammar is not None and ignore_eos:
+        raise ValueError("ignore_eos cannot be combined with json_schema or tools: a finished answer ends with EOS")
+    return grammar, checked
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+def check_real(name: str, value: Any, ok: Callable[[float], bool], what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def sequence(name: str, values: Any) -> tuple:
+    """``values`` (None = empty) as a tuple; ValueError unless it is a list-like of items."""
+    if values is None:
+        return ()
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name} must be a list, got {type(values).__name__}")
+    return tuple(values)
+
+
+def token_ids(name: str, ids: Sequence[int] | None, vocab_size: int) -> tuple[int, ...]:
+    values = sequence(name, ids)
+    if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in values):
+        raise ValueError(f"{name} must be token ids in [0, {vocab_size}), got {list(values)[:8]!r}")
+    return values
+
+
+def sampler(req: Request, device: torch.device, constraint: Constraint | None = None) -> Sampler:
+    """Next-token choice: greedy at temperature 0, else sampling through transformers' logits processors; among
+    the tokens ``constraint`` allows, which it then accepts."""
+    choose = _chooser(req, device)
+    if constraint is None:
+        return choose
+
+    def constrained(ids: torch.Tensor, logits: torch.Tensor) -> int:
+        token = choose(ids, constraint.mask(logits).to(logits.device))
+        constraint.accept(token)
+        return token
+
+    return constrained
+
+
+def _chooser(req: Request, device: torch.device) -> Sampler:
+    processors = LogitsProcessorList()
+    if req.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(req.repetition_penalty))
+    if req.temperature == 0:
+        return lambda ids, logits: int(processors(ids, logits).argmax(-1))
+    processors.append(TemperatureLogitsWarper(req.temperature))
+    if req.top_k:
+        processors.append(TopKLogitsWarper(req.top_k))
+    if req.top_p < 1.0:
+        processors.append(TopPLogitsWarper(req.top_p))
+    generator = torch.Generator(device)
+    if req.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(req.seed)
+
+    def sample(ids: torch.Tensor, logits: torch.Tensor) -> int:
+        probs = torch.softmax(processors(ids, logits).float(), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    return sample
