@@ -10,6 +10,7 @@ from typing import Any
 
 from .requests import check_int
 
+DEFAULT_COLLECTION = "default"  # the profile key of calls that name no collection and retrieved from none
 CALL_SETTINGS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "truncation")
 CALL_OPTIONS = ("json_schema", "tools", "tool_choice", "parallel_tool_calls")  # per call only, no setting
 

@@ -17,10 +17,11 @@ from . import loading
 from .compensation import fit, residual_error
 from .corpora import rag_messages, squad_article, squad_questions
 from .engine import AdaSkipEngine
-from .history import KINDS, Profile, ProfileStore, SQLiteProfileStore, open_store
 from .learning import PROFILES_DIR
 from .policies import AdaSkipPolicy, budget_count, top_k_plan
+from .profiles import KINDS, Profile
 from .skipping import Sublayer
+from .stores import ProfileStore, SQLiteProfileStore, open_store
 
 DEMO_ARTICLE = "Sky_(United_Kingdom)"
 DEFAULT_PROFILE_CORPUS = "squad-v2-dev"

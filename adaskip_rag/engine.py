@@ -23,12 +23,12 @@ from . import loading, prompts
 from .constrained import Constraint, Grammars
 from .costs import CostModel
 from .generation import GenerationResult, generate_steps, teacher_forced
-from .history import ProfileStore, open_store
 from .learning import Decision, Learner, shipped_profile
 from .policies import AdaSkipPolicy
 from .prompts import Prompt
 from .requests import Request, Sampler, build_request, sampler
 from .skipping import PlanSchedule, SkipPlan, skip_forward
+from .stores import ProfileStore, open_store
 from .streams import AsyncTextStream, TextStream
 
 __all__ = ["AdaSkipEngine", "AsyncTextStream", "GenerationResult", "TextStream"]

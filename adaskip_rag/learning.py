@@ -20,16 +20,19 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from .costs import CostModel
 from .generation import GenerationResult
-from .history import Profile, ProfileStore, check_collection, merged, parse_profile
+from .profiles import Profile, check_collection, merged, parse_profile
 from .policies import AdaSkipPolicy, OnlineSchedule, budget_count
 from .skipping import PlanSchedule, SkipPlan
 from .stats import SkipStats
+
+if TYPE_CHECKING:
+    from .stores import ProfileStore
 
 Mode = Literal["warmup", "skip", "refresh"]
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"

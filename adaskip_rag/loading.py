@@ -40,7 +40,7 @@ def profile_db_path() -> Path:
 
 
 def profile_store_url() -> str:
-    """The default profile store (see ``history.open_store``): $ADASKIP_PROFILE_STORE, e.g.
+    """The default profile store (see ``stores.open_store``): $ADASKIP_PROFILE_STORE, e.g.
     ``chroma://127.0.0.1:8000`` for profiles shared by replicas, else the SQLite file ``profile_db_path()``."""
     return os.environ.get("ADASKIP_PROFILE_STORE") or str(profile_db_path())
 

@@ -1,7 +1,7 @@
 """Which sublayers to skip: AdaSkip (offline + online importance learning), cost-aware AdaSkip, baselines.
 
 A policy turns a profile (mean IO similarity and scale of every sublayer and the moments compensations are
-fitted from, see ``history.py``) into a :class:`~adaskip_rag.skipping.PlanSchedule` for one request.
+fitted from, see ``profiles.py``) into a :class:`~adaskip_rag.skipping.PlanSchedule` for one request.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Literal
 
 from .compensation import MODES, Compensation, Mode, fit, moments_width, residual_error
 from .costs import CostModel
-from .history import Profile
+from .profiles import Profile
 from .skipping import Probe, SkipPlan, StaticSchedule, Sublayer, Tail
 
 

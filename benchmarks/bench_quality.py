@@ -54,7 +54,8 @@ from bench_data import Item, items
 
 from adaskip_rag import AdaSkipEngine
 from adaskip_rag.corpora import rag_messages
-from adaskip_rag.history import Profile, SQLiteProfileStore
+from adaskip_rag.profiles import Profile
+from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.policies import AdaSkipPolicy, SkipDecode, early_exit, unified_skipping
 from adaskip_rag.skipping import PlanSchedule, SkipPlan, StaticSchedule
 

@@ -25,7 +25,7 @@ from bench_data import Item, essay_chunks, items
 
 from adaskip_rag import AdaSkipEngine, Sublayer
 from adaskip_rag.corpora import rag_messages
-from adaskip_rag.history import Profile
+from adaskip_rag.profiles import Profile
 
 KS = (4, 6, 10)
 WINDOWS = (10, 20, 40)

@@ -32,7 +32,7 @@ from transformers import pipeline
 
 from adaskip_rag import AdaSkipEngine
 from adaskip_rag.corpora import SYSTEM, USER_TEMPLATE, squad
-from adaskip_rag.history import SQLiteProfileStore
+from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.policies import AdaSkipPolicy
 from langchain_adaskip import ChatAdaSkip
 

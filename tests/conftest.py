@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from adaskip_rag import AdaSkipEngine
-from adaskip_rag.history import SQLiteProfileStore
+from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.policies import AdaSkipPolicy
 from adaskip_rag.loading import default_model_path
 

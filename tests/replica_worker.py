@@ -14,7 +14,7 @@ from conftest import tiny_model  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from adaskip_rag import AdaSkipEngine  # noqa: E402
-from adaskip_rag.chroma_store import ChromaProfileStore  # noqa: E402
+from adaskip_rag.stores.chroma import ChromaProfileStore  # noqa: E402
 from adaskip_rag.learning import _skip_set  # noqa: E402
 from adaskip_rag.loading import default_model_path  # noqa: E402
 from adaskip_rag.policies import AdaSkipPolicy  # noqa: E402

@@ -11,8 +11,8 @@ import pytest
 
 chromadb = pytest.importorskip("chromadb")
 
-from adaskip_rag.chroma_store import ChromaProfileStore  # noqa: E402
-from adaskip_rag.history import SQLiteProfileStore, open_store  # noqa: E402
+from adaskip_rag.stores.chroma import ChromaProfileStore  # noqa: E402
+from adaskip_rag.stores import SQLiteProfileStore, open_store  # noqa: E402
 from replica_worker import replica_engine, skip_set  # noqa: E402
 from test_history import delta  # noqa: E402
 from conftest import ChromaServer  # noqa: E402
@@ -93,7 +93,7 @@ def test_requests_survive_an_outage_and_buffered_updates_arrive(server, caplog):
     assert ask(25).stats.mode == "skip"
 
     server.stop()
-    with caplog.at_level(logging.WARNING, logger="adaskip_rag.chroma_store"):
+    with caplog.at_level(logging.WARNING, logger="adaskip_rag.stores.chroma"):
         during = [ask(26 + i).stats for i in range(10)]
     assert engine.learner.store.degraded
     assert all(s.mode == "skip" for s in during) and skip_set(engine, "shared") == before  # last known plan
@@ -108,7 +108,7 @@ def test_requests_survive_an_outage_and_buffered_updates_arrive(server, caplog):
 def test_a_replica_that_starts_while_the_server_is_down_runs_in_full(tmp_path, caplog):
     srv = ChromaServer(tmp_path / "chroma")  # never started
     engine = replica_engine(srv.port, "r1")
-    with caplog.at_level(logging.WARNING, logger="adaskip_rag.chroma_store"):
+    with caplog.at_level(logging.WARNING, logger="adaskip_rag.stores.chroma"):
         results = [engine.generate("what is 2 plus 2?", collection="shared", max_new_tokens=2) for _ in range(3)]
     assert [r.stats.mode for r in results] == ["warmup"] * 3 and not results[0].stats.skipped_attention
     assert sum("unreachable" in r.message for r in caplog.records) == 1
@@ -159,7 +159,7 @@ def test_store_urls(tmp_path):
     assert isinstance(open_store(tmp_path / "p.sqlite"), SQLiteProfileStore)
     assert open_store(f"sqlite:///{tmp_path}/q.sqlite").path == tmp_path / "q.sqlite"
     s = open_store("chroma://10.0.0.5:8123/team_profiles?replica=api-1&cache_seconds=0.5")
-    assert (s.host, s.port, s.collection_name, s.replica, s.cache_seconds) == (
+    assert (s.host, s.port, s.profiles_collection, s.replica, s.cache_seconds) == (
         "10.0.0.5", 8123, "team_profiles", "api-1", 0.5)
 
 
@@ -176,7 +176,7 @@ def test_compensation_moments_of_a_full_size_model_round_trip_and_merge_exactly(
     """Two replicas' moments at the default model's size (30 layers, d = 576: 1.1 MB a record) add up exactly."""
     import torch
 
-    from adaskip_rag.history import Profile
+    from adaskip_rag.profiles import Profile
 
     def with_moments(seed: int) -> Profile:
         p = Profile("m", "docs", 30, queries=1)

@@ -7,7 +7,7 @@ from conftest import tiny_model
 
 from adaskip_rag import AdaSkipEngine
 from adaskip_rag.cli import main
-from adaskip_rag.history import SQLiteProfileStore
+from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.policies import AdaSkipPolicy
 
 

@@ -35,7 +35,7 @@ def test_ignore_eos_generates_the_full_budget(default_engine):
 def test_quality_guard_lowers_the_budget_on_the_real_model(default_engine, tmp_path, monkeypatch):
     from adaskip_rag import AdaSkipEngine
     from adaskip_rag.corpora import rag_messages, squad_questions
-    from adaskip_rag.history import SQLiteProfileStore
+    from adaskip_rag.stores import SQLiteProfileStore
     from adaskip_rag.policies import AdaSkipPolicy
 
     monkeypatch.setenv("ADASKIP_PROFILES", str(tmp_path))  # no shipped profile: learn from this collection only
@@ -56,7 +56,7 @@ def test_new_collection_starts_from_the_shipped_profile(default_engine, tmp_path
     from adaskip_rag import AdaSkipEngine
     from adaskip_rag.compensation import Affine
     from adaskip_rag.corpora import rag_messages, squad_questions
-    from adaskip_rag.history import SQLiteProfileStore
+    from adaskip_rag.stores import SQLiteProfileStore
 
     engine = AdaSkipEngine(default_engine.model, default_engine.tokenizer, default_engine.name,
                            store=SQLiteProfileStore(tmp_path / "p.sqlite"))

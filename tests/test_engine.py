@@ -398,7 +398,7 @@ def test_max_new_tokens_beyond_the_window_left_is_clamped_and_reported(tiny_engi
 
 
 def test_a_policy_that_skips_all_2l_sublayers_serves(tokenizer, tmp_path):
-    from adaskip_rag.history import SQLiteProfileStore
+    from adaskip_rag.stores import SQLiteProfileStore
     from adaskip_rag.policies import AdaSkipPolicy
 
     model = tiny_model("llama")

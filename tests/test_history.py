@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from adaskip_rag import Sublayer
-from adaskip_rag.history import Profile, SQLiteProfileStore, check_collection
+from adaskip_rag.profiles import Profile, check_collection
+from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.skipping import Probe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ def test_eight_threads_then_four_processes_lose_no_update(tmp_path):
 
     script = (
         "import sys; sys.path.insert(0, sys.argv[2]); from test_history import delta; "
-        "from adaskip_rag.history import SQLiteProfileStore; s = SQLiteProfileStore(sys.argv[1]); "
+        "from adaskip_rag.stores import SQLiteProfileStore; s = SQLiteProfileStore(sys.argv[1]); "
         "[s.add(delta(i)) for i in range(100)]"
     )
     procs = [subprocess.Popen([sys.executable, "-c", script, str(path), str(ROOT / "tests")]) for _ in range(4)]
@@ -69,7 +70,7 @@ def test_writer_killed_mid_way_leaves_every_committed_update(tmp_path):
     SQLiteProfileStore(path)
     script = (
         "import sys; sys.path.insert(0, sys.argv[2]); from test_history import delta; "
-        "from adaskip_rag.history import SQLiteProfileStore; s = SQLiteProfileStore(sys.argv[1])\n"
+        "from adaskip_rag.stores import SQLiteProfileStore; s = SQLiteProfileStore(sys.argv[1])\n"
         "for i in range(100000):\n    s.add(delta(i)); print(i, flush=True)"
     )
     proc = subprocess.Popen(

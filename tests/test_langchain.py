@@ -362,7 +362,7 @@ EXTRACTIONS = [t.format(name=n, age=a, city=c) for t in TEMPLATES for n, a, c in
 def skipping_engine(tmp_path_factory):
     """The default model learning from the first query with a tail that fits short prompts: every answer skips."""
     from adaskip_rag import AdaSkipEngine
-    from adaskip_rag.history import SQLiteProfileStore
+    from adaskip_rag.stores import SQLiteProfileStore
     from adaskip_rag.policies import AdaSkipPolicy
 
     base = AdaSkipEngine.shared("default")

@@ -9,7 +9,8 @@ from conftest import tiny_model
 
 from adaskip_rag import AdaSkipEngine, CostModel, SkipPlan, Sublayer
 from adaskip_rag.compensation import fit
-from adaskip_rag.history import Profile, SQLiteProfileStore
+from adaskip_rag.profiles import Profile
+from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.learning import Learner
 from adaskip_rag.policies import (
     AdaSkipPolicy,

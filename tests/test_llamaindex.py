@@ -15,7 +15,7 @@ from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 
 from adaskip_rag import AdaSkipEngine
-from adaskip_rag.history import SQLiteProfileStore
+from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.policies import AdaSkipPolicy
 from conftest import COLLECTIONS, tiny_model
 from llama_index.llms.adaskip import AdaSkipLLM, AdaSkipStatsEvent

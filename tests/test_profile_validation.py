@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from adaskip_rag import AdaSkipEngine
-from adaskip_rag.history import Profile, SQLiteProfileStore, parse_profile
+from adaskip_rag.profiles import Profile, parse_profile
+from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.learning import shipped_profile
 from adaskip_rag.policies import AdaSkipPolicy
 from conftest import tiny_model
@@ -154,7 +155,7 @@ def serving(request, tokenizer, tmp_path):
                 return [row[0] for row in db.execute("SELECT collection FROM corrupt_profiles")]
     else:
         chromadb = pytest.importorskip("chromadb")
-        from adaskip_rag.chroma_store import ChromaProfileStore
+        from adaskip_rag.stores.chroma import ChromaProfileStore
         from conftest import ChromaServer
 
         server = ChromaServer(tmp_path / "chroma")

@@ -17,13 +17,12 @@ from langchain_core.language_models.base import LangSmithParams
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from adaskip_rag import AdaSkipEngine, SkipStats
-from adaskip_rag.adapters import call_arguments, check_model
+from adaskip_rag.adapters import DEFAULT_COLLECTION, call_arguments, check_model
 from adaskip_rag.loading import model_label
 from langchain_adaskip._retrieval import TRACKER
 
 STATS_EVENT = "adaskip_stats"
 COLLECTION_METADATA_KEY = "adaskip_collection"
-DEFAULT_COLLECTION = "default"
 
 
 class AdaSkipParams(BaseModel):

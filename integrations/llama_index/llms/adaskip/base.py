@@ -29,14 +29,13 @@ from llama_index.core.prompts import PromptTemplate
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, field_validator
 
 from adaskip_rag import AdaSkipEngine, GenerationResult, SkipStats
-from adaskip_rag.adapters import call_arguments, check_model
+from adaskip_rag.adapters import DEFAULT_COLLECTION, call_arguments, check_model
 from adaskip_rag.loading import model_label
 from llama_index.llms.adaskip.retrieval import TRACKER
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
 
-DEFAULT_COLLECTION = "default"
 dispatcher = get_dispatcher(__name__)
 
 Prompt = str | list[dict[str, Any]]

@@ -20,15 +20,17 @@ import warnings
 from collections import OrderedDict
 from typing import Any
 
-from .history import Profile, ProfileStore, check_collection, parse_profile
+from ..profiles import Profile, check_collection, parse_profile
+from .base import ProfileStore
 
 log = logging.getLogger(__name__)
-DEFAULT_COLLECTION = "adaskip_profiles"
+PROFILES_COLLECTION = "adaskip_profiles"  # the Chroma collection the records live in
 _CORRUPT_MODEL = "__corrupt__"  # model key under which an unreadable record of this replica is kept
 
 
 class ChromaProfileStore(ProfileStore):
-    """Profiles in a collection (``collection``, default ``adaskip_profiles``) of a Chroma server.
+    """Profiles in a Chroma collection of their own (``profiles_collection``, default ``adaskip_profiles``) on a
+    Chroma server.
 
     Args:
         host, port, ssl, headers: the server, as for ``chromadb.HttpClient``.
@@ -42,7 +44,7 @@ class ChromaProfileStore(ProfileStore):
 
     def __init__(
         self, host: str = "localhost", port: int = 8000, *, ssl: bool = False, headers: dict[str, str] | None = None,
-        collection: str = DEFAULT_COLLECTION, client: Any = None, replica: str | None = None,
+        profiles_collection: str = PROFILES_COLLECTION, client: Any = None, replica: str | None = None,
         cache_seconds: float = 2.0, retry_seconds: float = 1.0, max_pending: int = 1024,
     ):
         for name, value in (("cache_seconds", cache_seconds), ("retry_seconds", retry_seconds)):
@@ -51,10 +53,10 @@ class ChromaProfileStore(ProfileStore):
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending!r}")
         self.host, self.port, self.ssl, self.headers = host, port, ssl, headers
-        self.collection_name = collection
+        self.profiles_collection = profiles_collection
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.cache_seconds, self.retry_seconds, self.max_pending = cache_seconds, retry_seconds, max_pending
-        self._client, self._collection = client, None
+        self._client, self._records = client, None
         self._own: dict[tuple[str, str], tuple[float, Profile]] = {}  # this replica's totals and update times
         self._pending: OrderedDict[tuple[str, str], None] = OrderedDict()  # own totals not yet on the server
         self._others: dict[str | None, tuple[float, dict[tuple[str, str], list[tuple[float, Profile]]]]] = {}
@@ -155,7 +157,7 @@ class ChromaProfileStore(ProfileStore):
         return json.dumps([model, collection, self.replica])
 
     def _remote(self) -> Any:
-        if self._collection is None:
+        if self._records is None:
             import chromadb
 
             try:
@@ -163,8 +165,8 @@ class ChromaProfileStore(ProfileStore):
                     host=self.host, port=self.port, ssl=self.ssl, headers=self.headers)
             except ValueError as exc:  # the client checks the server when it is built
                 raise ConnectionError(str(exc)) from exc
-            self._collection = self._client.get_or_create_collection(self.collection_name, embedding_function=None)
-        return self._collection
+            self._records = self._client.get_or_create_collection(self.profiles_collection, embedding_function=None)
+        return self._records
 
     def _read(self, model: str | None) -> dict[tuple[str, str], list[tuple[float, Profile]]]:
         """Other replicas' records of ``model`` (all models if None), from the cache while it is fresh, and

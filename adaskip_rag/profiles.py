@@ -1,11 +1,9 @@
-"""Per-collection profiles of sublayer importance, and the stores that keep them.
+"""Per-collection profiles of sublayer importance: the data, merging and validation (no storage).
 
 A :class:`Profile` holds, for one (model fingerprint, collection), running *sums and counts* of the prefill
 IO similarity and scale of every sublayer and the moments its compensation is fitted from
 (``compensation.py``), so merging profiles (collections into a global profile, or replicas into one) is exact
-and order-free. :class:`SQLiteProfileStore` is the default store: one file, WAL,
-every update one transaction, safe across threads and processes. Replicas of a service share profiles through
-a Chroma server (``chroma_store.ChromaProfileStore``); :func:`open_store` opens either from a URL.
+and order-free. Where profiles are kept is ``stores/``.
 """
 
 from __future__ import annotations
@@ -14,16 +12,9 @@ import base64
 import json
 import math
 import re
-import sqlite3
-import time
-import warnings
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import torch
@@ -179,10 +170,10 @@ class Profile:
 def parse_profile(text: str | bytes) -> Profile:
     """A profile from its JSON text (what every reader uses): ValueError for anything that does not parse or
     validate, nesting too deep for the JSON parser included."""
-    return Profile.from_dict(_json(text))
+    return Profile.from_dict(load_json(text))
 
 
-def _json(text: str | bytes) -> Any:
+def load_json(text: str | bytes) -> Any:
     try:
         return json.loads(text)
     except RecursionError:
@@ -262,212 +253,3 @@ def merged(profiles: Iterable[Profile], collection: str) -> Profile | None:
     for p in profiles:
         total = Profile(p.model, collection, p.num_layers).merge(p) if total is None else total.merge(p)
     return total
-
-
-class ProfileStore(ABC):
-    """Where profiles live. ``add`` must be atomic: concurrent adders never lose an update."""
-
-    @abstractmethod
-    def get(self, model: str, collection: str) -> Profile | None: ...
-
-    @abstractmethod
-    def add(self, delta: Profile) -> Profile:
-        """Merge ``delta`` into the stored profile of its (model, collection) and return the result."""
-
-    @abstractmethod
-    def profiles(self, model: str | None = None) -> list[Profile]:
-        """Every valid stored profile (of one model, if given)."""
-
-    @abstractmethod
-    def delete(self, model: str, collection: str | None = None) -> int:
-        """Remove one collection's profile (or all of a model's); returns how many were removed."""
-
-    def global_profile(self, model: str) -> Profile | None:
-        """All collections of ``model`` merged (exact: sums add)."""
-        return merged(self.profiles(model), "*")
-
-    def export_json(self, model: str | None = None) -> str:
-        return json.dumps([p.to_dict() for p in self.profiles(model)], indent=1)
-
-    def add_all(self, deltas: list[Profile]) -> list[Profile]:
-        """:meth:`add` of every delta, written together where the store can (SQLite: one transaction)."""
-        return [self.add(delta) for delta in deltas]
-
-    def import_json(self, text: str) -> int:
-        """Add every profile in ``text`` (from :meth:`export_json`) to this store; returns how many were added.
-        Every item is validated first and all are written together: a bad item writes nothing (ValueError
-        naming the item and the field)."""
-        items = _json(text)
-        if not isinstance(items, list):
-            raise ValueError("profile JSON must be a list of profiles")
-        profiles = []
-        for i, item in enumerate(items):
-            try:
-                profiles.append(Profile.from_dict(item))
-                check_collection(profiles[-1].collection)
-            except ValueError as exc:
-                raise ValueError(f"profile {i} of {len(items)}: {exc}") from None
-        for i, p in enumerate(profiles):  # the merges a write will make, checked before anything is written
-            stored = self.get(p.model, p.collection)
-            try:
-                (stored or Profile(p.model, p.collection, p.num_layers)).merge(p)
-            except ValueError as exc:
-                raise ValueError(f"profile {i} of {len(items)}: {exc}") from None
-        self.add_all(profiles)
-        return len(profiles)
-
-
-class SQLiteProfileStore(ProfileStore):
-    """Profiles in one SQLite file (WAL). Each :meth:`add` is one ``BEGIN IMMEDIATE`` transaction.
-
-    A row that does not validate is never used: the first read that meets it warns once, naming the collection
-    and the field, and moves it to the ``corrupt_profiles`` table (kept for inspection); the collection starts
-    afresh. A file that is not a SQLite database (damaged, truncated) is renamed to ``<name>.corrupt-<time>``
-    with a warning and a fresh store is created: profiles are relearned, serving goes on.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._create()
-        except sqlite3.DatabaseError as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.time():.0f}")
-            for suffix in ("", "-wal", "-shm"):
-                if Path(f"{self.path}{suffix}").exists():
-                    Path(f"{self.path}{suffix}").rename(f"{aside}{suffix}")
-            warnings.warn(f"profile store {self.path} is damaged ({exc}): moved to {aside}, starting a new store; "
-                          "collections relearn their profiles", stacklevel=2)
-            self._create()
-
-    def _create(self) -> None:
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS profiles (model TEXT, collection TEXT, data TEXT NOT NULL, "
-                "updated REAL NOT NULL, PRIMARY KEY (model, collection))"
-            )
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS corrupt_profiles (model TEXT, collection TEXT, data TEXT, moved REAL)"
-            )
-            db.execute("SELECT count(*) FROM profiles").fetchone()
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)  # autocommit; add() opens its own
-        try:
-            db.execute("PRAGMA busy_timeout=60000")
-            yield db
-        finally:
-            db.close()
-
-    def _read(self, db: sqlite3.Connection, model: str, collection: str, data: str) -> Profile | None:
-        """The row's profile, or None after moving a row that does not validate aside (with one warning)."""
-        try:
-            profile = parse_profile(data)
-            if (profile.model, profile.collection) != (model, collection):
-                raise ValueError("malformed profile: row key does not match its content")
-            return profile
-        except ValueError as exc:
-            self._move_aside(db, model, collection, data, exc)
-            return None
-
-    @staticmethod
-    def _move_aside(db: sqlite3.Connection, model: str, collection: str, data: str, why: Exception) -> None:
-        moved = db.execute(  # unless another reader moved it first
-            "DELETE FROM profiles WHERE model = ? AND collection = ? AND data = ?", (model, collection, data)
-        ).rowcount
-        if moved:
-            db.execute("INSERT INTO corrupt_profiles VALUES (?, ?, ?, ?)", (model, collection, data, time.time()))
-            warnings.warn(f"profile of collection {collection!r} (model {model}) moved aside to corrupt_profiles: "
-                          f"{why}", stacklevel=4)
-
-    def get(self, model: str, collection: str) -> Profile | None:
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT data FROM profiles WHERE model = ? AND collection = ?", (model, collection)
-            ).fetchone()
-            return self._read(db, model, collection, row[0]) if row else None
-
-    def add(self, delta: Profile) -> Profile:
-        return self.add_all([delta])[0]
-
-    def add_all(self, deltas: list[Profile]) -> list[Profile]:
-        """:meth:`add` of every delta in one transaction: all are written, or (on an error) none."""
-        for delta in deltas:
-            check_collection(delta.collection)
-        results = []
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for delta in deltas:
-                    results.append(self._add(db, delta))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")  # a crash before this line rolls the whole update back
-        return results
-
-    def _add(self, db: sqlite3.Connection, delta: Profile) -> Profile:
-        row = db.execute(
-            "SELECT data FROM profiles WHERE model = ? AND collection = ?", (delta.model, delta.collection)
-        ).fetchone()
-        current = self._read(db, delta.model, delta.collection, row[0]) if row else None
-        try:
-            result = (current or Profile(delta.model, delta.collection, delta.num_layers)).merge(delta)
-        except ValueError as exc:  # a stored profile this model's updates cannot add to (layers, moment widths)
-            self._move_aside(db, delta.model, delta.collection, row[0], exc)
-            result = Profile(delta.model, delta.collection, delta.num_layers).merge(delta)
-        db.execute(
-            "INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?)",
-            (delta.model, delta.collection, json.dumps(result.to_dict()), time.time()),
-        )
-        return result
-
-    def profiles(self, model: str | None = None) -> list[Profile]:
-        with self._connect() as db:
-            rows = db.execute(
-                "SELECT model, collection, data FROM profiles WHERE ? IS NULL OR model = ? ORDER BY model, collection",
-                (model, model),
-            ).fetchall()
-            return [p for p in (self._read(db, *row) for row in rows) if p is not None]
-
-    def delete(self, model: str, collection: str | None = None) -> int:
-        with self._connect() as db:
-            cur = db.execute(
-                "DELETE FROM profiles WHERE model = ? AND (? IS NULL OR collection = ?)", (model, collection, collection)
-            )
-            return cur.rowcount
-
-
-def open_store(url: str | Path) -> ProfileStore:
-    """The store at ``url``: a file path, ``sqlite:///relative/path`` or ``sqlite:////absolute/path`` (SQLite), or
-    ``chroma://host:port[/collection][?replica=NAME&cache_seconds=S&retry_seconds=S&max_pending=N&ssl=1]``
-    (profiles shared through a Chroma server)."""
-    text = str(url)
-    parts = urlsplit(text)
-    if parts.scheme == "sqlite":
-        return SQLiteProfileStore(parts.path[1:])  # sqlite:///relative, sqlite:////absolute
-    if parts.scheme != "chroma":
-        if "://" in text:
-            raise ValueError(f"unknown profile store {text!r}: use a file path, sqlite:///PATH or chroma://HOST:PORT")
-        return SQLiteProfileStore(text)
-    from .chroma_store import DEFAULT_COLLECTION, ChromaProfileStore
-
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    known = {"replica", "cache_seconds", "retry_seconds", "max_pending", "ssl"}
-    if set(query) - known:
-        raise ValueError(f"unknown profile store options {sorted(set(query) - known)} in {text!r}")
-    try:
-        options = {
-            **({"replica": query["replica"]} if "replica" in query else {}),
-            **{k: float(query[k]) for k in ("cache_seconds", "retry_seconds") if k in query},
-            **({"max_pending": int(query["max_pending"])} if "max_pending" in query else {}),
-            "ssl": query.get("ssl", "0").lower() in ("1", "true", "yes"),
-        }
-        port = parts.port or 8000
-    except ValueError as exc:
-        raise ValueError(f"bad profile store URL {text!r}: {exc}") from None
-    if not parts.hostname:
-        raise ValueError(f"profile store URL {text!r} names no host")
-    return ChromaProfileStore(parts.hostname, port, collection=parts.path.strip("/") or DEFAULT_COLLECTION, **options)

@@ -1,0 +1,62 @@
+"""The interface of a profile store, and what every store gets from it (global profile, JSON export and
+import)."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+
+from ..profiles import Profile, check_collection, load_json, merged
+
+
+class ProfileStore(ABC):
+    """Where profiles live. ``add`` must be atomic: concurrent adders never lose an update."""
+
+    @abstractmethod
+    def get(self, model: str, collection: str) -> Profile | None: ...
+
+    @abstractmethod
+    def add(self, delta: Profile) -> Profile:
+        """Merge ``delta`` into the stored profile of its (model, collection) and return the result."""
+
+    @abstractmethod
+    def profiles(self, model: str | None = None) -> list[Profile]:
+        """Every valid stored profile (of one model, if given)."""
+
+    @abstractmethod
+    def delete(self, model: str, collection: str | None = None) -> int:
+        """Remove one collection's profile (or all of a model's); returns how many were removed."""
+
+    def global_profile(self, model: str) -> Profile | None:
+        """All collections of ``model`` merged (exact: sums add)."""
+        return merged(self.profiles(model), "*")
+
+    def export_json(self, model: str | None = None) -> str:
+        return json.dumps([p.to_dict() for p in self.profiles(model)], indent=1)
+
+    def add_all(self, deltas: list[Profile]) -> list[Profile]:
+        """:meth:`add` of every delta, written together where the store can (SQLite: one transaction)."""
+        return [self.add(delta) for delta in deltas]
+
+    def import_json(self, text: str) -> int:
+        """Add every profile in ``text`` (from :meth:`export_json`) to this store; returns how many were added.
+        Every item is validated first and all are written together: a bad item writes nothing (ValueError
+        naming the item and the field)."""
+        items = load_json(text)
+        if not isinstance(items, list):
+            raise ValueError("profile JSON must be a list of profiles")
+        profiles = []
+        for i, item in enumerate(items):
+            try:
+                profiles.append(Profile.from_dict(item))
+                check_collection(profiles[-1].collection)
+            except ValueError as exc:
+                raise ValueError(f"profile {i} of {len(items)}: {exc}") from None
+        for i, p in enumerate(profiles):  # the merges a write will make, checked before anything is written
+            stored = self.get(p.model, p.collection)
+            try:
+                (stored or Profile(p.model, p.collection, p.num_layers)).merge(p)
+            except ValueError as exc:
+                raise ValueError(f"profile {i} of {len(items)}: {exc}") from None
+        self.add_all(profiles)
+        return len(profiles)

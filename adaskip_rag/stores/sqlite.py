@@ -1,0 +1,137 @@
+"""Profiles in one SQLite file: the default store."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..profiles import Profile, check_collection, parse_profile
+from .base import ProfileStore
+
+
+class SQLiteProfileStore(ProfileStore):
+    """Profiles in one SQLite file (WAL). Each :meth:`add` is one ``BEGIN IMMEDIATE`` transaction.
+
+    A row that does not validate is never used: the first read that meets it warns once, naming the collection
+    and the field, and moves it to the ``corrupt_profiles`` table (kept for inspection); the collection starts
+    afresh. A file that is not a SQLite database (damaged, truncated) is renamed to ``<name>.corrupt-<time>``
+    with a warning and a fresh store is created: profiles are relearned, serving goes on.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._create()
+        except sqlite3.DatabaseError as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.time():.0f}")
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{self.path}{suffix}").exists():
+                    Path(f"{self.path}{suffix}").rename(f"{aside}{suffix}")
+            warnings.warn(f"profile store {self.path} is damaged ({exc}): moved to {aside}, starting a new store; "
+                          "collections relearn their profiles", stacklevel=2)
+            self._create()
+
+    def _create(self) -> None:
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS profiles (model TEXT, collection TEXT, data TEXT NOT NULL, "
+                "updated REAL NOT NULL, PRIMARY KEY (model, collection))"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS corrupt_profiles (model TEXT, collection TEXT, data TEXT, moved REAL)"
+            )
+            db.execute("SELECT count(*) FROM profiles").fetchone()
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)  # autocommit; add() opens its own
+        try:
+            db.execute("PRAGMA busy_timeout=60000")
+            yield db
+        finally:
+            db.close()
+
+    def _read(self, db: sqlite3.Connection, model: str, collection: str, data: str) -> Profile | None:
+        """The row's profile, or None after moving a row that does not validate aside (with one warning)."""
+        try:
+            profile = parse_profile(data)
+            if (profile.model, profile.collection) != (model, collection):
+                raise ValueError("malformed profile: row key does not match its content")
+            return profile
+        except ValueError as exc:
+            self._move_aside(db, model, collection, data, exc)
+            return None
+
+    @staticmethod
+    def _move_aside(db: sqlite3.Connection, model: str, collection: str, data: str, why: Exception) -> None:
+        moved = db.execute(  # unless another reader moved it first
+            "DELETE FROM profiles WHERE model = ? AND collection = ? AND data = ?", (model, collection, data)
+        ).rowcount
+        if moved:
+            db.execute("INSERT INTO corrupt_profiles VALUES (?, ?, ?, ?)", (model, collection, data, time.time()))
+            warnings.warn(f"profile of collection {collection!r} (model {model}) moved aside to corrupt_profiles: "
+                          f"{why}", stacklevel=4)
+
+    def get(self, model: str, collection: str) -> Profile | None:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT data FROM profiles WHERE model = ? AND collection = ?", (model, collection)
+            ).fetchone()
+            return self._read(db, model, collection, row[0]) if row else None
+
+    def add(self, delta: Profile) -> Profile:
+        return self.add_all([delta])[0]
+
+    def add_all(self, deltas: list[Profile]) -> list[Profile]:
+        """:meth:`add` of every delta in one transaction: all are written, or (on an error) none."""
+        for delta in deltas:
+            check_collection(delta.collection)
+        results = []
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for delta in deltas:
+                    results.append(self._add(db, delta))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")  # a crash before this line rolls the whole update back
+        return results
+
+    def _add(self, db: sqlite3.Connection, delta: Profile) -> Profile:
+        row = db.execute(
+            "SELECT data FROM profiles WHERE model = ? AND collection = ?", (delta.model, delta.collection)
+        ).fetchone()
+        current = self._read(db, delta.model, delta.collection, row[0]) if row else None
+        try:
+            result = (current or Profile(delta.model, delta.collection, delta.num_layers)).merge(delta)
+        except ValueError as exc:  # a stored profile this model's updates cannot add to (layers, moment widths)
+            self._move_aside(db, delta.model, delta.collection, row[0], exc)
+            result = Profile(delta.model, delta.collection, delta.num_layers).merge(delta)
+        db.execute(
+            "INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?)",
+            (delta.model, delta.collection, json.dumps(result.to_dict()), time.time()),
+        )
+        return result
+
+    def profiles(self, model: str | None = None) -> list[Profile]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT model, collection, data FROM profiles WHERE ? IS NULL OR model = ? ORDER BY model, collection",
+                (model, model),
+            ).fetchall()
+            return [p for p in (self._read(db, *row) for row in rows) if p is not None]
+
+    def delete(self, model: str, collection: str | None = None) -> int:
+        with self._connect() as db:
+            cur = db.execute(
+                "DELETE FROM profiles WHERE model = ? AND (? IS NULL OR collection = ?)", (model, collection, collection)
+            )
+            return cur.rowcount
