@@ -1,5 +1,5 @@
 # The two commands a new machine needs: `make demo` and `make test`. Both install what they need first.
-.PHONY: demo test bench setup
+.PHONY: demo test lint bench setup
 
 setup:
 	@scripts/bootstrap.sh
@@ -9,6 +9,11 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
 
 bench: setup
 	.venv/bin/python benchmarks/bench_engine.py

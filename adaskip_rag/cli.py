@@ -6,10 +6,10 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable
-from typing import NoReturn
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -45,10 +45,13 @@ def ask(engine: AdaSkipEngine, document: str, question: str, budget: int, max_ne
     print(f"  {skip.text.strip()}")
     print(f"\n  skipped attention: {skip.stats.skipped_attention} (KV cache kept, run in decode)")
     print(f"  skipped FFN:       {skip.stats.skipped_ffn_prefill}")
-    print(f"  the first {skip.stats.protected_head} and last {skip.stats.protected_tail} prompt tokens (the "
-          "attention sink; the question) ran every sublayer")
     print(
-        f"  prefill {skip.stats.prefill_seconds:.2f}s: measured {full.stats.prefill_seconds / skip.stats.prefill_seconds:.2f}x"
+        f"  the first {skip.stats.protected_head} and last {skip.stats.protected_tail} prompt tokens (the "
+        "attention sink; the question) ran every sublayer"
+    )
+    print(
+        f"  prefill {skip.stats.prefill_seconds:.2f}s: measured "
+        f"{full.stats.prefill_seconds / skip.stats.prefill_seconds:.2f}x"
         f" vs estimated {skip.stats.estimated_prefill_speedup:.2f}x; KV cache saved: "
         f"{skip.stats.kv_bytes_saved / 2**20:.1f} MiB"
     )
@@ -60,12 +63,16 @@ def build_default_profile(engine: AdaSkipEngine, questions: int, out: Path) -> P
     resulting profile, the cold-start prior shipped in ``profiles/``."""
     with tempfile.TemporaryDirectory() as tmp:
         engine = AdaSkipEngine(
-            engine.model, engine.tokenizer, engine.name, store=SQLiteProfileStore(Path(tmp) / "p.sqlite"),
+            engine.model,
+            engine.tokenizer,
+            engine.name,
+            store=SQLiteProfileStore(Path(tmp) / "p.sqlite"),
             policy=AdaSkipPolicy(warmup=10**9, refresh_every=0),  # always in full: every sublayer measured
         )
         for document, question in squad_questions(questions):
             engine.generate(rag_messages(document, question), collection=DEFAULT_PROFILE_CORPUS, max_new_tokens=16)
         profile = engine.learner.store.get(engine.fingerprint, DEFAULT_PROFILE_CORPUS)
+    assert profile is not None  # the requests above were recorded
     profile.state = {}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
@@ -87,16 +94,20 @@ def _profile_table(profile: Profile, budget: int) -> str:
     for layer in range(profile.num_layers):
         cells = []
         for kind in KINDS:
-            sub = Sublayer(kind, layer)
+            sub = Sublayer(kind, layer)  # type: ignore[arg-type]  # KINDS are the sublayer kinds
             skipped = layer in (plan.attn if kind == "attn" else plan.ffn)
             sim = f"{similarity[sub]:.4f}" if sub in similarity else "-"
             scale = f"{scales[sub]:.3f}" if sub in scales else "-"
             m = profile.sublayer_moments(sub)
-            error = f"{residual_error(m, fit(m, 'affine', scales[sub])):.4f}" if m is not None and sub in scales else "-"
+            error = (
+                f"{residual_error(m, fit(m, 'affine', scales[sub])):.4f}" if m is not None and sub in scales else "-"
+            )
             cells.append(f"{sim:>7}{'*' if skipped else ' '} {scale:>6} {error:>6} {profile.counts[kind][layer]:>5}")
         lines.append(f"{layer:>5} | {cells[0]} | {cells[1]}")
-    lines.append(f"* = skipped at budget {budget} (pooled top-{budget} by mean similarity); error = "
-                 "||y - f(x)||^2 / ||y||^2 of the affine compensation f")
+    lines.append(
+        f"* = skipped at budget {budget} (pooled top-{budget} by mean similarity); error = "
+        "||y - f(x)||^2 / ||y||^2 of the affine compensation f"
+    )
     state = profile.state
     if state.get("measured"):
         lines.append(f"last refresh: {state['measured']}")
@@ -116,7 +127,10 @@ def plot_profile(profile: Profile, budget: int, out: Path) -> None:
         raise SystemExit("plotting needs matplotlib: pip install 'adaskip-rag[bench]'") from None
     similarity = profile.mean("similarity")
     plan = top_k_plan(similarity, profile.mean("scale"), budget)
-    grid = [[similarity.get((k, layer), float("nan")) for k in KINDS] for layer in range(profile.num_layers)]
+    grid = [
+        [similarity.get(Sublayer(k, layer), float("nan")) for k in ("attn", "ffn")]  # type: ignore[arg-type]
+        for layer in range(profile.num_layers)
+    ]
     fig, ax = plt.subplots(figsize=(3.6, 0.22 * profile.num_layers + 1.4))
     values = sorted(v for v in similarity.values())
     floor = values[len(values) // 10]  # a few outliers (layer 0, the last FFN) would flatten the colour scale
@@ -139,8 +153,10 @@ def _select(store: ProfileStore, where: str, collection: str, model: str | None)
     if not found:
         raise SystemExit(f"no profile for collection {collection!r} in {where}")
     if len(found) > 1:
-        raise SystemExit(f"{collection!r} has profiles of several models; pick one with --model-id: "
-                         + ", ".join(p.model for p in found))
+        raise SystemExit(
+            f"{collection!r} has profiles of several models; pick one with --model-id: "
+            + ", ".join(p.model for p in found)
+        )
     return found[0]
 
 
@@ -225,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--max-new-tokens", type=_count(1), default=48)
 
     prof = sub.add_parser("profiles", help="inspect and manage the learned per-collection profiles")
-    prof.add_argument("--store", default=loading.profile_store_url(),
-                      help="a SQLite file or chroma://HOST:PORT (default: $ADASKIP_PROFILE_STORE, else the cache's file)")
+    prof.add_argument(
+        "--store",
+        default=loading.profile_store_url(),
+        help="a SQLite file or chroma://HOST:PORT (default: $ADASKIP_PROFILE_STORE, else the cache's file)",
+    )
     prof.add_argument("--model-id", help="only profiles of this model fingerprint")
     actions = prof.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="every stored profile")

@@ -62,8 +62,10 @@ class Affine:
     def __post_init__(self) -> None:
         scale, bias = torch.as_tensor(self.scale).float(), torch.as_tensor(self.bias).float()
         if scale.dim() != 1 or scale.shape != bias.shape:
-            raise ValueError(f"Affine: scale and bias must be vectors of one length, got {tuple(scale.shape)} "
-                             f"and {tuple(bias.shape)}")
+            raise ValueError(
+                f"Affine: scale and bias must be vectors of one length, got {tuple(scale.shape)} "
+                f"and {tuple(bias.shape)}"
+            )
         if not (torch.isfinite(scale).all() and torch.isfinite(bias).all()):
             raise ValueError("Affine: scale and bias must be finite")
         object.__setattr__(self, "scale", scale)
@@ -111,7 +113,9 @@ def residual_error(m: torch.Tensor, compensation: Compensation) -> float:
         a, b = compensation.scale.double(), compensation.bias.double()
     else:
         a, b = torch.full_like(sx, compensation), torch.zeros_like(sx)
-    sse = yy - 2 * (a * sxy).sum() - 2 * (b * sy).sum() + (a * a * sxx).sum() + 2 * (a * b * sx).sum() + n * (b * b).sum()
+    sse = (
+        yy - 2 * (a * sxy).sum() - 2 * (b * sy).sum() + (a * a * sxx).sum() + 2 * (a * b * sx).sum() + n * (b * b).sum()
+    )
     return max(0.0, float(sse)) / yy
 
 

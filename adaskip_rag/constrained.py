@@ -43,7 +43,9 @@ def json_schema_dict(schema: JSONSchema) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"json_schema is not valid JSON: {exc}") from None
     if not isinstance(schema, Mapping):
-        raise ValueError(f"json_schema must be a dict, JSON text or a pydantic model class, got {type(schema).__name__}")
+        raise ValueError(
+            f"json_schema must be a dict, JSON text or a pydantic model class, got {type(schema).__name__}"
+        )
     return dict(schema)
 
 
@@ -60,7 +62,7 @@ def check_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     checked; ValueError naming the first bad one."""
     if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence) or not tools:
         raise ValueError("tools must be a non-empty list of function tools")
-    checked = []
+    checked: list[dict[str, Any]] = []
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, Mapping) else None
         if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
@@ -68,7 +70,7 @@ def check_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(function.get("parameters", {}), Mapping):
             raise ValueError(f"tools[{i}] ({function['name']}): parameters must be a JSON schema object")
         checked.append({"type": "function", "function": dict(function)})
-    names = [t["function"]["name"] for t in checked]
+    names = [str(t["function"]["name"]) for t in checked]
     if len(set(names)) != len(names):
         raise ValueError(f"tool names must be unique, got {names}")
     return checked
@@ -88,16 +90,19 @@ def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str = "auto", paral
     tags = [
         TagFormat(
             begin=f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(t["function"]["name"])}, "arguments": ',
-            content=JSONSchemaFormat(json_schema=dict(t["function"].get("parameters") or {"type": "object"}),
-                                     max_whitespace_cnt=1),  # a separator's space, no runs to loop in
+            content=JSONSchemaFormat(
+                json_schema=dict(t["function"].get("parameters") or {"type": "object"}), max_whitespace_cnt=1
+            ),  # a separator's space, no runs to loop in
             end=f"}}\n{TOOL_CALL_CLOSE}",
         )
-        for t in tools if choice in ("auto", "any") or t["function"]["name"] == choice
+        for t in tools
+        if choice in ("auto", "any") or t["function"]["name"] == choice
     ]
     if choice == "auto":
         return _structural(TriggeredTagsFormat(triggers=[TOOL_CALL_OPEN], tags=tags, stop_after_first=not parallel))
-    return _structural(TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True,
-                                               stop_after_first=not parallel))
+    return _structural(
+        TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True, stop_after_first=not parallel)
+    )
 
 
 def _structural(format: Any) -> xgr.Grammar:
@@ -133,8 +138,9 @@ class Grammars:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_token_ids: Sequence[int]):
         self.vocab_size = vocab_size
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                       stop_token_ids=list(stop_token_ids))
+        self.info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids)
+        )
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
 
     @functools.cached_property
@@ -146,7 +152,7 @@ class Grammars:
         in_string, outside = torch.zeros(self.vocab_size), torch.zeros(self.vocab_size)
         for i, piece in enumerate(self.info.decoded_vocab[: self.vocab_size]):
             rest = piece.strip()
-            if rest.startswith(b'"') and not rest[1:].strip(b'}],'):
+            if rest.startswith(b'"') and not rest[1:].strip(b"}],"):
                 in_string[i] = 1
             if rest and not rest.strip(b"}]"):
                 outside[i] = 2
@@ -168,7 +174,7 @@ class Grammars:
         best = ranks.max()
         return ranks == best if best > 0 else allowed
 
-    def constraint(self, grammar: xgr.Grammar, budget: int, closes: bool) -> "Constraint":
+    def constraint(self, grammar: xgr.Grammar, budget: int, closes: bool) -> Constraint:
         """A request's constraint for an answer of at most ``budget`` tokens; with ``closes``, it ends the answer
         early (closing its open strings and objects) when the budget would otherwise cut it."""
         return Constraint(xgr.GrammarMatcher(self.compiler.compile_grammar(grammar)), self, budget, closes)

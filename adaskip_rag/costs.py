@@ -15,7 +15,6 @@ tokens seeing about n keys; a protected head runs them too (counted at the avera
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 from transformers import PretrainedConfig
@@ -30,7 +29,7 @@ class CostModel:
     layers: int
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig) -> "CostModel":
+    def from_config(cls, config: PretrainedConfig) -> CostModel:
         return cls(
             hidden=config.hidden_size,
             ffn_hidden=config.intermediate_size,
@@ -53,16 +52,30 @@ class CostModel:
     def head(self, phase: str) -> float:
         return 2 * self.hidden * self.vocab if phase == "decode" else 0.0
 
-    def flops(self, n: int, skipped_attn: int = 0, skipped_ffn: int = 0, phase: str = "prefill",
-              kept_kv: int = 0) -> float:
+    def flops(
+        self, n: int, skipped_attn: int = 0, skipped_ffn: int = 0, phase: str = "prefill", kept_kv: int = 0
+    ) -> float:
         """FLOPs per token at context length n with the given numbers of sublayers skipped, ``kept_kv`` of the
         skipped attention sublayers still computing their keys and values."""
         attn, ffn = self.attention(n, phase), self.ffn()
-        return ((self.layers - skipped_attn) * attn + kept_kv * self.keys_values() + (self.layers - skipped_ffn) * ffn
-                + self.head(phase))
+        return (
+            (self.layers - skipped_attn) * attn
+            + kept_kv * self.keys_values()
+            + (self.layers - skipped_ffn) * ffn
+            + self.head(phase)
+        )
 
-    def speedup(self, n: int, skipped_attn: int, skipped_ffn: int, phase: str = "prefill", kept_kv: int = 0,
-                tail: int = 0, head: int = 0, protected_skipped_attn: int = 0) -> float:
+    def speedup(
+        self,
+        n: int,
+        skipped_attn: int,
+        skipped_ffn: int,
+        phase: str = "prefill",
+        kept_kv: int = 0,
+        tail: int = 0,
+        head: int = 0,
+        protected_skipped_attn: int = 0,
+    ) -> float:
         """Full-model FLOPs divided by the FLOPs left after skipping the given numbers of sublayers; in prefill the
         first ``head`` and last ``tail`` of the n tokens run every sublayer but ``protected_skipped_attn``
         attention sublayers (those without a cache). Infinite when nothing is left to compute."""

@@ -6,7 +6,6 @@ step, emission, teacher forcing) and ``streams.py``; the engine holds the model,
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import hashlib
@@ -14,7 +13,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -33,7 +32,7 @@ from .streams import AsyncTextStream, TextStream
 
 __all__ = ["AdaSkipEngine", "AsyncTextStream", "GenerationResult", "TextStream"]
 
-_shared: dict[tuple[str, str | None], "AdaSkipEngine"] = {}
+_shared: dict[tuple[str, str | None], AdaSkipEngine] = {}
 _shared_lock = threading.Lock()
 
 
@@ -73,7 +72,7 @@ class AdaSkipEngine:
         self.num_layers: int = model.config.num_hidden_layers
         self.context_window: int = model.config.max_position_embeddings
         self.costs = CostModel.from_config(model.config)
-        self.device = model.get_input_embeddings().weight.device
+        self.device: torch.device = model.get_input_embeddings().weight.device  # type: ignore[assignment]
         self.policy = policy or AdaSkipPolicy()
         self.collection_policies = dict(collection_policies or {})
         self._store = store
@@ -83,8 +82,15 @@ class AdaSkipEngine:
     def fingerprint(self) -> str:
         """Identifies the model's weights: profiles are only used for the model they were learned on."""
         cfg = self.config
-        shape = [cfg.model_type, self.num_layers, cfg.hidden_size, cfg.num_attention_heads,
-                 cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size]
+        shape = [
+            cfg.model_type,
+            self.num_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        ]
         digest = hashlib.sha256(json.dumps(shape).encode())
         layers = self.model.model.layers
         for tensor in (self.model.get_input_embeddings().weight, *layers[0].parameters(), *layers[-1].parameters()):
@@ -95,8 +101,13 @@ class AdaSkipEngine:
     def learner(self) -> Learner:
         store = self._store or open_store(loading.profile_store_url())
         return Learner(
-            self.fingerprint, self.num_layers, self.costs, store, self.policy,
-            shipped_profile(self.fingerprint, self.name), self.collection_policies,
+            self.fingerprint,
+            self.num_layers,
+            self.costs,
+            store,
+            self.policy,
+            shipped_profile(self.fingerprint, self.name),
+            self.collection_policies,
         )
 
     @classmethod
@@ -110,17 +121,23 @@ class AdaSkipEngine:
         policy: AdaSkipPolicy | None = None,
         store: ProfileStore | None = None,
         collection_policies: Mapping[str, AdaSkipPolicy] | None = None,
-    ) -> "AdaSkipEngine":
+    ) -> AdaSkipEngine:
         """Load ``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder.
 
         fp32 on CPU unless ``dtype`` says otherwise; ``device_map`` is passed to transformers (accelerate).
         """
         model, tokenizer = loading.load(name_or_path, device=device, dtype=dtype, device_map=device_map)
-        return cls(model, tokenizer, name=loading.model_label(name_or_path), policy=policy, store=store,
-                   collection_policies=collection_policies)
+        return cls(
+            model,
+            tokenizer,
+            name=loading.model_label(name_or_path),
+            policy=policy,
+            store=store,
+            collection_policies=collection_policies,
+        )
 
     @classmethod
-    def shared(cls, name_or_path: str | os.PathLike = "default", device: str | None = None) -> "AdaSkipEngine":
+    def shared(cls, name_or_path: str | os.PathLike = "default", device: str | None = None) -> AdaSkipEngine:
         """One engine per (model, device) in this process, loaded on first use: what the framework adapters
         use, so any number of LLM objects (LangChain or LlamaIndex) share one model and one profile store."""
         key = (str(name_or_path), device)
@@ -129,8 +146,9 @@ class AdaSkipEngine:
                 _shared[key] = cls.from_pretrained(name_or_path, device=device)
             return _shared[key]
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
-                            tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> str:
         """The prompt text for a list of ``{"role": ..., "content": ...}`` messages (and the ``tools`` they may
         call, rendered by the template)."""
         if tools:
@@ -194,7 +212,15 @@ class AdaSkipEngine:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return 2 * cfg.num_key_value_heads * head_dim * self.model.dtype.itemsize
 
-    def forward(self, input_ids: torch.Tensor, position: int, cache: Any, plan: SkipPlan, phase: str, **kw: Any):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position: int,
+        cache: Any,
+        plan: SkipPlan,
+        phase: Literal["prefill", "decode"],
+        **kw: Any,
+    ) -> Any:
         """One skip-aware forward step under the engine lock (see :func:`adaskip_rag.skipping.skip_forward`)."""
         with self._lock:
             return skip_forward(self.model, input_ids.to(self.device), position, cache, plan, phase, **kw)
@@ -206,7 +232,11 @@ class AdaSkipEngine:
         return plan, probe
 
     def generate(
-        self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, *, collection: str | None = None,
+        self,
+        prompt: Prompt,
+        plan: SkipPlan | PlanSchedule | None = None,
+        *,
+        collection: str | None = None,
         **kwargs: Any,
     ) -> GenerationResult:
         """Generate a completion. ``prompt``: text, chat messages or token ids.
@@ -232,7 +262,11 @@ class AdaSkipEngine:
         return stream.result
 
     def stream(
-        self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, *, collection: str | None = None,
+        self,
+        prompt: Prompt,
+        plan: SkipPlan | PlanSchedule | None = None,
+        *,
+        collection: str | None = None,
         **kwargs: Any,
     ) -> TextStream:
         """Like :meth:`generate`, as an iterator of text deltas (``.result`` is set at the end).
@@ -250,18 +284,30 @@ class AdaSkipEngine:
     def _learning_steps(self, req: Request, decision: Decision) -> Iterator[str | GenerationResult]:
         for item in generate_steps(self, req):
             if isinstance(item, GenerationResult):
-                self.learner.learn(decision, item, lambda plan, item=item: teacher_forced(
-                    self, req.input_ids, item.token_ids, plan, req.messages))
+                self.learner.learn(
+                    decision,
+                    item,
+                    functools.partial(self._rescore, req, item),
+                )
             yield item
 
-    def teacher_forced(self, prompt_ids: Sequence[int], answer_ids: Sequence[int], plan: SkipPlan | PlanSchedule,
-                       messages: Sequence[Mapping[str, Any]] | None = None) -> tuple[torch.Tensor, float]:
+    def _rescore(self, req: Request, result: GenerationResult, plan: SkipPlan) -> tuple[torch.Tensor, float]:
+        return teacher_forced(self, req.input_ids, result.token_ids, plan, req.messages)
+
+    def teacher_forced(
+        self,
+        prompt_ids: Sequence[int],
+        answer_ids: Sequence[int],
+        plan: SkipPlan | PlanSchedule,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+    ) -> tuple[torch.Tensor, float]:
         """See :func:`adaskip_rag.generation.teacher_forced`; ``generate(..., teacher_forced_ids=answer_ids)``
         gives the same logits from the generation's prefill."""
         return teacher_forced(self, prompt_ids, answer_ids, plan, messages)
 
-    async def agenerate(self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, **kwargs: Any
-                        ) -> GenerationResult:
+    async def agenerate(
+        self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, **kwargs: Any
+    ) -> GenerationResult:
         """:meth:`generate` in a worker thread, so the event loop keeps running. Cancelling the awaiting task
         stops the generation before its next decode step."""
         stream = self.astream(prompt, plan, **kwargs)
@@ -273,8 +319,7 @@ class AdaSkipEngine:
         assert stream.result is not None
         return stream.result
 
-    def astream(self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, **kwargs: Any
-                ) -> AsyncTextStream:
+    def astream(self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, **kwargs: Any) -> AsyncTextStream:
         """:meth:`stream` for asyncio: an async iterator of text deltas, generated in a worker thread.
 
         Must be called inside a running event loop.

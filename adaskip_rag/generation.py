@@ -37,8 +37,15 @@ class GenerationResult:
     invalid_tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
-def prefill(engine: AdaSkipEngine, ids: torch.Tensor, cache: Any, plan: SkipPlan, tail: int = 0,
-            probe: bool = False, logits_to_keep: int = 1) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
+def prefill(
+    engine: AdaSkipEngine,
+    ids: torch.Tensor,
+    cache: Any,
+    plan: SkipPlan,
+    tail: int = 0,
+    probe: bool = False,
+    logits_to_keep: int = 1,
+) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
     """Prefill the prompt ``ids`` (1, n) under ``plan``: all but the last ``tail`` tokens with its skips (the
     protected head inside, see :func:`~adaskip_rag.skipping.skip_forward`; probed if ``probe``), then the
     protected tail with every sublayer that has a cache. The logits of the last ``logits_to_keep`` tokens (at
@@ -47,13 +54,15 @@ def prefill(engine: AdaSkipEngine, ids: torch.Tensor, cache: Any, plan: SkipPlan
     if plan.is_empty or not tail:
         return engine.forward(ids, 0, cache, plan, "prefill", probe=probe, logits_to_keep=logits_to_keep)
     _, probes = engine.forward(ids[:, : n - tail], 0, cache, plan, "prefill", probe=probe)
-    logits, _ = engine.forward(ids[:, n - tail :], n - tail, cache, plan.protected_plan(), "prefill",
-                               logits_to_keep=logits_to_keep)
+    logits, _ = engine.forward(
+        ids[:, n - tail :], n - tail, cache, plan.protected_plan(), "prefill", logits_to_keep=logits_to_keep
+    )
     return logits, probes
 
 
-def decode_one_token(engine: AdaSkipEngine, ids: torch.Tensor, position: int, cache: Any, plan: SkipPlan,
-                     probe: bool) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
+def decode_one_token(
+    engine: AdaSkipEngine, ids: torch.Tensor, position: int, cache: Any, plan: SkipPlan, probe: bool
+) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
     """The logits after the token at ``position`` of ``ids``, fed under ``plan`` into ``cache``."""
     return engine.forward(ids[:, position : position + 1], position, cache, plan, "decode", probe=probe)
 
@@ -69,7 +78,7 @@ class Emitter:
 
     def add(self, generated: list[int]) -> tuple[str, bool]:
         """The newly showable text once ``generated`` are the answer's tokens, and whether a stop string ended it."""
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        text = str(self.tokenizer.decode(generated, skip_special_tokens=True))
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text = text[:cut]
@@ -84,7 +93,9 @@ class Emitter:
 
     def finish(self) -> tuple[str, str, list[dict[str, Any]], list[dict[str, Any]]]:
         """The answer's text, its part not shown yet, and its tool calls (valid, invalid)."""
-        text, calls, invalid = self.text, [], []
+        text = self.text
+        calls: list[dict[str, Any]] = []
+        invalid: list[dict[str, Any]] = []
         if self.hidden:
             text, calls, invalid = parse_tool_calls(text)
         return text, text[self.emitted :], calls, invalid
@@ -131,16 +142,24 @@ def generate_steps(engine: AdaSkipEngine, req: Request) -> Iterator[str | Genera
     stats = record.stats(len(generated), prefill_seconds, time.perf_counter() - decode_start, finish)
     stats.max_new_tokens = max_new
     cached = n + len(generated) - 1  # the last token was never fed back
-    stats.kv_bytes_saved = engine.kv_bytes_per_token() * sum(cached - cache.get_seq_length(i)
-                                                               for i in range(engine.num_layers))
+    stats.kv_bytes_saved = engine.kv_bytes_per_token() * sum(
+        cached - cache.get_seq_length(i) for i in range(engine.num_layers)
+    )
     yield GenerationResult(
-        text=text, token_ids=generated, stats=stats, prefill_probes=prefill_probes, decode_probes=decode_probes,
-        teacher_forced_logits=forced, tool_calls=calls, invalid_tool_calls=invalid,
+        text=text,
+        token_ids=generated,
+        stats=stats,
+        prefill_probes=prefill_probes,
+        decode_probes=decode_probes,
+        teacher_forced_logits=forced,
+        tool_calls=calls,
+        invalid_tool_calls=invalid,
     )
 
 
-def _prefill_phase(engine: AdaSkipEngine, req: Request, ids: torch.Tensor, cache: Any, choose: Any,
-                   record: PlanRecord) -> tuple[int, dict[Sublayer, Probe] | None, torch.Tensor | None, float]:
+def _prefill_phase(
+    engine: AdaSkipEngine, req: Request, ids: torch.Tensor, cache: Any, choose: Any, record: PlanRecord
+) -> tuple[int, dict[Sublayer, Probe] | None, torch.Tensor | None, float]:
     """Prefill the prompt under the schedule's first plan: the first answer token, the prefill's probes, the
     teacher-forced logits of ``req.teacher_forced_ids`` (scored on copies: the generation goes on untouched),
     and the seconds the prefill took (the forcing left out)."""
@@ -158,8 +177,13 @@ def _prefill_phase(engine: AdaSkipEngine, req: Request, ids: torch.Tensor, cache
     return token, probes, forced, seconds
 
 
-def teacher_forced(engine: AdaSkipEngine, prompt_ids: Sequence[int], answer_ids: Sequence[int],
-                   plan: SkipPlan | PlanSchedule, messages: Sequence[Any] | None = None) -> tuple[torch.Tensor, float]:
+def teacher_forced(
+    engine: AdaSkipEngine,
+    prompt_ids: Sequence[int],
+    answer_ids: Sequence[int],
+    plan: SkipPlan | PlanSchedule,
+    messages: Sequence[Any] | None = None,
+) -> tuple[torch.Tensor, float]:
     """Teacher forcing: the logits under ``plan`` at the positions that predict each token of ``answer_ids``
     (shape (len(answer_ids), vocab)), and the seconds the prompt's prefill took.
 
@@ -176,15 +200,20 @@ def teacher_forced(engine: AdaSkipEngine, prompt_ids: Sequence[int], answer_ids:
     return force(engine, cache, len(prompt_ids), first[0, -1:], answer_ids, plan), prefill_seconds
 
 
-def force(engine: AdaSkipEngine, cache: Any, n: int, first: torch.Tensor, answer_ids: Sequence[int],
-          plan: SkipPlan | PlanSchedule) -> torch.Tensor:
+def force(
+    engine: AdaSkipEngine,
+    cache: Any,
+    n: int,
+    first: torch.Tensor,
+    answer_ids: Sequence[int],
+    plan: SkipPlan | PlanSchedule,
+) -> torch.Tensor:
     """Feed ``answer_ids[:-1]`` after a prefill of ``n`` tokens into ``cache`` whose last logits are ``first``;
     the logits that predict each answer token."""
     logits = [first]
     if isinstance(plan, SkipPlan):
         if len(answer_ids) > 1:
-            rest, _ = engine.forward(torch.tensor([list(answer_ids[:-1])]), n, cache, plan, "decode",
-                                     logits_to_keep=0)
+            rest, _ = engine.forward(torch.tensor([list(answer_ids[:-1])]), n, cache, plan, "decode", logits_to_keep=0)
             logits.append(rest[0])
     else:
         probes = None
@@ -239,8 +268,15 @@ class PlanRecord:
             decode_seconds=decode_s,
             kv_bytes_saved=0,
             estimated_prefill_speedup=self.costs.speedup(
-                self.n, len(self.attn), len(self.ffn), "prefill", kept_kv=len(self.kept_kv), tail=self.tail,
-                head=self.head, protected_skipped_attn=len(self.attn) - len(self.kept_kv)),
+                self.n,
+                len(self.attn),
+                len(self.ffn),
+                "prefill",
+                kept_kv=len(self.kept_kv),
+                tail=self.tail,
+                head=self.head,
+                protected_skipped_attn=len(self.attn) - len(self.kept_kv),
+            ),
             estimated_decode_speedup=full * len(self.decode_flops) / sum(self.decode_flops),
             finish_reason=finish,
             skipped_every_sublayer=len(self.attn) == len(self.ffn) == self.costs.layers,

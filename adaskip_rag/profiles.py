@@ -66,7 +66,7 @@ class Profile:
     @classmethod
     def from_probes(
         cls, model: str, collection: str, num_layers: int, probes: Mapping[Sublayer, Probe], context_tokens: int
-    ) -> "Profile":
+    ) -> Profile:
         """The contribution of one served query: its prompt length and the probes of the sublayers it ran."""
         delta = cls(model, collection, num_layers, queries=1, context_tokens=context_tokens, max_context=context_tokens)
         for (kind, layer), probe in probes.items():
@@ -79,7 +79,7 @@ class Profile:
                 delta.moments[KINDS.index(kind), layer] += probe.moments
         return delta
 
-    def merge(self, other: "Profile") -> "Profile":
+    def merge(self, other: Profile) -> Profile:
         """A new profile with both profiles' sums and counts added (``other.state`` wins on conflicts)."""
         if other.model != self.model or other.num_layers != self.num_layers:
             raise ValueError(f"cannot merge a profile of {other.model} into one of {self.model}")
@@ -99,7 +99,7 @@ class Profile:
     def mean(self, metric: str = "similarity") -> dict[Sublayer, float]:
         """Mean of ``metric`` for every sublayer measured at least once."""
         return {
-            Sublayer(kind, layer): self.sums[f"{kind}.{metric}"][layer] / count
+            Sublayer(kind, layer): self.sums[f"{kind}.{metric}"][layer] / count  # type: ignore[arg-type]
             for kind in KINDS
             for layer, count in enumerate(self.counts[kind])
             if count
@@ -121,7 +121,7 @@ class Profile:
         return data
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Profile":
+    def from_dict(cls, data: Any) -> Profile:
         """Parse and validate field by field: types, ranges, finiteness, list lengths equal to ``num_layers`` (and
         to the layer count in a fingerprint's ``-<L>L-``), the layout of ``state``; ValueError naming the field."""
         if not isinstance(data, Mapping):
@@ -150,8 +150,9 @@ class Profile:
         if not isinstance(counts, Mapping) or set(counts) != set(KINDS):
             raise _field("counts", f"must map exactly {list(KINDS)} to lists")
         for key, values in sums.items():
-            if not _numbers(values, L, lambda x: not isinstance(x, bool) and isinstance(x, (int, float))
-                            and math.isfinite(x)):
+            if not _numbers(
+                values, L, lambda x: not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+            ):
                 raise _field(f"sums.{key}", f"must be {L} finite numbers")
         for key, values in counts.items():
             if not _numbers(values, L, lambda x: _is_int(x) and 0 <= x <= queries):
@@ -161,10 +162,18 @@ class Profile:
             moments = _moments(data.get("moments"), L)
         except (KeyError, TypeError, AttributeError) as exc:
             raise _field("moments", f"malformed ({exc!r})") from None
-        return cls(model=data["model"], collection=data["collection"], num_layers=L, queries=queries,
-                   context_tokens=data["context_tokens"], max_context=data["max_context"],
-                   sums={k: list(v) for k, v in sums.items()}, counts={k: list(v) for k, v in counts.items()},
-                   state=dict(data["state"]), moments=moments)
+        return cls(
+            model=data["model"],
+            collection=data["collection"],
+            num_layers=L,
+            queries=queries,
+            context_tokens=data["context_tokens"],
+            max_context=data["max_context"],
+            sums={k: list(v) for k, v in sums.items()},
+            counts={k: list(v) for k, v in counts.items()},
+            state=dict(data["state"]),
+            moments=moments,
+        )
 
 
 def parse_profile(text: str | bytes) -> Profile:
@@ -201,27 +210,39 @@ def _check_state(state: Any) -> None:
         raise _field("state", "must be an object with only skip_set, measured and guard")
     number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
     fraction = lambda x: x is None or number(x) and 0 <= x <= 1  # noqa: E731
-    if "skip_set" in state and not (isinstance(state["skip_set"], list)
-                                    and all(isinstance(x, str) for x in state["skip_set"])):
+    if "skip_set" in state and not (
+        isinstance(state["skip_set"], list) and all(isinstance(x, str) for x in state["skip_set"])
+    ):
         raise _field("state.skip_set", "must be a list of sublayer names")
     measured = state.get("measured")
     if measured is not None and not (
-        isinstance(measured, Mapping) and set(measured) == {"speedup", "prompt_tokens", "budget", "fidelity"}
-        and number(measured["speedup"]) and measured["speedup"] > 0 and _is_int(measured["prompt_tokens"])
-        and _is_int(measured["budget"]) and measured["budget"] >= 0 and fraction(measured["fidelity"])
+        isinstance(measured, Mapping)
+        and set(measured) == {"speedup", "prompt_tokens", "budget", "fidelity"}
+        and number(measured["speedup"])
+        and measured["speedup"] > 0
+        and _is_int(measured["prompt_tokens"])
+        and _is_int(measured["budget"])
+        and measured["budget"] >= 0
+        and fraction(measured["fidelity"])
     ):
         raise _field("state.measured", "must hold a positive finite speedup, prompt_tokens, budget and fidelity")
     guard = state.get("guard")
     if guard is not None and not (
-        isinstance(guard, Mapping) and set(guard) == {"budget", "reason", "fidelity"} and _is_int(guard["budget"])
-        and guard["budget"] >= 0 and isinstance(guard["reason"], str) and fraction(guard["fidelity"])
+        isinstance(guard, Mapping)
+        and set(guard) == {"budget", "reason", "fidelity"}
+        and _is_int(guard["budget"])
+        and guard["budget"] >= 0
+        and isinstance(guard["reason"], str)
+        and fraction(guard["fidelity"])
     ):
         raise _field("state.guard", "must hold an integer budget >= 0, a reason and a fidelity in [0, 1]")
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None or b is None:
-        return None if a is None and b is None else (b if a is None else a).clone()  # a merge owns its result
+    if a is None:
+        return None if b is None else b.clone()  # a merge owns its result
+    if b is None:
+        return a.clone()
     if a.shape != b.shape:
         raise ValueError(f"cannot merge compensation moments of shapes {tuple(a.shape)} and {tuple(b.shape)}")
     return a + b
@@ -232,8 +253,12 @@ def _moments(data: Any, num_layers: Any) -> torch.Tensor | None:
     if data is None:
         return None
     shape = data["shape"]
-    if (not isinstance(shape, list) or len(shape) != 3 or shape[:2] != [len(KINDS), num_layers]
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 3
+        or shape[:2] != [len(KINDS), num_layers]
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
+    ):
         raise ValueError(f"malformed profile: moments of shape {shape!r} for {num_layers!r} layers")
     try:
         raw = base64.b64decode(data["float64"], validate=True)

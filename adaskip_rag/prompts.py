@@ -26,8 +26,15 @@ def render(tokenizer: PreTrainedTokenizerBase, name: str, messages: Messages, to
             raise ValueError(f"messages[{i}] needs a string 'role' and a string 'content', got {dict(m)!r}")
     if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages):
         raise ValueError("prompt is empty: every message's content is empty")
-    return tokenizer.apply_chat_template([dict(m) for m in messages], tools=list(tools) if tools else None,
-                                         tokenize=False, add_generation_prompt=True)
+    chat: list[dict[str, Any]] = [dict(m) for m in messages]
+    return str(
+        tokenizer.apply_chat_template(
+            chat,
+            tools=[dict(t) for t in tools] if tools else None,  # type: ignore[arg-type]
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    )
 
 
 def supports_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -35,19 +42,23 @@ def supports_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
     generates) and tool results."""
     tool = {"type": "function", "function": {"name": "adaskip_probe", "parameters": {"type": "object"}}}
     call = {"type": "function", "function": {"name": "adaskip_probe", "arguments": {}}}
-    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]},
-                {"role": "tool", "content": "adaskip-result"}]
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "adaskip-result"},
+    ]
     if not getattr(tokenizer, "chat_template", None):
         return False
     try:
-        text = tokenizer.apply_chat_template(messages, tools=[tool], tokenize=False)
+        text = str(tokenizer.apply_chat_template(messages, tools=[tool], tokenize=False))  # type: ignore[arg-type]
     except Exception:  # a template that cannot render tool turns
         return False
     return text.count("adaskip_probe") >= 2 and TOOL_CALL_OPEN in text and "adaskip-result" in text
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, name: str, vocab_size: int, prompt: Prompt,
-           tools: Tools | None = None) -> list[int]:
+def encode(
+    tokenizer: PreTrainedTokenizerBase, name: str, vocab_size: int, prompt: Prompt, tools: Tools | None = None
+) -> list[int]:
     """Token ids of a prompt string, a message list (through the chat template, with ``tools``) or a list of ids."""
     if isinstance(prompt, str):
         if not prompt.strip():
@@ -56,9 +67,10 @@ def encode(tokenizer: PreTrainedTokenizerBase, name: str, vocab_size: int, promp
             raise ValueError("tools need a prompt of chat messages")
         return tokenizer(prompt)["input_ids"]
     if isinstance(prompt, (bytes, Mapping)) or not isinstance(prompt, Sequence):
-        raise ValueError(f"prompt must be a string, a list of chat messages or a list of token ids, got "
-                         f"{type(prompt).__name__}")
-    items = list(prompt)
+        raise ValueError(
+            f"prompt must be a string, a list of chat messages or a list of token ids, got {type(prompt).__name__}"
+        )
+    items: list[Any] = list(prompt)
     if not items:
         raise ValueError("prompt is empty")
     if all(isinstance(t, int) and not isinstance(t, bool) for t in items):

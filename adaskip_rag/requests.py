@@ -16,7 +16,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from .constrained import JSONSchema, Constraint, check_tools, json_grammar, tool_grammar
+from .constrained import Constraint, JSONSchema, check_tools, json_grammar, tool_grammar
 from .skipping import PlanSchedule, SkipPlan, StaticSchedule
 
 if TYPE_CHECKING:
@@ -88,7 +88,10 @@ def build_request(
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     vocab = engine.config.vocab_size
-    forced, stop_ids = token_ids("teacher_forced_ids", teacher_forced_ids, vocab), token_ids("stop_token_ids", stop_token_ids, vocab)
+    forced, stop_ids = (
+        token_ids("teacher_forced_ids", teacher_forced_ids, vocab),
+        token_ids("stop_token_ids", stop_token_ids, vocab),
+    )
     grammar, tools = _grammar(json_schema, tools, tool_choice, parallel_tool_calls, ignore_eos)
 
     ids = engine.encode(prompt, tools)
@@ -103,10 +106,20 @@ def build_request(
     if isinstance(schedule, StaticSchedule):
         engine.tail_tokens(schedule.plan, len(ids), messages)  # a head and tail that fit the prompt
     return Request(
-        input_ids=ids, schedule=schedule, max_new_tokens=max_new_tokens, temperature=float(temperature),
-        top_p=float(top_p), top_k=top_k, repetition_penalty=float(repetition_penalty), seed=seed, stop=stops,
+        input_ids=ids,
+        schedule=schedule,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=top_k,
+        repetition_penalty=float(repetition_penalty),
+        seed=seed,
+        stop=stops,
         stop_token_ids=frozenset((set() if ignore_eos else engine.eos_ids()) | set(stop_ids)),
-        teacher_forced_ids=forced, messages=messages, grammar=grammar, tools=tools is not None,
+        teacher_forced_ids=forced,
+        messages=messages,
+        grammar=grammar,
+        tools=tools is not None,
         closes=json_schema is not None or tool_choice not in (None, "auto", "none"),
     )
 
@@ -121,8 +134,13 @@ def _schedule(engine: AdaSkipEngine, plan: Any, probe: bool) -> PlanSchedule:
     return plan
 
 
-def _grammar(json_schema: JSONSchema | None, tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any,
-             parallel: bool, ignore_eos: bool) -> tuple[Any, list[dict[str, Any]] | None]:
+def _grammar(
+    json_schema: JSONSchema | None,
+    tools: Sequence[Mapping[str, Any]] | None,
+    tool_choice: Any,
+    parallel: bool,
+    ignore_eos: bool,
+) -> tuple[Any, list[dict[str, Any]] | None]:
     """The grammar constrained decoding follows (None: free text), and the checked tools."""
     if tool_choice is not None and not isinstance(tool_choice, str):
         raise ValueError(f"tool_choice must be 'auto', 'none', 'any' or a tool's name, got {tool_choice!r}")
@@ -188,7 +206,7 @@ def _chooser(req: Request, device: torch.device) -> Sampler:
     if req.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(req.repetition_penalty))
     if req.temperature == 0:
-        return lambda ids, logits: int(processors(ids, logits).argmax(-1))
+        return lambda ids, logits: int(processors(ids, logits).argmax(-1))  # type: ignore[arg-type]
     processors.append(TemperatureLogitsWarper(req.temperature))
     if req.top_k:
         processors.append(TopKLogitsWarper(req.top_k))
@@ -201,7 +219,7 @@ def _chooser(req: Request, device: torch.device) -> Sampler:
         generator.manual_seed(req.seed)
 
     def sample(ids: torch.Tensor, logits: torch.Tensor) -> int:
-        probs = torch.softmax(processors(ids, logits).float(), dim=-1)
+        probs = torch.softmax(processors(ids, logits).float(), dim=-1)  # type: ignore[arg-type]
         return int(torch.multinomial(probs, 1, generator=generator))
 
     return sample

@@ -108,15 +108,18 @@ class SkipPlan:
                 continue
             wrong = [layer for layer, c in getattr(self, name).items() if isinstance(c, Affine) and c.hidden != hidden]
             if wrong:
-                raise ValueError(f"SkipPlan.{name}: compensations of layers {wrong} do not have the model's "
-                                 f"{hidden} channels")
+                raise ValueError(
+                    f"SkipPlan.{name}: compensations of layers {wrong} do not have the model's {hidden} channels"
+                )
 
     def check_protected(self, prompt_tokens: int, tail: int) -> None:
         """Raise ValueError if the protected head and a tail of ``tail`` tokens (``self.tail`` resolved) leave no
         token of a prompt of ``prompt_tokens`` to skip in."""
         if (tail or self.head) and tail + self.head >= prompt_tokens:
-            raise ValueError(f"SkipPlan: a protected head of {self.head} and tail of {tail} tokens leave nothing "
-                             f"of the {prompt_tokens}-token prompt to skip in; protect fewer tokens")
+            raise ValueError(
+                f"SkipPlan: a protected head of {self.head} and tail of {tail} tokens leave nothing "
+                f"of the {prompt_tokens}-token prompt to skip in; protect fewer tokens"
+            )
 
     def skips(self, phase: str) -> tuple[dict[int, Compensation], dict[int, Compensation], set[int]]:
         """The (attention, FFN) sublayers skipped in ``phase`` ('prefill' or 'decode'), and the skipped attention
@@ -125,7 +128,7 @@ class SkipPlan:
             return {**self.attn, **self.prefill_attn}, dict(self.ffn), set(self.prefill_attn)
         return dict(self.attn), {**self.ffn, **self.decode_ffn}, set()
 
-    def protected_plan(self) -> "SkipPlan":
+    def protected_plan(self) -> SkipPlan:
         """The plan of the protected head and tail: every sublayer runs, except attention that has no cache."""
         return SkipPlan(attn=self.attn)
 
@@ -137,11 +140,12 @@ class SkipPlan:
         return {**out, "tail": self.tail, "head": self.head}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SkipPlan":
+    def from_dict(cls, data: Mapping[str, Any]) -> SkipPlan:
         unknown = set(data) - {*SKIP_FIELDS, "tail", "head"}
         if unknown:
             raise ValueError(f"SkipPlan: unknown fields {sorted(unknown)}")
-        return cls(**{k: v if k in ("tail", "head") else dict(v) for k, v in data.items()})
+        fields: dict[str, Any] = {k: v if k in ("tail", "head") else dict(v) for k, v in data.items()}
+        return cls(**fields)
 
 
 @runtime_checkable
@@ -154,7 +158,7 @@ class PlanSchedule(Protocol):
 
     def prefill(self) -> tuple[SkipPlan, bool]: ...
 
-    def decode(self, step: int, probes: "dict[Sublayer, Probe] | None") -> tuple[SkipPlan, bool]: ...
+    def decode(self, step: int, probes: dict[Sublayer, Probe] | None) -> tuple[SkipPlan, bool]: ...
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ class StaticSchedule:
     def prefill(self) -> tuple[SkipPlan, bool]:
         return self.plan, self.probe
 
-    def decode(self, step: int, probes: "dict[Sublayer, Probe] | None") -> tuple[SkipPlan, bool]:
+    def decode(self, step: int, probes: dict[Sublayer, Probe] | None) -> tuple[SkipPlan, bool]:
         return self.plan, self.probe
 
 
@@ -210,8 +214,9 @@ def new_cache(model: PreTrainedModel) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
-def _cache_keys_values(layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                       cache: DynamicCache, index: int) -> None:
+def _cache_keys_values(
+    layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], cache: DynamicCache, index: int
+) -> None:
     """Store the keys and values attention sublayer ``index`` computes from its input ``hidden``, as the full layer
     does (input norm, K/V projections, the model's K norm if it has one, rotary), without running attention."""
     attn = layer.self_attn
@@ -231,8 +236,11 @@ def _head_attention(layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Tensor
     """The attention output of the first ``hidden.shape[1]`` tokens of a prefill: they see only each other."""
     m = hidden.shape[1]
     mask = torch.full((m, m), float("-inf"), dtype=hidden.dtype, device=hidden.device).triu(1)[None, None]
-    out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
-                             position_embeddings=tuple(r[:, :m] for r in rotary))
+    out, _ = layer.self_attn(
+        hidden_states=layer.input_layernorm(hidden),
+        attention_mask=mask,
+        position_embeddings=tuple(r[:, :m] for r in rotary),
+    )
     return out
 
 
@@ -289,12 +297,20 @@ def skip_forward(
             if key not in masks:
                 make_mask = create_sliding_window_causal_mask if types[i] == "sliding_attention" else create_causal_mask
                 masks[key] = make_mask(
-                    config=model.config, inputs_embeds=hidden, attention_mask=None,
-                    cache=cache, position_ids=position_ids, layer_idx=i,
+                    config=model.config,
+                    inputs_embeds=hidden,
+                    attention_mask=None,
+                    cache=cache,
+                    position_ids=position_ids,
+                    layer_idx=i,
                 )
             attn_out, _ = layer.self_attn(
-                hidden_states=layer.input_layernorm(hidden), attention_mask=masks[key], position_ids=position_ids,
-                cache=cache, use_cache=True, position_embeddings=rotary,
+                hidden_states=layer.input_layernorm(hidden),
+                attention_mask=masks[key],
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                position_embeddings=rotary,
             )
             out = hidden + attn_out
             if probe:
@@ -318,5 +334,5 @@ def skip_forward(
     if not probe:
         return logits, None
     values = torch.stack([m for _, m in measured]).tolist() if measured else []
-    sums = fitted or [None] * len(measured)
-    return logits, {sub: Probe(*v, moments=m) for (sub, _), v, m in zip(measured, values, sums)}
+    sums: list[torch.Tensor | None] = list(fitted) if fitted else [None] * len(measured)
+    return logits, {sub: Probe(v[0], v[1], v[2], moments=m) for (sub, _), v, m in zip(measured, values, sums)}

@@ -35,6 +35,13 @@ class TextStream(Iterator[str]):
         self.close()
         raise StopIteration
 
+    @property
+    def finished(self) -> GenerationResult:
+        """The result of a stream read to its end (RuntimeError before)."""
+        if self.result is None:
+            raise RuntimeError("the stream has not finished")
+        return self.result
+
     def close(self) -> None:
         self._steps.close()  # type: ignore[attr-defined]
 
@@ -52,8 +59,10 @@ class AsyncTextStream(AsyncIterator[str]):
         self._cancel = stream.cancel
         # the worker holds no reference to this object, so dropping it cancels the worker
         self._worker = threading.Thread(
-            target=_feed, args=(stream, self._queue, asyncio.get_running_loop(), self._cancel),
-            name="adaskip-stream", daemon=True,
+            target=_feed,
+            args=(stream, self._queue, asyncio.get_running_loop(), self._cancel),
+            name="adaskip-stream",
+            daemon=True,
         )
         weakref.finalize(self, self._cancel.set)
         self._worker.start()
@@ -61,6 +70,11 @@ class AsyncTextStream(AsyncIterator[str]):
     @property
     def result(self) -> GenerationResult | None:
         return self._stream.result
+
+    @property
+    def finished(self) -> GenerationResult:
+        """The result of a stream read to its end (RuntimeError before)."""
+        return self._stream.finished
 
     async def __anext__(self) -> str:
         kind, value = await self._queue.get()

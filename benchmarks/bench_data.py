@@ -30,8 +30,14 @@ def squad_gold(articles: list[dict] | None = None) -> list[tuple[str, str, list[
 
 def _hotpot_gold() -> list[tuple[str, str, list[str]]]:
     """(the question's ten paragraphs: two gold and eight distractors, question, [answer])."""
-    return [("\n\n".join(f"{title}: {''.join(sentences)}" for title, sentences in item["context"]),
-             item["question"], [item["answer"]]) for item in hotpotqa()]
+    return [
+        (
+            "\n\n".join(f"{title}: {''.join(sentences)}" for title, sentences in item["context"]),
+            item["question"],
+            [item["answer"]],
+        )
+        for item in hotpotqa()
+    ]
 
 
 def _filler() -> list[str]:
@@ -63,5 +69,7 @@ def items(dataset: str, target_tokens: int, count: int, tokenizer, offset: int =
 def essay_chunks(count: int, tokens: int, tokenizer) -> list[Item]:
     """``count`` consecutive chunks of about ``tokens`` tokens of the Paul Graham essays, each asked for a summary."""
     ids = tokenizer.encode(paul_graham_essays()[: count * tokens * 6], add_special_tokens=False)
-    return [Item(tokenizer.decode(ids[i * tokens : (i + 1) * tokens]), "What is the main point of this text?", [])
-            for i in range(count)]
+    return [
+        Item(tokenizer.decode(ids[i * tokens : (i + 1) * tokens]), "What is the main point of this text?", [])
+        for i in range(count)
+    ]

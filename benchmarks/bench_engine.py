@@ -83,12 +83,16 @@ def main() -> None:
         plan16 = plan_from_probes(attn_probes, 16)
         faithful16 = SkipPlan(prefill_attn=plan16.attn, head=1, tail=64)
 
-        def hf(tokens: int) -> Callable[[], float]:
+        def hf(tokens: int, prompt: torch.Tensor = prompt) -> Callable[[], float]:
             kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=2)
             return lambda: timed(lambda: model.generate(prompt, **kwargs))
 
-        def ours(tokens: int, plan: SkipPlan | None = None, probe: bool = False) -> Callable[[], float]:
-            return lambda: timed(lambda: engine.generate(ids, plan, max_new_tokens=tokens, ignore_eos=True, probe=probe))
+        def ours(
+            tokens: int, plan: SkipPlan | None = None, probe: bool = False, ids: list[int] = ids
+        ) -> Callable[[], float]:
+            return lambda: timed(
+                lambda: engine.generate(ids, plan, max_new_tokens=tokens, ignore_eos=True, probe=probe)
+            )
 
         t = measure(
             {

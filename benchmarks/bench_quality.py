@@ -54,10 +54,10 @@ from bench_data import Item, items
 
 from adaskip_rag import AdaSkipEngine
 from adaskip_rag.corpora import rag_messages
-from adaskip_rag.profiles import Profile
-from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.policies import AdaSkipPolicy, SkipDecode, early_exit, unified_skipping
+from adaskip_rag.profiles import Profile
 from adaskip_rag.skipping import PlanSchedule, SkipPlan, StaticSchedule
+from adaskip_rag.stores import SQLiteProfileStore
 
 SETTINGS = {  # name: (dataset, context tokens)
     "easy squad 1k": ("squad", 1000),
@@ -103,12 +103,17 @@ def f1(prediction: str, answers: list[str]) -> float:
 
 
 def guarded_budget(engine: AdaSkipEngine, calibration: list[Item], tmp: str, start: int) -> tuple[int, str]:
-    """The budget the quality guard settles on (default configuration). It starts at ``start`` and moves in steps of 2 while it serves the
-    calibration questions (at most three passes), each a refresh that scores the plan in force. It has settled
-    when its budget first rises again: the budget it scored then met the target."""
+    """The budget the quality guard settles on (default configuration). It starts at ``start`` and moves in steps
+    of 2 while it serves the calibration questions (at most three passes), each a refresh that scores the plan in
+    force. It has settled when its budget first rises again: the budget it scored then met the target."""
     policy = AdaSkipPolicy(budget=start, warmup=0, refresh_every=1, quality_target=GUARD_TARGET, guard_step=2)
-    guard = AdaSkipEngine(engine.model, engine.tokenizer, engine.name, policy=policy,
-                          store=SQLiteProfileStore(Path(tmp) / f"guard-{len(calibration)}-{id(calibration)}.sqlite"))
+    guard = AdaSkipEngine(
+        engine.model,
+        engine.tokenizer,
+        engine.name,
+        policy=policy,
+        store=SQLiteProfileStore(Path(tmp) / f"guard-{len(calibration)}-{id(calibration)}.sqlite"),
+    )
     trail = [policy.budget]
     for item in calibration * 3:
         guard.generate(rag_messages(item.document, item.question), collection="calibration", max_new_tokens=16)
@@ -127,8 +132,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(DEFAULT_SETTINGS))
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(DEFAULT_CONFIGS))
-    parser.add_argument("--baseline-layers", nargs="+", type=int, default=[4, 8],
-                        help="layer counts of the baselines (Early Exit, SkipDecode, Unified Skipping)")
+    parser.add_argument(
+        "--baseline-layers",
+        nargs="+",
+        type=int,
+        default=[4, 8],
+        help="layer counts of the baselines (Early Exit, SkipDecode, Unified Skipping)",
+    )
     parser.add_argument("--guard-budget", type=int, default=24, help="the budget the quality guard starts from")
     parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
     parser.add_argument("--calibration", type=int, default=8, help="questions per setting the profile is learned from")
@@ -136,9 +146,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", type=Path, default=Path("quality_vs_speed.png"))
-    parser.add_argument("--quick", action="store_true",
-                        help=f"settings {', '.join(QUICK_SETTINGS)}; 4 calibration and 2 evaluation questions each, "
-                             "budgets 8 and 16")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"settings {', '.join(QUICK_SETTINGS)}; 4 calibration and 2 evaluation questions each, budgets 8 and 16",
+    )
     args = parser.parse_args()
     if args.quick:
         args.settings, args.calibration, args.questions, args.budgets = list(QUICK_SETTINGS), 4, 2, [8, 16]
@@ -146,8 +158,10 @@ def main() -> None:
     engine = AdaSkipEngine.from_pretrained("default")
     L = engine.num_layers
     print(f"command: {' '.join(sys.argv)}")
-    print(f"model: {engine.name}, fp32, {args.threads} threads; per setting {args.calibration} calibration and "
-          f"{args.questions} evaluation questions; greedy answers of up to {args.max_new_tokens} tokens\n")
+    print(
+        f"model: {engine.name}, fp32, {args.threads} threads; per setting {args.calibration} calibration and "
+        f"{args.questions} evaluation questions; greedy answers of up to {args.max_new_tokens} tokens\n"
+    )
 
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,11 +172,12 @@ def main() -> None:
             profile = Profile(engine.fingerprint, setting, L)
             for item in calibration:
                 r = engine.generate(rag_messages(item.document, item.question), max_new_tokens=1, probe=True)
-                profile = profile.merge(Profile.from_probes(engine.fingerprint, setting, L, r.prefill_probes,
-                                                            r.stats.prompt_tokens))
+                profile = profile.merge(
+                    Profile.from_probes(engine.fingerprint, setting, L, r.prefill_probes, r.stats.prompt_tokens)
+                )
             guard_budget, guard_reason = guarded_budget(engine, calibration, tmp, args.guard_budget)
 
-            def adaskip(budget: int, **policy) -> Callable[[int], PlanSchedule]:
+            def adaskip(budget: int, profile: Profile = profile, **policy) -> Callable[[int], PlanSchedule]:
                 p = AdaSkipPolicy(budget=budget, **policy)
                 return lambda n: p.schedule(profile, n, engine.costs, budget)
 
@@ -186,9 +201,16 @@ def main() -> None:
                 full_prefill = min(full.stats.prefill_seconds, again)  # the less disturbed of two full prefills
                 for name, make in modes.items():
                     # one prefill per mode: the greedy answer and the teacher forcing along the full answer
-                    out = full if name == "full" else engine.generate(
-                            messages, make(len(prompt)), max_new_tokens=args.max_new_tokens,
-                        teacher_forced_ids=full.token_ids)
+                    out = (
+                        full
+                        if name == "full"
+                        else engine.generate(
+                            messages,
+                            make(len(prompt)),
+                            max_new_tokens=args.max_new_tokens,
+                            teacher_forced_ids=full.token_ids,
+                        )
+                    )
                     logits = full_logits if name == "full" else out.teacher_forced_logits
                     agree = (logits.argmax(-1) == torch.tensor(full.token_ids)).float()
                     log_mode = logits[0].log_softmax(-1)
@@ -202,8 +224,10 @@ def main() -> None:
                     prefill = full_prefill if name == "full" else out.stats.prefill_seconds
                     per_token = out.stats.decode_seconds / max(1, out.stats.generated_tokens - 1)
                     m["prefill"].append(full_prefill / prefill)
-                    m["e2e"].append((full_prefill + full.stats.decode_seconds)
-                                    / (prefill + per_token * max(0, len(full.token_ids) - 1)))
+                    m["e2e"].append(
+                        (full_prefill + full.stats.decode_seconds)
+                        / (prefill + per_token * max(0, len(full.token_ids) - 1))
+                    )
                     m["skipped"].append(out.stats.skipped_sublayers)
                     m["tokens"].append(len(prompt))
                 print(f"  {setting}: {q + 1}/{len(evaluation)} questions ({len(prompt)} tokens)", file=sys.stderr)
@@ -217,15 +241,19 @@ def main() -> None:
 def print_table(setting: str, metrics: dict[str, dict[str, list[float]]], guard_reason: str) -> None:
     mean_tokens = statistics.fmean(metrics["full"]["tokens"])
     print(f"{setting} (mean {mean_tokens:.0f} prompt tokens); quality guard (target {GUARD_TARGET}): {guard_reason}")
-    header = (f"{'mode':<22} | {'skips':>5} | {'F1':>5} | {'agreement':>9} | {'first':>5} | {'identical':>9} | "
-              f"{'KL':>7} | {'prefill':>7} | {'e2e':>6}")
+    header = (
+        f"{'mode':<22} | {'skips':>5} | {'F1':>5} | {'agreement':>9} | {'first':>5} | {'identical':>9} | "
+        f"{'KL':>7} | {'prefill':>7} | {'e2e':>6}"
+    )
     print(header)
     print("-" * len(header))
     for name, m in metrics.items():
-        mean = lambda key: statistics.fmean(m[key])  # noqa: E731
-        print(f"{name:<22} | {mean('skipped'):>5.1f} | {mean('f1'):>5.2f} | {mean('agreement'):>9.3f} | "
-              f"{mean('first'):>5.2f} | {mean('identical'):>9.2f} | {mean('kl'):>7.3f} | "
-              f"{statistics.median(m['prefill']):>6.2f}x | {statistics.median(m['e2e']):>5.2f}x")
+        mean = lambda key, m=m: statistics.fmean(m[key])
+        print(
+            f"{name:<22} | {mean('skipped'):>5.1f} | {mean('f1'):>5.2f} | {mean('agreement'):>9.3f} | "
+            f"{mean('first'):>5.2f} | {mean('identical'):>9.2f} | {mean('kl'):>7.3f} | "
+            f"{statistics.median(m['prefill']):>6.2f}x | {statistics.median(m['e2e']):>5.2f}x"
+        )
     print()
 
 
@@ -236,8 +264,10 @@ def print_frontier(metrics: dict[str, dict[str, list[float]]], configs: list[str
         cells = []
         for b in budgets:
             m = metrics[f"{config} {b}"]
-            cells.append(f"{statistics.fmean(m['agreement']):>11.3f} / {statistics.fmean(m['kl']):>6.3f} / "
-                         f"{statistics.median(m['prefill']):>6.2f}x")
+            cells.append(
+                f"{statistics.fmean(m['agreement']):>11.3f} / {statistics.fmean(m['kl']):>6.3f} / "
+                f"{statistics.median(m['prefill']):>6.2f}x"
+            )
         print(f"{config:<9} | " + " | ".join(cells))
     print()
 

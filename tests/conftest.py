@@ -26,14 +26,22 @@ from transformers import (
 )
 
 from adaskip_rag import AdaSkipEngine
-from adaskip_rag.stores import SQLiteProfileStore
-from adaskip_rag.policies import AdaSkipPolicy
 from adaskip_rag.loading import default_model_path
+from adaskip_rag.policies import AdaSkipPolicy
+from adaskip_rag.stores import SQLiteProfileStore
 
 VOCAB = 49152  # the default model's tokenizer, so tiny models can be driven with text
 COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2, bos_token_id=1, pad_token_id=2,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    eos_token_id=2,
+    bos_token_id=1,
+    pad_token_id=2,
 )
 ARCHS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON)),
@@ -79,8 +87,13 @@ def full_engine(tmp_path):
     """The shared default model behind an engine that always runs in full (so repeated answers are equal)
     and learns into a store of its own."""
     base = AdaSkipEngine.shared("default")
-    return AdaSkipEngine(base.model, base.tokenizer, base.name, store=SQLiteProfileStore(tmp_path / "p.sqlite"),
-                         policy=AdaSkipPolicy(warmup=10**9, refresh_every=0))
+    return AdaSkipEngine(
+        base.model,
+        base.tokenizer,
+        base.name,
+        store=SQLiteProfileStore(tmp_path / "p.sqlite"),
+        policy=AdaSkipPolicy(warmup=10**9, refresh_every=0),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +141,8 @@ class ChromaServer:
         chroma = Path(sys.executable).parent / "chroma"
         self.process = subprocess.Popen(
             [str(chroma), "run", "--host", "127.0.0.1", "--port", str(self.port), "--path", str(self.path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + 60
         while time.time() < deadline:

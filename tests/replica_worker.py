@@ -14,18 +14,23 @@ from conftest import tiny_model  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from adaskip_rag import AdaSkipEngine  # noqa: E402
-from adaskip_rag.stores.chroma import ChromaProfileStore  # noqa: E402
 from adaskip_rag.learning import _skip_set  # noqa: E402
 from adaskip_rag.loading import default_model_path  # noqa: E402
 from adaskip_rag.policies import AdaSkipPolicy  # noqa: E402
+from adaskip_rag.stores.chroma import ChromaProfileStore  # noqa: E402
 
 CACHE_SECONDS = 0.2
 
 
 def replica_engine(port: int, name: str) -> AdaSkipEngine:
     store = ChromaProfileStore("127.0.0.1", port, replica=name, cache_seconds=CACHE_SECONDS, retry_seconds=0)
-    return AdaSkipEngine(tiny_model("llama"), AutoTokenizer.from_pretrained(default_model_path()), "tiny",
-                         store=store, policy=AdaSkipPolicy(budget=2, warmup=20, refresh_every=0, tail=0))
+    return AdaSkipEngine(
+        tiny_model("llama"),
+        AutoTokenizer.from_pretrained(default_model_path()),
+        "tiny",
+        store=store,
+        policy=AdaSkipPolicy(budget=2, warmup=20, refresh_every=0, tail=0),
+    )
 
 
 def skip_set(engine: AdaSkipEngine, collection: str) -> list[str]:
@@ -38,8 +43,9 @@ if __name__ == "__main__":
     engine = replica_engine(port, name)
     modes = []
     for i in range(requests):
-        result = engine.generate(f"Replica {name}, request {i}: what is {i} plus {i}?", collection="shared",
-                                 max_new_tokens=2)
+        result = engine.generate(
+            f"Replica {name}, request {i}: what is {i} plus {i}?", collection="shared", max_new_tokens=2
+        )
         modes.append(result.stats.mode)
     (done / name).touch()
     deadline = time.time() + 300

@@ -11,11 +11,12 @@ import pytest
 
 chromadb = pytest.importorskip("chromadb")
 
-from adaskip_rag.stores.chroma import ChromaProfileStore  # noqa: E402
-from adaskip_rag.stores import SQLiteProfileStore, open_store  # noqa: E402
+from conftest import ChromaServer  # noqa: E402
 from replica_worker import replica_engine, skip_set  # noqa: E402
 from test_history import delta  # noqa: E402
-from conftest import ChromaServer  # noqa: E402
+
+from adaskip_rag.stores import SQLiteProfileStore, open_store  # noqa: E402
+from adaskip_rag.stores.chroma import ChromaProfileStore  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,8 +66,10 @@ def test_cached_reads_do_not_wait_on_the_server(server):
 @pytest.mark.slow
 def test_two_replica_processes_count_exactly_and_agree_on_the_skip_set(server, tmp_path):
     worker = [sys.executable, str(HERE / "replica_worker.py"), str(server.port)]
-    procs = [subprocess.Popen([*worker, me, "50", str(tmp_path), other], stdout=subprocess.PIPE, text=True)
-             for me, other in (("r1", "r2"), ("r2", "r1"))]
+    procs = [
+        subprocess.Popen([*worker, me, "50", str(tmp_path), other], stdout=subprocess.PIPE, text=True)
+        for me, other in (("r1", "r2"), ("r2", "r1"))
+    ]
     reports = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
 
@@ -124,14 +127,22 @@ def test_corrupt_records_are_ignored_and_kept(server):
     a = store(server, "a", cache_seconds=0)
     a.add(delta(0))
     raw = chromadb.HttpClient(host="127.0.0.1", port=server.port).get_collection("adaskip_profiles")
-    raw.upsert(ids=["junk-b"], documents=["{not json"], embeddings=[[0.0]],
-               metadatas=[{"model": "m", "collection": "docs", "replica": "b", "updated": 1.0}])
+    raw.upsert(
+        ids=["junk-b"],
+        documents=["{not json"],
+        embeddings=[[0.0]],
+        metadatas=[{"model": "m", "collection": "docs", "replica": "b", "updated": 1.0}],
+    )
     with pytest.warns(UserWarning, match="corrupt profile record junk-b"):
         assert a.get("m", "docs").queries == 1
     # this replica's own record, corrupted: ignored, copied aside, then overwritten by its next update
     own_id = a._record_id("m", "docs")
-    raw.upsert(ids=[own_id], documents=["[]"], embeddings=[[0.0]],
-               metadatas=[{"model": "m", "collection": "docs", "replica": "a2", "updated": 2.0}])
+    raw.upsert(
+        ids=[own_id],
+        documents=["[]"],
+        embeddings=[[0.0]],
+        metadatas=[{"model": "m", "collection": "docs", "replica": "a2", "updated": 2.0}],
+    )
     a2 = store(server, "a2", cache_seconds=0)
     a2._record_id = lambda m, c: own_id
     with warnings.catch_warnings():
@@ -142,14 +153,17 @@ def test_corrupt_records_are_ignored_and_kept(server):
     assert kept == ["[]"]
 
 
-@pytest.mark.parametrize("url, message", [
-    ("chroma://", "names no host"),
-    ("chroma://localhost:notaport", "bad profile store URL"),
-    ("chroma://localhost:8000?colour=red", "unknown profile store options"),
-    ("chroma://localhost:8000?cache_seconds=-1", "cache_seconds must be >= 0"),
-    ("chroma://localhost:8000?max_pending=0", "max_pending must be >= 1"),
-    ("redis://localhost", "unknown profile store"),
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("chroma://", "names no host"),
+        ("chroma://localhost:notaport", "bad profile store URL"),
+        ("chroma://localhost:8000?colour=red", "unknown profile store options"),
+        ("chroma://localhost:8000?cache_seconds=-1", "cache_seconds must be >= 0"),
+        ("chroma://localhost:8000?max_pending=0", "max_pending must be >= 1"),
+        ("redis://localhost", "unknown profile store"),
+    ],
+)
 def test_bad_store_urls_are_rejected(url, message):
     with pytest.raises(ValueError, match=message):
         open_store(url)
@@ -160,7 +174,12 @@ def test_store_urls(tmp_path):
     assert open_store(f"sqlite:///{tmp_path}/q.sqlite").path == tmp_path / "q.sqlite"
     s = open_store("chroma://10.0.0.5:8123/team_profiles?replica=api-1&cache_seconds=0.5")
     assert (s.host, s.port, s.profiles_collection, s.replica, s.cache_seconds) == (
-        "10.0.0.5", 8123, "team_profiles", "api-1", 0.5)
+        "10.0.0.5",
+        8123,
+        "team_profiles",
+        "api-1",
+        0.5,
+    )
 
 
 def test_bad_keys_never_touch_stored_profiles(server):

@@ -7,8 +7,8 @@ from conftest import tiny_model
 
 from adaskip_rag import AdaSkipEngine
 from adaskip_rag.cli import main
-from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.policies import AdaSkipPolicy
+from adaskip_rag.stores import SQLiteProfileStore
 
 
 @pytest.fixture
@@ -54,17 +54,20 @@ def test_unknown_collection_is_a_clear_error(store_path):
         main(["profiles", "--store", str(store_path), "show", "nope"])
 
 
-@pytest.mark.parametrize("argv, name", [
-    (["ask", "q", "--squad", "X", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["ask", "q", "--squad", "X", "--budget", "-1"], "--budget"),
-    (["ask", "q", "--squad", "X", "--budget", "two"], "--budget"),
-    (["--threads", "0", "demo"], "--threads"),
-    (["demo", "--max-new-tokens", "1.5"], "--max-new-tokens"),
-    (["profiles", "show", "docs", "--budget", "nan"], "--budget"),
-    (["profiles", "build-default", "--questions", "0"], "--questions"),
-    (["profiles", "import"], "file"),
-    (["frobnicate"], "command"),
-])
+@pytest.mark.parametrize(
+    "argv, name",
+    [
+        (["ask", "q", "--squad", "X", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["ask", "q", "--squad", "X", "--budget", "-1"], "--budget"),
+        (["ask", "q", "--squad", "X", "--budget", "two"], "--budget"),
+        (["--threads", "0", "demo"], "--threads"),
+        (["demo", "--max-new-tokens", "1.5"], "--max-new-tokens"),
+        (["profiles", "show", "docs", "--budget", "nan"], "--budget"),
+        (["profiles", "build-default", "--questions", "0"], "--questions"),
+        (["profiles", "import"], "file"),
+        (["frobnicate"], "command"),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line_naming_them(argv, name, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

@@ -10,10 +10,10 @@ from conftest import tiny_model
 
 from adaskip_rag.compensation import Affine, apply, fit, moments, residual_error
 from adaskip_rag.costs import CostModel
-from adaskip_rag.profiles import Profile
-from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.policies import AdaSkipPolicy
+from adaskip_rag.profiles import Profile
 from adaskip_rag.skipping import SkipPlan, Sublayer, new_cache, skip_forward
+from adaskip_rag.stores import SQLiteProfileStore
 
 
 def data(tokens: int = 300, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,8 +136,10 @@ def test_policy_plans_with_the_fitted_compensation_and_keeps_kv():
 def test_policy_ranks_by_residual_error_when_asked():
     profile = profile_with_moments()
     costs = CostModel(hidden=8, ffn_hidden=16, kv_ratio=0.5, vocab=10, layers=3)
-    errors = {sub: residual_error(profile.sublayer_moments(sub), fit(profile.sublayer_moments(sub), "affine", 1.0))
-              for sub in profile.mean()}
+    errors = {
+        sub: residual_error(profile.sublayer_moments(sub), fit(profile.sublayer_moments(sub), "affine", 1.0))
+        for sub in profile.mean()
+    }
     best = sorted(errors, key=lambda s: (errors[s], s))[:2]
     assert set(best) != {Sublayer("attn", 2), Sublayer("ffn", 2)}, "the similarity ranking's top 2: no test"
     plan = AdaSkipPolicy(budget=2, rank_by="error", tail=0).prefill_plan(profile, 100, costs, 2)
@@ -153,14 +155,17 @@ def test_policy_tail_protects_short_prompts_entirely_and_is_carried_by_the_plan(
     assert AdaSkipPolicy(budget=2, tail="last_user_turn").prefill_plan(profile, 65, costs, 2).tail == "last_user_turn"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"compensation": "linear"}, "compensation must be one of"),
-    ({"rank_by": "speed"}, "rank_by"),
-    ({"keep_kv": "yes"}, "keep_kv"),
-    ({"tail": -1}, "tail"),
-    ({"tail": "question"}, "tail"),
-    ({"head": 1.5}, "head"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"compensation": "linear"}, "compensation must be one of"),
+        ({"rank_by": "speed"}, "rank_by"),
+        ({"keep_kv": "yes"}, "keep_kv"),
+        ({"tail": -1}, "tail"),
+        ({"tail": "question"}, "tail"),
+        ({"head": 1.5}, "head"),
+    ],
+)
 def test_policy_rejects_bad_fidelity_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AdaSkipPolicy(**kwargs)

@@ -21,14 +21,34 @@ SCHEMA = {
     "required": ["color", "count", "ok"],
     "additionalProperties": False,
 }
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
-                                                    "days": {"type": "integer", "minimum": 1, "maximum": 3}},
-                   "required": ["city", "days"], "additionalProperties": False}}}
-ADD = {"type": "function", "function": {
-    "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
-                                  "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Rome"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 3},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "boolean"}},
+            "required": ["a"],
+            "additionalProperties": False,
+        },
+    },
+}
 CHAT = [{"role": "user", "content": "Retrieved context: the fox jumps. Question: what jumps? Answer in JSON."}]
 PLANS = [SkipPlan(), SkipPlan(attn={1: 1.0}, ffn={2: 0.9}), SkipPlan(prefill_attn={0: 1.0, 3: 1.0}, tail=4)]
 
@@ -101,21 +121,33 @@ def test_streamed_tool_calls_are_parsed_not_streamed(tool_engine):
 
 
 def test_parallel_tool_calls_are_all_parsed(tool_engine):
-    result = tool_engine.generate(CHAT, tools=[WEATHER, ADD], tool_choice="any", parallel_tool_calls=True,
-                                  max_new_tokens=80)
+    result = tool_engine.generate(
+        CHAT, tools=[WEATHER, ADD], tool_choice="any", parallel_tool_calls=True, max_new_tokens=80
+    )
     assert result.tool_calls
     assert not result.invalid_tool_calls or result.stats.finish_reason == "length"  # only a cut call is invalid
     for call in result.tool_calls:
-        jsonschema.validate(call["arguments"], {"get_weather": WEATHER, "add": ADD}[call["name"]]["function"]["parameters"])
+        jsonschema.validate(
+            call["arguments"], {"get_weather": WEATHER, "add": ADD}[call["name"]]["function"]["parameters"]
+        )
 
 
 def test_a_tool_result_turn_renders_and_answers(tool_engine):
-    call = {"type": "function", "id": "c1", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}}
-    history = [*CHAT, {"role": "assistant", "content": "", "tool_calls": [call]},
-               {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]
+    call = {
+        "type": "function",
+        "id": "c1",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 1}},
+    }
+    history = [
+        *CHAT,
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    ]
     text = tool_engine.apply_chat_template(history, [WEATHER])
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}\n</tool_call>' in text
-    assert text.endswith("<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert text.endswith(
+        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
     assert text.count('"name": "get_weather"') == 2  # the schema in the system turn and the call
     assert tool_engine.generate(history, tools=[WEATHER], max_new_tokens=8).stats.generated_tokens > 0
 
@@ -124,21 +156,29 @@ def test_default_template_renders_conversations_without_tools_as_the_bundled_one
     bundled = tokenizer.chat_template
     conversations = [
         [{"role": "user", "content": "hi"}],
-        [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-         {"role": "user", "content": "b"}],
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "b"},
+        ],
         [{"role": "user", "content": "x"}, {"role": "system", "content": "late"}, {"role": "user", "content": "y"}],
     ]
     for messages in conversations:
         for prompt in (True, False):
-            ours = tokenizer.apply_chat_template(messages, chat_template=SMOLLM2_TOOLS, tokenize=False,
-                                                 add_generation_prompt=prompt)
-            assert ours == tokenizer.apply_chat_template(messages, chat_template=bundled, tokenize=False,
-                                                         add_generation_prompt=prompt)
+            ours = tokenizer.apply_chat_template(
+                messages, chat_template=SMOLLM2_TOOLS, tokenize=False, add_generation_prompt=prompt
+            )
+            assert ours == tokenizer.apply_chat_template(
+                messages, chat_template=bundled, tokenize=False, add_generation_prompt=prompt
+            )
 
 
 def test_parse_tool_calls_splits_text_calls_and_invalid_calls():
-    text = ('Let me check.<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
-            '<tool_call>\n{"name": "g", "arguments": [1]}\n</tool_call><tool_call>\n{"name": "h", "argu')
+    text = (
+        'Let me check.<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "g", "arguments": [1]}\n</tool_call><tool_call>\n{"name": "h", "argu'
+    )
     content, calls, invalid = parse_tool_calls(text)
     assert content == "Let me check.\n"
     assert [(c["name"], c["arguments"]) for c in calls] == [("f", {"x": 1})]
@@ -147,17 +187,20 @@ def test_parse_tool_calls_splits_text_calls_and_invalid_calls():
     assert parse_tool_calls("\n<tool_call>{}</tool_call>\n")[0] == ""
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"tools": [WEATHER], "json_schema": SCHEMA}, "json_schema or tools"),
-    ({"tool_choice": "any"}, "tool_choice needs tools"),
-    ({"tools": [WEATHER], "tool_choice": "nope"}, "tool_choice must be"),
-    ({"tools": []}, "non-empty list"),
-    ({"tools": [{"type": "function", "function": {}}]}, r"tools\[0\]"),
-    ({"tools": [WEATHER, WEATHER]}, "unique"),
-    ({"json_schema": 5}, "json_schema must be"),
-    ({"json_schema": "{not json"}, "not valid JSON"),
-    ({"json_schema": SCHEMA, "ignore_eos": True}, "ignore_eos"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tools": [WEATHER], "json_schema": SCHEMA}, "json_schema or tools"),
+        ({"tool_choice": "any"}, "tool_choice needs tools"),
+        ({"tools": [WEATHER], "tool_choice": "nope"}, "tool_choice must be"),
+        ({"tools": []}, "non-empty list"),
+        ({"tools": [{"type": "function", "function": {}}]}, r"tools\[0\]"),
+        ({"tools": [WEATHER, WEATHER]}, "unique"),
+        ({"json_schema": 5}, "json_schema must be"),
+        ({"json_schema": "{not json"}, "not valid JSON"),
+        ({"json_schema": SCHEMA, "ignore_eos": True}, "ignore_eos"),
+    ],
+)
 def test_bad_constraints_raise_before_generation(tool_engine, kwargs, message):
     with pytest.raises(ValueError, match=message):
         tool_engine.stream(CHAT, **kwargs)
@@ -172,17 +215,27 @@ def test_tools_need_a_template_that_supports_them(tiny_engine, tool_engine):
 
 
 def test_empty_prompts_raise_for_text_and_chat(tiny_engine):
-    for prompt in ("", "  ", [{"role": "user", "content": ""}], [{"role": "system", "content": ""},
-                                                                  {"role": "user", "content": " "}]):
+    for prompt in (
+        "",
+        "  ",
+        [{"role": "user", "content": ""}],
+        [{"role": "system", "content": ""}, {"role": "user", "content": " "}],
+    ):
         with pytest.raises(ValueError, match="prompt is empty"):
             tiny_engine.generate(prompt)
     with pytest.raises(ValueError, match="messages\\[0\\] needs a string 'role'"):
         tiny_engine.generate([{"content": "hi"}])
 
 
-LOOSE = {"type": "object", "properties": {"title": {"type": "string"}, "n": {"type": "integer"},
-                                          "tags": {"type": "array", "items": {"type": "string"}}},
-         "required": ["title", "n", "tags"]}
+LOOSE = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "n": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["title", "n", "tags"],
+}
 
 
 @pytest.mark.parametrize("budget", [24, 33, 48])

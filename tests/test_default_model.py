@@ -18,7 +18,9 @@ def test_default_model_answers_paris(default_engine):
 
 def test_default_model_answers_paris_with_a_light_plan(default_engine):
     probed = default_engine.generate(QUESTION, max_new_tokens=30, probe=True)
-    attn = sorted((p.similarity, s.layer, p.scale_no_sink) for s, p in probed.prefill_probes.items() if s.kind == "attn")
+    attn = sorted(
+        (p.similarity, s.layer, p.scale_no_sink) for s, p in probed.prefill_probes.items() if s.kind == "attn"
+    )
     plan = SkipPlan(attn={layer: scale for _, layer, scale in attn[-4:]})  # the four most redundant attentions
     result = default_engine.generate(QUESTION, plan, max_new_tokens=30)
     assert "Paris" in result.text
@@ -35,13 +37,18 @@ def test_ignore_eos_generates_the_full_budget(default_engine):
 def test_quality_guard_lowers_the_budget_on_the_real_model(default_engine, tmp_path, monkeypatch):
     from adaskip_rag import AdaSkipEngine
     from adaskip_rag.corpora import rag_messages, squad_questions
-    from adaskip_rag.stores import SQLiteProfileStore
     from adaskip_rag.policies import AdaSkipPolicy
+    from adaskip_rag.stores import SQLiteProfileStore
 
     monkeypatch.setenv("ADASKIP_PROFILES", str(tmp_path))  # no shipped profile: learn from this collection only
     policy = AdaSkipPolicy(budget=16, warmup=1, window=0, refresh_every=2, quality_target=0.99, guard_step=4)
-    engine = AdaSkipEngine(default_engine.model, default_engine.tokenizer, default_engine.name, policy=policy,
-                           store=SQLiteProfileStore(tmp_path / "p.sqlite"))
+    engine = AdaSkipEngine(
+        default_engine.model,
+        default_engine.tokenizer,
+        default_engine.name,
+        policy=policy,
+        store=SQLiteProfileStore(tmp_path / "p.sqlite"),
+    )
     runs = [
         engine.generate(rag_messages(doc, q), collection="squad", max_new_tokens=16, ignore_eos=True).stats
         for doc, q in squad_questions(3, paragraphs=1)
@@ -58,9 +65,13 @@ def test_new_collection_starts_from_the_shipped_profile(default_engine, tmp_path
     from adaskip_rag.corpora import rag_messages, squad_questions
     from adaskip_rag.stores import SQLiteProfileStore
 
-    engine = AdaSkipEngine(default_engine.model, default_engine.tokenizer, default_engine.name,
-                           store=SQLiteProfileStore(tmp_path / "p.sqlite"))
-    (doc, question), = squad_questions(1, paragraphs=1)
+    engine = AdaSkipEngine(
+        default_engine.model,
+        default_engine.tokenizer,
+        default_engine.name,
+        store=SQLiteProfileStore(tmp_path / "p.sqlite"),
+    )
+    ((doc, question),) = squad_questions(1, paragraphs=1)
     stats = engine.generate(rag_messages(doc, question), collection="fresh", max_new_tokens=8).stats
     assert stats.profile_source == "default" and stats.mode == "skip" and not stats.warming_up
     assert stats.skipped_sublayers == engine.policy.budget

@@ -271,8 +271,10 @@ def test_bad_input_raises_value_error(tiny_engine, prompt, kwargs, message):
         tiny_engine.stream(prompt, plan, **kwargs)  # before any work is done
 
 
-@pytest.mark.parametrize("field, value", [("attn", {1: None}), ("ffn", {1: "x"}), ("attn", True),
-                                          ("ffn", {1: True}), ("attn", {1: {"scale": [1.0]}})])
+@pytest.mark.parametrize(
+    "field, value",
+    [("attn", {1: None}), ("ffn", {1: "x"}), ("attn", True), ("ffn", {1: True}), ("attn", {1: {"scale": [1.0]}})],
+)
 def test_bad_skip_plans_raise_value_error_at_construction(field, value):
     with pytest.raises(ValueError, match=f"SkipPlan.{field}"):
         SkipPlan(**{field: value})
@@ -336,8 +338,7 @@ def test_generation_scores_a_given_answer_from_its_own_prefill(tiny_engine):
     for name, make in plans.items():
         schedules = make(), make()
         alone = tiny_engine.generate(prompt, schedules[0], max_new_tokens=10, ignore_eos=True)
-        both = tiny_engine.generate(prompt, schedules[1], max_new_tokens=10, ignore_eos=True,
-                                    teacher_forced_ids=answer)
+        both = tiny_engine.generate(prompt, schedules[1], max_new_tokens=10, ignore_eos=True, teacher_forced_ids=answer)
         expected, _ = tiny_engine.teacher_forced(prompt, answer, make())
         # scoring works on copies: the generation, and what the online schedule learned in it, are as they were
         assert both.token_ids == alone.token_ids, name
@@ -398,13 +399,18 @@ def test_max_new_tokens_beyond_the_window_left_is_clamped_and_reported(tiny_engi
 
 
 def test_a_policy_that_skips_all_2l_sublayers_serves(tokenizer, tmp_path):
-    from adaskip_rag.stores import SQLiteProfileStore
     from adaskip_rag.policies import AdaSkipPolicy
+    from adaskip_rag.stores import SQLiteProfileStore
 
     model = tiny_model("llama")
     L = model.config.num_hidden_layers
-    engine = AdaSkipEngine(model, tokenizer, "tiny", store=SQLiteProfileStore(tmp_path / "p.sqlite"),
-                           policy=AdaSkipPolicy(budget=2 * L, warmup=1, refresh_every=0, tail=0, head=0))
+    engine = AdaSkipEngine(
+        model,
+        tokenizer,
+        "tiny",
+        store=SQLiteProfileStore(tmp_path / "p.sqlite"),
+        policy=AdaSkipPolicy(budget=2 * L, warmup=1, refresh_every=0, tail=0, head=0),
+    )
     engine.generate(PROMPT, collection="all", max_new_tokens=2)  # warm-up: the full model, measured
     stats = engine.generate(PROMPT, collection="all", max_new_tokens=3).stats
     assert stats.mode == "skip" and stats.skipped_every_sublayer

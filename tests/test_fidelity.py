@@ -60,8 +60,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def plan_for(model) -> SkipPlan:
     d = model.config.hidden_size
-    return SkipPlan(prefill_attn={1: affine(d, 1), 3: 0.9}, attn={4: 1.05}, ffn={2: affine(d, 2)},
-                    decode_ffn={5: 0.95})
+    return SkipPlan(prefill_attn={1: affine(d, 1), 3: 0.9}, attn={4: 1.05}, ffn={2: affine(d, 2)}, decode_ffn={5: 0.95})
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -159,12 +158,15 @@ def test_tail_not_shorter_than_the_prompt_is_an_error(tiny_engine):
 
 
 def test_last_user_turn_tail_starts_at_the_last_user_message(tiny_engine):
-    messages = [{"role": "system", "content": "Answer briefly."},
-                {"role": "user", "content": "First question?"}, {"role": "assistant", "content": "First answer."},
-                {"role": "user", "content": "Document:\nsome text here.\n\nQuestion: where?"}]
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "First question?"},
+        {"role": "assistant", "content": "First answer."},
+        {"role": "user", "content": "Document:\nsome text here.\n\nQuestion: where?"},
+    ]
     ids = tiny_engine.encode(messages)
     m = tiny_engine.user_turn_tokens(messages)
     assert tiny_engine.tokenizer.decode(ids[-m:]).startswith("Document:\nsome text")
-    assert "Document" not in tiny_engine.tokenizer.decode(ids[: -m])
+    assert "Document" not in tiny_engine.tokenizer.decode(ids[:-m])
     plan = SkipPlan(prefill_attn={1: 1.0}, tail="last_user_turn")
     assert tiny_engine.generate(messages, plan, max_new_tokens=2).stats.protected_tail == m

@@ -1,27 +1,29 @@
 """Profiles and the SQLite store: exact merges, concurrent writers, crashes, corrupt rows, JSON."""
 
 import json
-import warnings
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
 
 from adaskip_rag import Sublayer
 from adaskip_rag.profiles import Profile, check_collection
-from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.skipping import Probe
+from adaskip_rag.stores import SQLiteProfileStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def delta(i: int, collection: str = "docs", model: str = "m") -> Profile:
-    probes = {Sublayer(k, layer): Probe(0.5 + layer / 10, 1.0 + i % 3, 1.0) for k in ("attn", "ffn") for layer in range(4)}
+    probes = {
+        Sublayer(k, layer): Probe(0.5 + layer / 10, 1.0 + i % 3, 1.0) for k in ("attn", "ffn") for layer in range(4)
+    }
     return Profile.from_probes(model, collection, 4, probes, context_tokens=100 + i)
 
 

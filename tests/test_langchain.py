@@ -50,8 +50,11 @@ class TestChatAdaSkipUnit(StandardTestSettings, ChatModelUnitTests):
 
 @pytest.mark.slow
 class TestChatAdaSkipIntegration(StandardTestSettings, ChatModelIntegrationTests):
-    @pytest.mark.xfail(reason="with tool_choice='auto' the 135M default model mostly answers in text instead of "
-                       "calling the tool; forced choices ('any', a tool's name) always call it", strict=False)
+    @pytest.mark.xfail(
+        reason="with tool_choice='auto' the 135M default model mostly answers in text instead of "
+        "calling the tool; forced choices ('any', a tool's name) always call it",
+        strict=False,
+    )
     def test_agent_loop(self, model) -> None:
         super().test_agent_loop(model)
 
@@ -76,15 +79,17 @@ def test_stats_reach_metadata_and_handlers_alone_and_in_a_chain():
     stats = message.response_metadata["adaskip"]
     assert stats["collection"] == "geo" and message.content.strip()  # answers depend on what is skipped
     assert message.usage_metadata == {
-        "input_tokens": stats["prompt_tokens"], "output_tokens": stats["generated_tokens"],
+        "input_tokens": stats["prompt_tokens"],
+        "output_tokens": stats["generated_tokens"],
         "total_tokens": stats["prompt_tokens"] + stats["generated_tokens"],
     }
     assert handler.events == [stats]
 
     chain = ChatPromptTemplate.from_messages([("user", "{question}")]) | llm | StrOutputParser()
     handler = StatsHandler()
-    answer = chain.invoke({"question": QUESTION}, config={"callbacks": [handler],
-                                                          "metadata": {"adaskip_collection": "chain-geo"}})
+    answer = chain.invoke(
+        {"question": QUESTION}, config={"callbacks": [handler], "metadata": {"adaskip_collection": "chain-geo"}}
+    )
     assert answer.strip()
     assert len(handler.events) == 1 and handler.events[0]["collection"] == "chain-geo"  # config beats constructor
 
@@ -157,20 +162,21 @@ def _format(docs) -> str:
 
 
 @pytest.mark.slow
-def test_rag_chains_over_two_chroma_collections_build_two_profiles_automatically(full_engine, minilm_path,
-                                                                                  tmp_path):
+def test_rag_chains_over_two_chroma_collections_build_two_profiles_automatically(full_engine, minilm_path, tmp_path):
     chromadb = pytest.importorskip("chromadb")
+    from conftest import COLLECTIONS
     from langchain_chroma import Chroma
     from langchain_core.runnables import RunnablePassthrough
     from langchain_huggingface import HuggingFaceEmbeddings
 
-    from conftest import COLLECTIONS
-
     client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
     embeddings = HuggingFaceEmbeddings(model_name=minilm_path)
-    prompt = ChatPromptTemplate.from_messages([
-        ("system", "Answer the question using only this context:\n{context}"), ("user", "{question}"),
-    ])
+    prompt = ChatPromptTemplate.from_messages(
+        [
+            ("system", "Answer the question using only this context:\n{context}"),
+            ("user", "{question}"),
+        ]
+    )
     llm = ChatAdaSkip(**PARAMS, engine=full_engine)  # no collection given anywhere
     store = full_engine.learner.store
     for name, case in COLLECTIONS.items():
@@ -202,6 +208,7 @@ def test_rag_chains_over_two_chroma_collections_build_two_profiles_automatically
 
 
 # ----------------------------------------------------------------- callbacks, conventions, validation
+
 
 class TokenCounter(BaseCallbackHandler):
     def __init__(self):
@@ -293,13 +300,25 @@ def test_importing_the_package_leaves_other_models_callbacks_alone():
 
 
 @pytest.mark.parametrize("cls", [ChatAdaSkip, AdaSkipLLM])
-@pytest.mark.parametrize("kwargs, field", [
-    ({"max_tokens": 0}, "max_tokens"), ({"max_new_tokens": -1}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
-    ({"temperature": float("inf")}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k"),
-    ({"repetition_penalty": 0}, "repetition_penalty"), ({"foo": 1}, "foo"), ({"model_name": "x"}, "model_name"),
-    ({"model": "/nonexistent"}, "model"), ({"truncation": "right"}, "truncation"), ({"stop": [""]}, "stop"),
-    ({"collection": ""}, "collection"), ({"device": "gpu9"}, "device"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"foo": 1}, "foo"),
+        ({"model_name": "x"}, "model_name"),
+        ({"model": "/nonexistent"}, "model"),
+        ({"truncation": "right"}, "truncation"),
+        ({"stop": [""]}, "stop"),
+        ({"collection": ""}, "collection"),
+        ({"device": "gpu9"}, "device"),
+    ],
+)
 def test_bad_constructor_arguments_raise_naming_the_field(cls, kwargs, field):
     with pytest.raises(ValueError, match=rf"(?s)\b{field}\b.*"):
         cls(**kwargs)
@@ -339,6 +358,7 @@ def test_truncation_left_through_field_and_call(tiny_engine):
 
 # ----------------------------------------------------------------- structured output and tools (default model)
 
+
 class Person(BaseModel):
     """A person mentioned in the text."""
 
@@ -347,8 +367,13 @@ class Person(BaseModel):
     city: str = Field(description="the city where the person lives")
 
 
-PEOPLE = [("Marie Curie", 66, "Paris"), ("Alan Turing", 41, "Manchester"), ("Ada Lovelace", 36, "London"),
-          ("Nikola Tesla", 86, "New York"), ("Frida Kahlo", 47, "Mexico City")]
+PEOPLE = [
+    ("Marie Curie", 66, "Paris"),
+    ("Alan Turing", 41, "Manchester"),
+    ("Ada Lovelace", 36, "London"),
+    ("Nikola Tesla", 86, "New York"),
+    ("Frida Kahlo", 47, "Mexico City"),
+]
 TEMPLATES = [
     "{name} is {age} years old and lives in {city}. Extract the person.",
     "Extract the person from this note: '{city} resident {name}, aged {age}.'",
@@ -362,13 +387,18 @@ EXTRACTIONS = [t.format(name=n, age=a, city=c) for t in TEMPLATES for n, a, c in
 def skipping_engine(tmp_path_factory):
     """The default model learning from the first query with a tail that fits short prompts: every answer skips."""
     from adaskip_rag import AdaSkipEngine
-    from adaskip_rag.stores import SQLiteProfileStore
     from adaskip_rag.policies import AdaSkipPolicy
+    from adaskip_rag.stores import SQLiteProfileStore
 
     base = AdaSkipEngine.shared("default")
     store = SQLiteProfileStore(tmp_path_factory.mktemp("skip") / "p.sqlite")
-    return AdaSkipEngine(base.model, base.tokenizer, base.name, store=store,
-                         policy=AdaSkipPolicy(warmup=0, refresh_every=0, budget=6, tail=8))
+    return AdaSkipEngine(
+        base.model,
+        base.tokenizer,
+        base.name,
+        store=store,
+        policy=AdaSkipPolicy(warmup=0, refresh_every=0, budget=6, tail=8),
+    )
 
 
 @pytest.mark.slow
@@ -438,12 +468,20 @@ def test_bind_tools_needs_a_template_with_tool_support(tiny_engine):
         ChatAdaSkip(engine=tiny_engine).bind_tools([get_weather])
 
 
-BAD_CALLS = [({"temperature": "0.5"}, "temperature"), ({"temperature": float("inf")}, "temperature"),
-             ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"stop": 5}, "stop"),
-             ({"seed": "abc"}, "seed"), ({"top_k": 1.5}, "top_k"), ({"repetition_penalty": float("inf")},
-                                                                      "repetition_penalty"),
-             ({"collection": 5}, "collection"), ({"truncation": "middle"}, "truncation"),
-             ({"stop_token_ids": [1]}, "stop_token_ids"), ({"json_schema": 5}, "json_schema")]
+BAD_CALLS = [
+    ({"temperature": "0.5"}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"stop": 5}, "stop"),
+    ({"seed": "abc"}, "seed"),
+    ({"top_k": 1.5}, "top_k"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"collection": 5}, "collection"),
+    ({"truncation": "middle"}, "truncation"),
+    ({"stop_token_ids": [1]}, "stop_token_ids"),
+    ({"json_schema": 5}, "json_schema"),
+]
 
 
 @pytest.mark.parametrize("kwargs, name", BAD_CALLS)

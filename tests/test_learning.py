@@ -9,8 +9,6 @@ from conftest import tiny_model
 
 from adaskip_rag import AdaSkipEngine, CostModel, SkipPlan, Sublayer
 from adaskip_rag.compensation import fit
-from adaskip_rag.profiles import Profile
-from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.learning import Learner
 from adaskip_rag.policies import (
     AdaSkipPolicy,
@@ -21,8 +19,10 @@ from adaskip_rag.policies import (
     rank,
     unified_skipping,
 )
+from adaskip_rag.profiles import Profile
 from adaskip_rag.skipping import Probe
 from adaskip_rag.stats import SkipStats
+from adaskip_rag.stores import SQLiteProfileStore
 
 QUESTIONS = [
     "Context: the river Rhine flows into the North Sea. Question: where does the Rhine flow?",
@@ -97,12 +97,22 @@ def test_online_decode_skips_follow_beta():
     schedule = OnlineSchedule(plan, beta=0.9, window=3)
     assert schedule.prefill() == (plan, True)
     window_probes = [
-        {Sublayer("ffn", 1): Probe(0.95, 1.2, 1.2), Sublayer("ffn", 2): Probe(0.85, 2.0, 2.0),
-         Sublayer("ffn", 3): Probe(0.92, 1.0, 1.0), Sublayer("attn", 2): Probe(0.999, 1.0, 1.0)},
-        {Sublayer("ffn", 1): Probe(0.93, 1.4, 1.4), Sublayer("ffn", 2): Probe(0.97, 2.0, 2.0),
-         Sublayer("ffn", 3): Probe(0.86, 1.0, 1.0)},
-        {Sublayer("ffn", 1): Probe(0.91, 0.9, 0.9), Sublayer("ffn", 2): Probe(0.80, 2.0, 2.0),
-         Sublayer("ffn", 3): Probe(0.93, 1.3, 1.3)},
+        {
+            Sublayer("ffn", 1): Probe(0.95, 1.2, 1.2),
+            Sublayer("ffn", 2): Probe(0.85, 2.0, 2.0),
+            Sublayer("ffn", 3): Probe(0.92, 1.0, 1.0),
+            Sublayer("attn", 2): Probe(0.999, 1.0, 1.0),
+        },
+        {
+            Sublayer("ffn", 1): Probe(0.93, 1.4, 1.4),
+            Sublayer("ffn", 2): Probe(0.97, 2.0, 2.0),
+            Sublayer("ffn", 3): Probe(0.86, 1.0, 1.0),
+        },
+        {
+            Sublayer("ffn", 1): Probe(0.91, 0.9, 0.9),
+            Sublayer("ffn", 2): Probe(0.80, 2.0, 2.0),
+            Sublayer("ffn", 3): Probe(0.93, 1.3, 1.3),
+        },
     ]
     assert schedule.decode(0, None) == (plan, True)
     assert schedule.decode(1, window_probes[0]) == (plan, True)
@@ -178,7 +188,7 @@ def test_online_decode_skips_in_the_engine(tokenizer, tmp_path):
 def test_two_collections_interleaved_keep_two_profiles(tokenizer, tmp_path):
     engine = learning_engine(tokenizer, tmp_path, budget=2, warmup=2, window=0, refresh_every=0)
     lengths = {"a": 0, "b": 0}
-    for i in range(4):
+    for _ in range(4):
         for coll, question in (("a", QUESTIONS[0]), ("b", QUESTIONS[1] * 3)):
             lengths[coll] += engine.generate(question, collection=coll, max_new_tokens=2).stats.prompt_tokens
     store = engine.learner.store
@@ -303,9 +313,14 @@ def test_quality_guard_at_zero_scores_the_next_step_up_and_can_rise_again(tmp_pa
 
 def test_policies_per_collection(tokenizer, tmp_path):
     engine = AdaSkipEngine(
-        tiny_model("llama"), tokenizer, name="tiny", store=SQLiteProfileStore(tmp_path / "p.sqlite"),
+        tiny_model("llama"),
+        tokenizer,
+        name="tiny",
+        store=SQLiteProfileStore(tmp_path / "p.sqlite"),
         policy=AdaSkipPolicy(budget=2, warmup=1, window=0, refresh_every=0, tail=0),
-        collection_policies={"fast": AdaSkipPolicy(budget=5, warmup=1, window=0, refresh_every=0, cost_aware=True, tail=0)},
+        collection_policies={
+            "fast": AdaSkipPolicy(budget=5, warmup=1, window=0, refresh_every=0, cost_aware=True, tail=0)
+        },
     )
     for coll in ("docs", "fast"):
         engine.generate(QUESTIONS[0], collection=coll, max_new_tokens=2)
@@ -313,10 +328,12 @@ def test_policies_per_collection(tokenizer, tmp_path):
     docs = engine.generate(QUESTIONS[1], collection="docs", max_new_tokens=2).stats
     fast = engine.generate(QUESTIONS[1], collection="fast", max_new_tokens=2).stats
     assert docs.skipped_sublayers == 2 and fast.skipped_sublayers == 5
-    expected = AdaSkipPolicy(budget=5, cost_aware=True, tail=0).prefill_plan(profile, fast.prompt_tokens, engine.costs, 5)
+    expected = AdaSkipPolicy(budget=5, cost_aware=True, tail=0).prefill_plan(
+        profile, fast.prompt_tokens, engine.costs, 5
+    )
     assert fast.skipped_attention == sorted(expected.prefill_attn) and fast.skipped_ffn_prefill == sorted(expected.ffn)
     with pytest.raises(ValueError, match="between 0 and 12"):
-        AdaSkipEngine(tiny_model("llama"), tokenizer, policy=AdaSkipPolicy(budget=13)).learner
+        _ = AdaSkipEngine(tiny_model("llama"), tokenizer, policy=AdaSkipPolicy(budget=13)).learner
 
 
 def test_learned_plans_use_affine_compensations_fitted_from_the_full_requests(tokenizer, tmp_path):

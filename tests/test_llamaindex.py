@@ -9,15 +9,15 @@ import pytest
 
 pytest.importorskip("llama_index.core")
 
+from conftest import COLLECTIONS, tiny_model
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 
 from adaskip_rag import AdaSkipEngine
-from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.policies import AdaSkipPolicy
-from conftest import COLLECTIONS, tiny_model
+from adaskip_rag.stores import SQLiteProfileStore
 from llama_index.llms.adaskip import AdaSkipLLM, AdaSkipStatsEvent
 
 
@@ -43,12 +43,19 @@ def stats_events():
 @pytest.fixture
 def tiny(tokenizer, tmp_path):
     """A tiny model that always runs in full, so repeated answers are equal."""
-    return AdaSkipEngine(tiny_model("llama"), tokenizer, "tiny", store=SQLiteProfileStore(tmp_path / "p.sqlite"),
-                         policy=AdaSkipPolicy(warmup=10**9, refresh_every=0))
+    return AdaSkipEngine(
+        tiny_model("llama"),
+        tokenizer,
+        "tiny",
+        store=SQLiteProfileStore(tmp_path / "p.sqlite"),
+        policy=AdaSkipPolicy(warmup=10**9, refresh_every=0),
+    )
 
 
-MESSAGES = [ChatMessage(role=MessageRole.SYSTEM, content="Be brief."),
-            ChatMessage(role=MessageRole.USER, content="What is the capital of France?")]
+MESSAGES = [
+    ChatMessage(role=MessageRole.SYSTEM, content="Be brief."),
+    ChatMessage(role=MessageRole.USER, content="What is the capital of France?"),
+]
 
 
 def test_metadata_and_bad_arguments(tiny):
@@ -69,11 +76,16 @@ def test_chat_usage_stats_and_token_counting(tiny, stats_events):
     stats = response.additional_kwargs["adaskip"]
     prompt_ids = tiny.encode([{"role": m.role.value, "content": m.content} for m in MESSAGES])
     assert stats["collection"] == "geo" and stats["prompt_tokens"] == len(prompt_ids)
-    assert response.raw["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": stats["generated_tokens"],
-                                     "total_tokens": len(prompt_ids) + stats["generated_tokens"]}
+    assert response.raw["usage"] == {
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": stats["generated_tokens"],
+        "total_tokens": len(prompt_ids) + stats["generated_tokens"],
+    }
     assert response.message.content == tiny.generate(prompt_ids, max_new_tokens=8).text
     assert (counter.prompt_llm_token_count, counter.completion_llm_token_count) == (
-        len(prompt_ids), stats["generated_tokens"])
+        len(prompt_ids),
+        stats["generated_tokens"],
+    )
     assert stats_events == [stats]
 
 
@@ -89,8 +101,12 @@ def test_streaming_and_async_give_the_same_text_and_one_event_each(tiny, stats_e
     async def run_async():
         streamed = [r async for r in await llm.astream_complete("The capital of France is")]
         chat_streamed = [r async for r in await llm.astream_chat(MESSAGES)]
-        return ((await llm.acomplete("The capital of France is")).text, streamed[-1].text,
-                (await llm.achat(MESSAGES)).message.content, chat_streamed[-1].message.content)
+        return (
+            (await llm.acomplete("The capital of France is")).text,
+            streamed[-1].text,
+            (await llm.achat(MESSAGES)).message.content,
+            chat_streamed[-1].message.content,
+        )
 
     assert asyncio.run(run_async()) == (text, text, chat, chat)
     assert len(stats_events) == 8  # one per call (8 calls), streamed or not
@@ -140,7 +156,8 @@ def test_acomplete_leaves_the_event_loop_free(full_engine):
 
 @pytest.mark.slow
 def test_query_engines_over_two_chroma_collections_build_two_profiles_automatically(
-        full_engine, minilm_path, tmp_path, stats_events):
+    full_engine, minilm_path, tmp_path, stats_events
+):
     chromadb = pytest.importorskip("chromadb")
     from llama_index.core import Document, StorageContext, VectorStoreIndex
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
@@ -153,7 +170,8 @@ def test_query_engines_over_two_chroma_collections_build_two_profiles_automatica
     for name, case in COLLECTIONS.items():
         vectors = ChromaVectorStore(chroma_collection=client.create_collection(name))
         index = VectorStoreIndex.from_documents(
-            [Document(text=doc) for doc in case["docs"]], embed_model=embed,
+            [Document(text=doc) for doc in case["docs"]],
+            embed_model=embed,
             storage_context=StorageContext.from_defaults(vector_store=vectors),
         )
         stats_events.clear()
@@ -166,7 +184,7 @@ def test_query_engines_over_two_chroma_collections_build_two_profiles_automatica
         assert "".join(streaming.response_gen) == answer  # the LLM runs only now, after the query returned
         assert [e["collection"] for e in stats_events] == [name, name]
 
-        async def aquery(streaming: bool) -> str:
+        async def aquery(streaming: bool, index=index, case=case) -> str:
             engine = index.as_query_engine(llm=llm, similarity_top_k=2, streaming=streaming)
             response = await engine.aquery(case["question"])
             return "".join([t async for t in response.async_response_gen()]) if streaming else str(response)
@@ -179,11 +197,20 @@ def test_query_engines_over_two_chroma_collections_build_two_profiles_automatica
 
 # ----------------------------------------------------------------- conventions, structured prediction, tools
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"max_tokens": 0}, "max_tokens"), ({"temperature": float("nan")}, "temperature"), ({"top_p": 1.5}, "top_p"),
-    ({"foo": 1}, "foo"), ({"model_name": "x"}, "model_name"), ({"truncation": "middle"}, "truncation"),
-    ({"stop": [""]}, "stop"), ({"collection": ""}, "collection"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"foo": 1}, "foo"),
+        ({"model_name": "x"}, "model_name"),
+        ({"truncation": "middle"}, "truncation"),
+        ({"stop": [""]}, "stop"),
+        ({"collection": ""}, "collection"),
+    ],
+)
 def test_bad_constructor_arguments_raise_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"(?s)\b{field}\b"):
         AdaSkipLLM(**kwargs)
@@ -199,7 +226,8 @@ def test_aliases_empty_prompts_and_truncation(tiny):
         llm.complete(long_prompt)
     assert llm.complete(long_prompt, truncation="left").additional_kwargs["adaskip"]["prompt_tokens"] == 508
     kept = AdaSkipLLM(engine=tiny, max_tokens=4, truncation="left").chat(
-        [ChatMessage(role=MessageRole.USER, content=long_prompt)])
+        [ChatMessage(role=MessageRole.USER, content=long_prompt)]
+    )
     assert kept.additional_kwargs["adaskip"]["prompt_tokens"] == tiny.context_window - 4
 
 
@@ -228,8 +256,11 @@ def test_structured_predict_and_structured_llm_parse_streamed_and_not(full_engin
     llm = AdaSkipLLM(engine=full_engine, max_tokens=48)
     assert llm.metadata.is_function_calling_model and llm.metadata.model_name == "SmolLM2-135M-Instruct"
     prompt = PromptTemplate("Extract the city: {text}")
-    texts = ["Paris is the capital of France, home to 2.1 million people.",
-             "Tokyo, Japan has about 14 million inhabitants.", "Rome (Italy) counts 2.8 million residents."]
+    texts = [
+        "Paris is the capital of France, home to 2.1 million people.",
+        "Tokyo, Japan has about 14 million inhabitants.",
+        "Rome (Italy) counts 2.8 million residents.",
+    ]
     for text in texts:
         assert isinstance(llm.structured_predict(City, prompt, text=text), City)
         assert isinstance(asyncio.run(llm.astructured_predict(City, prompt, text=text)), City)
@@ -260,25 +291,38 @@ def test_tool_calls_and_a_second_turn_with_the_result(full_engine):
     streamed = list(llm.stream_chat_with_tools([tool], user_msg="What is the weather in Paris?", tool_required=True))
     assert [c.tool_name for c in llm.get_tool_calls_from_response(streamed[-1])] == ["get_weather"]
     result = tool(**call.tool_kwargs)
-    history = [ChatMessage(role=MessageRole.USER, content="What is the weather in Paris?"), response.message,
-               ChatMessage(role=MessageRole.TOOL, content=str(result), additional_kwargs={"tool_call_id": call.tool_id})]
+    history = [
+        ChatMessage(role=MessageRole.USER, content="What is the weather in Paris?"),
+        response.message,
+        ChatMessage(role=MessageRole.TOOL, content=str(result), additional_kwargs={"tool_call_id": call.tool_id}),
+    ]
     answer = llm.chat_with_tools([tool], chat_history=history)
     assert answer.message.content.strip()
     assert answer.additional_kwargs["adaskip"]["prompt_tokens"] > response.additional_kwargs["adaskip"]["prompt_tokens"]
     assert llm.predict_and_call([tool], user_msg="What is the weather in Rome?", tool_choice="get_weather").response
 
 
-BAD_CALLS = [({"temperature": "0.5"}, "temperature"), ({"max_tokens": True}, "max_tokens"), ({"stop": 5}, "stop"),
-             ({"seed": "abc"}, "seed"), ({"top_k": 1.5}, "top_k"), ({"collection": 5}, "collection"),
-             ({"truncation": "middle"}, "truncation"), ({"frobnicate": 1}, "frobnicate")]
+BAD_CALLS = [
+    ({"temperature": "0.5"}, "temperature"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"stop": 5}, "stop"),
+    ({"seed": "abc"}, "seed"),
+    ({"top_k": 1.5}, "top_k"),
+    ({"collection": 5}, "collection"),
+    ({"truncation": "middle"}, "truncation"),
+    ({"frobnicate": 1}, "frobnicate"),
+]
 
 
 @pytest.mark.parametrize("kwargs, name", BAD_CALLS)
 def test_bad_call_arguments_raise_value_error_naming_them(tiny, kwargs, name):
     llm = AdaSkipLLM(engine=tiny, max_tokens=4)
-    for call in (lambda: llm.complete("hi", **kwargs), lambda: llm.chat(MESSAGES, **kwargs),
-                 lambda: list(llm.stream_complete("hi", **kwargs)),
-                 lambda: asyncio.run(llm.acomplete("hi", **kwargs))):
+    for call in (
+        lambda: llm.complete("hi", **kwargs),
+        lambda: llm.chat(MESSAGES, **kwargs),
+        lambda: list(llm.stream_complete("hi", **kwargs)),
+        lambda: asyncio.run(llm.acomplete("hi", **kwargs)),
+    ):
         with pytest.raises(ValueError, match=name):
             call()
 

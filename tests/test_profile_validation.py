@@ -10,13 +10,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from adaskip_rag import AdaSkipEngine
-from adaskip_rag.profiles import Profile, parse_profile
-from adaskip_rag.stores import SQLiteProfileStore
 from adaskip_rag.learning import shipped_profile
 from adaskip_rag.policies import AdaSkipPolicy
-from conftest import tiny_model
+from adaskip_rag.profiles import Profile, parse_profile
+from adaskip_rag.stores import SQLiteProfileStore
 
 PROMPT = "Retrieved context: the quick brown fox jumps over the lazy dog. Question: what jumps?"
 DEEP = "[" * 100_000 + "]" * 100_000
@@ -28,6 +28,7 @@ def _set(path, value):
         for k in keys:
             d = d[k]
         d[last] = value
+
     return mutate
 
 
@@ -53,18 +54,23 @@ BAD = {
     "extra field": _set(["colour"], "red"),
     "moments wrong shape": _set(["moments", "shape"], [2, 6, 3]),
     "moments not base64": _set(["moments", "float64"], "***"),
-    "moments NaN": lambda d: _moments_bytes(d, torch.full(tuple(d["moments"]["shape"]), float("nan"),
-                                                          dtype=torch.float64).numpy().tobytes()),
+    "moments NaN": lambda d: _moments_bytes(
+        d, torch.full(tuple(d["moments"]["shape"]), float("nan"), dtype=torch.float64).numpy().tobytes()
+    ),
 }
-TEXT_BAD = {"deep nesting": DEEP, "not JSON": "{\"format\": 1, \"model\": ", "a list": "[1, 2]"}
+TEXT_BAD = {"deep nesting": DEEP, "not JSON": '{"format": 1, "model": ', "a list": "[1, 2]"}
 
 
 @pytest.fixture(scope="module")
 def valid(tokenizer, tmp_path_factory):
     """A real profile of the tiny engine's model (with moments), as the JSON dict a store keeps."""
-    engine = AdaSkipEngine(tiny_model("llama"), tokenizer, "tiny",
-                           store=SQLiteProfileStore(tmp_path_factory.mktemp("v") / "p.sqlite"),
-                           policy=AdaSkipPolicy(warmup=10**9, refresh_every=0, tail=0))
+    engine = AdaSkipEngine(
+        tiny_model("llama"),
+        tokenizer,
+        "tiny",
+        store=SQLiteProfileStore(tmp_path_factory.mktemp("v") / "p.sqlite"),
+        policy=AdaSkipPolicy(warmup=10**9, refresh_every=0, tail=0),
+    )
     engine.generate(PROMPT, collection="seed", max_new_tokens=2)
     data = engine.learner.store.get(engine.fingerprint, "seed").to_dict()
     assert data["moments"] is not None
@@ -125,15 +131,20 @@ def test_fuzzed_profiles_parse_into_valid_profiles_or_raise_value_error(valid):
 
 def test_fuzzed_rows_never_stop_a_sqlite_reader(valid, tmp_path):
     store = SQLiteProfileStore(tmp_path / "p.sqlite")
-    rows = [json.dumps(dict(d, collection=f"c{i}") if isinstance(d.get("collection"), str) else d)
-            for i, d in enumerate(fuzzed(valid, 60, seed=1))]
+    rows = [
+        json.dumps(dict(d, collection=f"c{i}") if isinstance(d.get("collection"), str) else d)
+        for i, d in enumerate(fuzzed(valid, 60, seed=1))
+    ]
     with sqlite3.connect(store.path) as db:
-        db.executemany("INSERT INTO profiles VALUES (?, ?, ?, 0)",
-                       [(valid["model"], f"c{i}", row) for i, row in enumerate(rows)])
+        db.executemany(
+            "INSERT INTO profiles VALUES (?, ?, ?, 0)", [(valid["model"], f"c{i}", row) for i, row in enumerate(rows)]
+        )
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         kept = store.profiles(valid["model"])
-        assert [p.collection for p in store.profiles(valid["model"])] == [p.collection for p in kept]  # no more warnings
+        assert [p.collection for p in store.profiles(valid["model"])] == [
+            p.collection for p in kept
+        ]  # no more warnings
     with sqlite3.connect(store.path) as db:
         aside = db.execute("SELECT count(*) FROM corrupt_profiles").fetchone()[0]
     assert aside == len(seen) == len(rows) - len(kept) > 30
@@ -155,8 +166,9 @@ def serving(request, tokenizer, tmp_path):
                 return [row[0] for row in db.execute("SELECT collection FROM corrupt_profiles")]
     else:
         chromadb = pytest.importorskip("chromadb")
-        from adaskip_rag.stores.chroma import ChromaProfileStore
         from conftest import ChromaServer
+
+        from adaskip_rag.stores.chroma import ChromaProfileStore
 
         server = ChromaServer(tmp_path / "chroma")
         server.start()
@@ -165,13 +177,23 @@ def serving(request, tokenizer, tmp_path):
         raw = chromadb.HttpClient(host="127.0.0.1", port=server.port).get_or_create_collection("adaskip_profiles")
 
         def write_raw(model, collection, text):  # as this replica's own earlier record
-            raw.upsert(ids=[store._record_id(model, collection)], documents=[text], embeddings=[[0.0]],
-                       metadatas=[{"model": model, "collection": collection, "replica": "a", "updated": 1.0}])
+            raw.upsert(
+                ids=[store._record_id(model, collection)],
+                documents=[text],
+                embeddings=[[0.0]],
+                metadatas=[{"model": model, "collection": collection, "replica": "a", "updated": 1.0}],
+            )
 
         def aside():
             return raw.get(where={"model": "__corrupt__"})["ids"]
-    engine = AdaSkipEngine(tiny_model("llama"), tokenizer, "tiny", store=store,
-                           policy=AdaSkipPolicy(warmup=1, refresh_every=0, tail=0, budget=2))
+
+    engine = AdaSkipEngine(
+        tiny_model("llama"),
+        tokenizer,
+        "tiny",
+        store=store,
+        policy=AdaSkipPolicy(warmup=1, refresh_every=0, tail=0, budget=2),
+    )
     return engine, write_raw, aside
 
 

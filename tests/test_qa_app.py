@@ -35,8 +35,23 @@ def test_ingest_and_ask_over_two_collections_with_both_frameworks(full_engine, t
     store = full_engine.learner.store
     for name, framework in (("harbor-notes", "langchain"), ("orchard-notes", "llamaindex")):
         case = COLLECTIONS[name]
-        results = ask(full_engine, [*chroma, "--framework", framework, "ask", "--collection", name, "-k", "2",
-                                    "--max-tokens", "24", case["question"], case["question"]])
+        results = ask(
+            full_engine,
+            [
+                *chroma,
+                "--framework",
+                framework,
+                "ask",
+                "--collection",
+                name,
+                "-k",
+                "2",
+                "--max-tokens",
+                "24",
+                case["question"],
+                case["question"],
+            ],
+        )
         out = capsys.readouterr().out
         assert all(case["answer"] in r["answer"] for r in results)
         assert [r["stats"]["collection"] for r in results] == [name, name]  # found by the integration
@@ -55,8 +70,10 @@ def test_app_over_a_chroma_server(full_engine, tmp_path, capsys):
         folder = corpus_folder(tmp_path, "harbor-notes")
         qa_app.main([*remote, "ingest", "--collection", "harbor-notes", "--path", str(folder)])
         case = COLLECTIONS["harbor-notes"]
-        [result] = ask(full_engine, [*remote, "ask", "--collection", "harbor-notes", "-k", "2", "--max-tokens", "24",
-                                     case["question"]])
+        [result] = ask(
+            full_engine,
+            [*remote, "ask", "--collection", "harbor-notes", "-k", "2", "--max-tokens", "24", case["question"]],
+        )
         assert case["answer"] in result["answer"] and result["stats"]["collection"] == "harbor-notes"
     finally:
         server.stop()

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from .base import ProfileStore
@@ -43,7 +43,7 @@ def open_store(url: str | Path) -> ProfileStore:
     if set(query) - known:
         raise ValueError(f"unknown profile store options {sorted(set(query) - known)} in {text!r}")
     try:
-        options = {
+        options: dict[str, Any] = {
             **({"replica": query["replica"]} if "replica" in query else {}),
             **{k: float(query[k]) for k in ("cache_seconds", "retry_seconds") if k in query},
             **({"max_pending": int(query["max_pending"])} if "max_pending" in query else {}),
@@ -54,4 +54,6 @@ def open_store(url: str | Path) -> ProfileStore:
         raise ValueError(f"bad profile store URL {text!r}: {exc}") from None
     if not parts.hostname:
         raise ValueError(f"profile store URL {text!r} names no host")
-    return ChromaProfileStore(parts.hostname, port, profiles_collection=parts.path.strip("/") or PROFILES_COLLECTION, **options)
+    return ChromaProfileStore(
+        parts.hostname, port, profiles_collection=parts.path.strip("/") or PROFILES_COLLECTION, **options
+    )

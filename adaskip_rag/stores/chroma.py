@@ -43,9 +43,18 @@ class ChromaProfileStore(ProfileStore):
     """
 
     def __init__(
-        self, host: str = "localhost", port: int = 8000, *, ssl: bool = False, headers: dict[str, str] | None = None,
-        profiles_collection: str = PROFILES_COLLECTION, client: Any = None, replica: str | None = None,
-        cache_seconds: float = 2.0, retry_seconds: float = 1.0, max_pending: int = 1024,
+        self,
+        host: str = "localhost",
+        port: int = 8000,
+        *,
+        ssl: bool = False,
+        headers: dict[str, str] | None = None,
+        profiles_collection: str = PROFILES_COLLECTION,
+        client: Any = None,
+        replica: str | None = None,
+        cache_seconds: float = 2.0,
+        retry_seconds: float = 1.0,
+        max_pending: int = 1024,
     ):
         for name, value in (("cache_seconds", cache_seconds), ("retry_seconds", retry_seconds)):
             if not value >= 0:
@@ -99,7 +108,8 @@ class ChromaProfileStore(ProfileStore):
                 self._own.pop(lost, None)
                 log.error("profile server unreachable: dropped this replica's unsent totals of %s", lost)
             self.flush()
-            return [self._merged(*key, others) for key, others in results]
+            merged = [self._merged(*key, others) for key, others in results]
+            return [p for p in merged if p is not None]  # none is: each holds at least its own delta
 
     def profiles(self, model: str | None = None) -> list[Profile]:
         with self._lock:
@@ -110,8 +120,9 @@ class ChromaProfileStore(ProfileStore):
     def delete(self, model: str, collection: str | None = None) -> int:
         """Remove every replica's records (running replicas write their own totals again on their next
         update: stop them first for a clean reset). Returns how many profiles were removed."""
-        where: dict[str, Any] = {"model": model} if collection is None else {
-            "$and": [{"model": model}, {"collection": collection}]}
+        where: dict[str, Any] = (
+            {"model": model} if collection is None else {"$and": [{"model": model}, {"collection": collection}]}
+        )
         with self._lock:
             found = self._remote().get(where=where, include=["metadatas"])
             if found["ids"]:
@@ -139,8 +150,10 @@ class ChromaProfileStore(ProfileStore):
                 self._remote().upsert(
                     ids=[self._record_id(*k) for k in keys],
                     documents=[json.dumps(p.to_dict()) for _, p in records],
-                    metadatas=[{"model": k[0], "collection": k[1], "replica": self.replica, "updated": t}
-                               for k, (t, _) in zip(keys, records)],
+                    metadatas=[
+                        {"model": k[0], "collection": k[1], "replica": self.replica, "updated": t}
+                        for k, (t, _) in zip(keys, records)
+                    ],
                     embeddings=[[0.0]] * len(keys),
                 )
             except _UNREACHABLE as exc:
@@ -162,7 +175,8 @@ class ChromaProfileStore(ProfileStore):
 
             try:
                 self._client = self._client or chromadb.HttpClient(
-                    host=self.host, port=self.port, ssl=self.ssl, headers=self.headers)
+                    host=self.host, port=self.port, ssl=self.ssl, headers=self.headers
+                )
             except ValueError as exc:  # the client checks the server when it is built
                 raise ConnectionError(str(exc)) from exc
             self._records = self._client.get_or_create_collection(self.profiles_collection, embedding_function=None)
@@ -179,8 +193,10 @@ class ChromaProfileStore(ProfileStore):
             return cached[1] if cached else {}
         try:
             found = self._remote().get(where={"model": model} if model else None, include=["documents", "metadatas"])
-            records = [(meta, self._parse(i, doc, meta))
-                       for i, doc, meta in zip(found["ids"], found["documents"], found["metadatas"])]
+            records = [
+                (meta, self._parse(i, doc, meta))
+                for i, doc, meta in zip(found["ids"], found["documents"], found["metadatas"])
+            ]
         except _UNREACHABLE as exc:
             self._unreachable(exc)
             return cached[1] if cached else {}
@@ -216,11 +232,17 @@ class ChromaProfileStore(ProfileStore):
         except (ValueError, TypeError, KeyError) as exc:
             if (record_id, doc) not in self._warned:  # once per record content, not on every read
                 self._warned.add((record_id, doc))
-                warnings.warn(f"ignoring corrupt profile record {record_id} (collection {meta.get('collection')!r}): "
-                              f"{exc}", stacklevel=4)
+                warnings.warn(
+                    f"ignoring corrupt profile record {record_id} (collection {meta.get('collection')!r}): {exc}",
+                    stacklevel=4,
+                )
             if meta.get("replica") == self.replica:  # about to be overwritten: keep a copy for inspection
-                self._remote().upsert(ids=[f"{record_id}#corrupt-{time.time()}"], documents=[doc],
-                                      metadatas=[{"model": _CORRUPT_MODEL}], embeddings=[[0.0]])
+                self._remote().upsert(
+                    ids=[f"{record_id}#corrupt-{time.time()}"],
+                    documents=[doc],
+                    metadatas=[{"model": _CORRUPT_MODEL}],
+                    embeddings=[[0.0]],
+                )
             return None
 
     def _merged(self, model: str, collection: str, others: dict) -> Profile | None:
@@ -231,23 +253,38 @@ class ChromaProfileStore(ProfileStore):
         total: Profile | None = None
         for _, profile in sorted(parts, key=lambda part: part[0]):
             try:
-                total = Profile(model, collection, profile.num_layers).merge(profile) if total is None else total.merge(profile)
+                total = (
+                    Profile(model, collection, profile.num_layers).merge(profile)
+                    if total is None
+                    else total.merge(profile)
+                )
             except ValueError as exc:  # records that cannot add up (layer counts, moment widths): keep the first
-                warnings.warn(f"ignoring a profile record of collection {collection!r} that does not add to the "
-                              f"others: {exc}", stacklevel=4)
+                warnings.warn(
+                    f"ignoring a profile record of collection {collection!r} that does not add to the others: {exc}",
+                    stacklevel=4,
+                )
         return total
 
     def _unreachable(self, exc: BaseException) -> None:
         self._last_try = time.monotonic()
         if self._down_since is None:
             self._down_since = time.time()
-            log.warning("profile server %s:%s unreachable (%s): serving from the last profiles read, "
-                        "keeping this replica's updates until it is back", self.host, self.port, exc)
+            log.warning(
+                "profile server %s:%s unreachable (%s): serving from the last profiles read, "
+                "keeping this replica's updates until it is back",
+                self.host,
+                self.port,
+                exc,
+            )
 
     def _reachable(self) -> None:
         if self._down_since is not None:
-            log.warning("profile server %s:%s reachable again after %.0f s", self.host, self.port,
-                        time.time() - self._down_since)
+            log.warning(
+                "profile server %s:%s reachable again after %.0f s",
+                self.host,
+                self.port,
+                time.time() - self._down_since,
+            )
             self._down_since = None
 
 

@@ -33,8 +33,11 @@ class SQLiteProfileStore(ProfileStore):
             for suffix in ("", "-wal", "-shm"):
                 if Path(f"{self.path}{suffix}").exists():
                     Path(f"{self.path}{suffix}").rename(f"{aside}{suffix}")
-            warnings.warn(f"profile store {self.path} is damaged ({exc}): moved to {aside}, starting a new store; "
-                          "collections relearn their profiles", stacklevel=2)
+            warnings.warn(
+                f"profile store {self.path} is damaged ({exc}): moved to {aside}, starting a new store; "
+                "collections relearn their profiles",
+                stacklevel=2,
+            )
             self._create()
 
     def _create(self) -> None:
@@ -76,8 +79,10 @@ class SQLiteProfileStore(ProfileStore):
         ).rowcount
         if moved:
             db.execute("INSERT INTO corrupt_profiles VALUES (?, ?, ?, ?)", (model, collection, data, time.time()))
-            warnings.warn(f"profile of collection {collection!r} (model {model}) moved aside to corrupt_profiles: "
-                          f"{why}", stacklevel=4)
+            warnings.warn(
+                f"profile of collection {collection!r} (model {model}) moved aside to corrupt_profiles: {why}",
+                stacklevel=4,
+            )
 
     def get(self, model: str, collection: str) -> Profile | None:
         with self._connect() as db:
@@ -132,6 +137,7 @@ class SQLiteProfileStore(ProfileStore):
     def delete(self, model: str, collection: str | None = None) -> int:
         with self._connect() as db:
             cur = db.execute(
-                "DELETE FROM profiles WHERE model = ? AND (? IS NULL OR collection = ?)", (model, collection, collection)
+                "DELETE FROM profiles WHERE model = ? AND (? IS NULL OR collection = ?)",
+                (model, collection, collection),
             )
             return cur.rowcount

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from langchain_core.callbacks import (
@@ -14,6 +13,7 @@ from langchain_core.callbacks import (
     CallbackManagerForLLMRun,
 )
 from langchain_core.language_models.base import LangSmithParams
+from langchain_core.messages.ai import UsageMetadata
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from adaskip_rag import AdaSkipEngine, SkipStats
@@ -30,8 +30,9 @@ class AdaSkipParams(BaseModel):
     argument. Listed first among a class's bases, so its hooks override the framework's defaults. Every value is
     checked at construction; unknown keywords raise."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid",
-                              populate_by_name=True)
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid", populate_by_name=True
+    )
 
     model: str = Field(default="default", validation_alias=AliasChoices("model", "model_name"))
     """``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder (alias ``model_name``)."""
@@ -39,7 +40,9 @@ class AdaSkipParams(BaseModel):
     collection: str | None = Field(default=None, min_length=1)
     """Profile key, unless a call passes ``collection=`` or config metadata ``adaskip_collection``; else the
     Chroma collection the enclosing chain retrieved from (``langchain-chroma``), else ``"default"``."""
-    max_tokens: int = Field(default=256, gt=0, strict=True, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
+    max_tokens: int = Field(
+        default=256, gt=0, strict=True, validation_alias=AliasChoices("max_tokens", "max_new_tokens")
+    )
     """Most new tokens per answer (alias ``max_new_tokens``)."""
     temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, strict=True)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
@@ -51,7 +54,7 @@ class AdaSkipParams(BaseModel):
     """``"left"``: keep the last tokens of a prompt longer than the context window instead of raising."""
     engine: AdaSkipEngine | None = Field(default=None, exclude=True)
     """An engine to use instead of the shared one of ``model``."""
-    ls_model_type: ClassVar[str]
+    ls_model_type: ClassVar[Literal["chat", "llm"]]
 
     @field_validator("model")
     @classmethod
@@ -96,8 +99,12 @@ class AdaSkipParams(BaseModel):
         kwargs = dict(kwargs)
         engine = self.get_engine(kwargs.pop("model", None))
         metadata = getattr(run_manager, "metadata", None) or {}
-        collection = (kwargs.pop("collection", None) or metadata.get(COLLECTION_METADATA_KEY) or self.collection
-                      or TRACKER.collection_of(getattr(run_manager, "parent_run_id", None)))
+        collection = (
+            kwargs.pop("collection", None)
+            or metadata.get(COLLECTION_METADATA_KEY)
+            or self.collection
+            or TRACKER.collection_of(getattr(run_manager, "parent_run_id", None))
+        )
         if stop is not None:
             kwargs["stop"] = stop
         return engine, {"collection": collection or DEFAULT_COLLECTION, **call_arguments(self, kwargs)}
@@ -130,20 +137,23 @@ def stream_run_manager(run_manager: Any) -> Any:
     return caller if isinstance(caller, (CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)) else None
 
 
-def usage(stats: SkipStats) -> dict[str, int]:
-    return {
-        "input_tokens": stats.prompt_tokens,
-        "output_tokens": stats.generated_tokens,
-        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
-    }
+def usage(stats: SkipStats) -> UsageMetadata:
+    return UsageMetadata(
+        input_tokens=stats.prompt_tokens,
+        output_tokens=stats.generated_tokens,
+        total_tokens=stats.prompt_tokens + stats.generated_tokens,
+    )
 
 
 def emit_stats(run_manager: CallbackManagerForLLMRun | None, stats: SkipStats) -> None:
     """Send the request's SkipStats to the callback handlers as the custom event ``adaskip_stats``."""
     if run_manager is not None:
         manager = CallbackManager(
-            handlers=run_manager.handlers, inheritable_handlers=run_manager.inheritable_handlers,
-            parent_run_id=run_manager.parent_run_id, tags=run_manager.tags, metadata=run_manager.metadata,
+            handlers=run_manager.handlers,
+            inheritable_handlers=run_manager.inheritable_handlers,
+            parent_run_id=run_manager.parent_run_id,
+            tags=run_manager.tags,
+            metadata=run_manager.metadata,
         )
         manager.on_custom_event(STATS_EVENT, stats.to_dict(), run_id=run_manager.run_id)
 
@@ -151,7 +161,10 @@ def emit_stats(run_manager: CallbackManagerForLLMRun | None, stats: SkipStats) -
 async def aemit_stats(run_manager: AsyncCallbackManagerForLLMRun | None, stats: SkipStats) -> None:
     if run_manager is not None:
         manager = AsyncCallbackManager(
-            handlers=run_manager.handlers, inheritable_handlers=run_manager.inheritable_handlers,
-            parent_run_id=run_manager.parent_run_id, tags=run_manager.tags, metadata=run_manager.metadata,
+            handlers=run_manager.handlers,
+            inheritable_handlers=run_manager.inheritable_handlers,
+            parent_run_id=run_manager.parent_run_id,
+            tags=run_manager.tags,
+            metadata=run_manager.metadata,
         )
         await manager.on_custom_event(STATS_EVENT, stats.to_dict(), run_id=run_manager.run_id)

@@ -42,8 +42,9 @@ def chroma_collection(retriever: BaseRetriever) -> str | None:
 def _stacks() -> Iterator[list[FrameType]]:
     """Every live call chain, outermost frame first: each thread's stack and each asyncio task's awaited
     coroutines (a suspended ``ainvoke`` is on no thread's stack)."""
-    for frame in sys._current_frames().values():
+    for top in sys._current_frames().values():
         chain: list[FrameType] = []
+        frame: FrameType | None = top
         while frame is not None:
             chain.append(frame)
             frame = frame.f_back
@@ -53,12 +54,13 @@ def _stacks() -> Iterator[list[FrameType]]:
     except RuntimeError:  # no event loop in this thread
         return
     for task in tasks:
-        chain, coro = [], task.get_coro()
-        while coro is not None:
-            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        awaited: Any = task.get_coro()
+        chain = []
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
             if frame is not None:
                 chain.append(frame)
-            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
         yield chain
 
 
@@ -86,12 +88,14 @@ class RetrievalTracker(BaseCallbackHandler):
     def collection_of(self, run_id: UUID | None) -> str | None:
         return self.runs.collection_of(run_id)
 
-    def on_chain_start(self, serialized: Any, inputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None,
-                       **kwargs: Any) -> None:
+    def on_chain_start(
+        self, serialized: Any, inputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
+    ) -> None:
         self.runs.open(run_id, parent_run_id)
 
-    async def on_retriever_start(self, serialized: Any, query: str, *, run_id: UUID,
-                                 parent_run_id: UUID | None = None, **kwargs: Any) -> None:
+    async def on_retriever_start(
+        self, serialized: Any, query: str, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
+    ) -> None:
         # a coroutine, so that under an AsyncCallbackManager it runs on the event loop, where the retriever's
         # task can be seen, rather than in an executor thread
         retriever = retriever_of(run_id)

@@ -30,11 +30,15 @@ def to_chat(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     tool result's ``tool_call_id``."""
     chat: list[dict[str, Any]] = []
     for m in messages:
-        entry: dict[str, Any] = {"role": m.role if isinstance(m, ChatMessage) else _ROLES.get(m.type, "user"),
-                                 "content": m.text}
+        entry: dict[str, Any] = {
+            "role": m.role if isinstance(m, ChatMessage) else _ROLES.get(m.type, "user"),
+            "content": m.text,
+        }
         if isinstance(m, AIMessage) and m.tool_calls:
-            entry["tool_calls"] = [{"type": "function", "id": c["id"],
-                                    "function": {"name": c["name"], "arguments": c["args"]}} for c in m.tool_calls]
+            entry["tool_calls"] = [
+                {"type": "function", "id": c["id"], "function": {"name": c["name"], "arguments": c["args"]}}
+                for c in m.tool_calls
+            ]
         if isinstance(m, ToolMessage):
             entry["tool_call_id"] = m.tool_call_id
         chat.append(entry)
@@ -51,7 +55,9 @@ def _tool_choice(choice: str | bool | dict | None, names: list[str]) -> str | No
         return None
     if choice in ("auto", "none", "any") or choice in names:
         return choice
-    raise ValueError(f"tool_choice must be 'auto', 'none', 'any', 'required' or one of the tools {names}, got {choice!r}")
+    raise ValueError(
+        f"tool_choice must be 'auto', 'none', 'any', 'required' or one of the tools {names}, got {choice!r}"
+    )
 
 
 class ChatAdaSkip(AdaSkipParams, BaseChatModel):
@@ -74,7 +80,7 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
     """
 
     model_config = AdaSkipParams.model_config  # over the framework's (which ignores unknown keywords)
-    ls_model_type: ClassVar[str] = "chat"
+    ls_model_type: ClassVar[Literal["chat", "llm"]] = "chat"
     streaming: bool = False
     """Generate ``invoke`` answers through streaming too (callback handlers receive every token)."""
 
@@ -114,8 +120,9 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
 
         ``method``: "json_schema" (default: the answer is a JSON text decoded under the schema), "function_calling"
         (a forced call of a tool whose arguments follow the schema) or "json_mode" (as "json_schema": where hosted
-        APIs only promise some JSON object, the local grammar costs nothing more). ``include_raw``: return ``{"raw", "parsed", "parsing_error"}``. The grammar always
-        holds, so ``strict`` is accepted and has no further effect.
+        APIs only promise some JSON object, the local grammar costs nothing more). ``include_raw``: return
+        ``{"raw", "parsed", "parsing_error"}``. The grammar always holds, so ``strict`` is accepted and has no
+        further effect.
         """
         if kwargs:
             raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
@@ -123,16 +130,22 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
         if method == "function_calling":
             tool = convert_to_openai_tool(schema)
             name = tool["function"]["name"]
-            llm = self.bind_tools([tool], tool_choice=name, ls_structured_output_format={
-                "kwargs": {"method": method}, "schema": tool})
-            parser: Runnable = (PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic
-                                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+            llm = self.bind_tools(
+                [tool], tool_choice=name, ls_structured_output_format={"kwargs": {"method": method}, "schema": tool}
+            )
+            parser: Runnable = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                if pydantic
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
         elif method in ("json_schema", "json_mode"):
             # json_mode decodes under the schema too: a local grammar costs nothing, and the answer then parses
             json_schema = convert_to_json_schema(schema)
-            llm = self.bind(json_schema=json_schema, ls_structured_output_format={
-                "kwargs": {"method": method}, "schema": json_schema})
-            parser = PydanticOutputParser(pydantic_object=schema) if pydantic else JsonOutputParser()
+            llm = self.bind(
+                json_schema=json_schema,
+                ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
+            )
+            parser = PydanticOutputParser(pydantic_object=schema) if pydantic else JsonOutputParser()  # type: ignore[arg-type]
         else:
             raise ValueError(f"method must be 'json_schema', 'function_calling' or 'json_mode', got {method!r}")
         if not include_raw:
@@ -142,12 +155,19 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
         return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
 
     def _metadata(self, stats: SkipStats) -> dict[str, Any]:
-        return {"adaskip": stats.to_dict(), "finish_reason": stats.finish_reason, "model_name": self.model_name,
-                "model_provider": "adaskip"}
+        return {
+            "adaskip": stats.to_dict(),
+            "finish_reason": stats.finish_reason,
+            "model_name": self.model_name,
+            "model_provider": "adaskip",
+        }
 
     def _generate(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> ChatResult:
         engine, request = self.request(stop, run_manager, kwargs)
         result = engine.generate(to_chat(messages), **request)
@@ -155,8 +175,11 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
         return self._result(result)
 
     async def _agenerate(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> ChatResult:
         engine, request = self.request(stop, run_manager, kwargs)
         result = await engine.agenerate(to_chat(messages), **request)
@@ -165,21 +188,32 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
 
     def _result(self, result: GenerationResult) -> ChatResult:
         message = AIMessage(
-            content=result.text, usage_metadata=usage(result.stats), response_metadata=self._metadata(result.stats),
+            content=result.text,
+            usage_metadata=usage(result.stats),
+            response_metadata=self._metadata(result.stats),
             tool_calls=[tool_call(name=c["name"], args=c["arguments"], id=c["id"]) for c in result.tool_calls],
-            invalid_tool_calls=[invalid_tool_call(name=c["name"], args=c["arguments"], id=c["id"], error=c["error"])
-                                for c in result.invalid_tool_calls],
+            invalid_tool_calls=[
+                invalid_tool_call(name=c["name"], args=c["arguments"], id=c["id"], error=c["error"])
+                for c in result.invalid_tool_calls
+            ],
         )
-        return ChatResult(generations=[ChatGeneration(message=message,
-                                                      generation_info={"finish_reason": result.stats.finish_reason})])
+        return ChatResult(
+            generations=[ChatGeneration(message=message, generation_info={"finish_reason": result.stats.finish_reason})]
+        )
 
     def _last_chunk(self, result: GenerationResult) -> ChatGenerationChunk:
         calls = [*result.tool_calls, *result.invalid_tool_calls]
         message = AIMessageChunk(
-            content="", usage_metadata=usage(result.stats), response_metadata=self._metadata(result.stats),
+            content="",
+            usage_metadata=usage(result.stats),
+            response_metadata=self._metadata(result.stats),
             tool_call_chunks=[
-                tool_call_chunk(name=c["name"], id=c["id"], index=i,
-                                args=json.dumps(c["arguments"]) if isinstance(c["arguments"], dict) else c["arguments"])
+                tool_call_chunk(
+                    name=c["name"],
+                    id=c["id"],
+                    index=i,
+                    args=json.dumps(c["arguments"]) if isinstance(c["arguments"], dict) else c["arguments"],
+                )
                 for i, c in enumerate(calls)
             ],
             chunk_position="last",
@@ -187,25 +221,31 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
         return ChatGenerationChunk(message=message, generation_info={"finish_reason": result.stats.finish_reason})
 
     def _stream(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         run_manager = stream_run_manager(run_manager)
         engine, request = self.request(stop, run_manager, kwargs)
         stream = engine.stream(to_chat(messages), **request)
         for delta in stream:
             yield ChatGenerationChunk(message=AIMessageChunk(content=delta))
-        emit_stats(run_manager, stream.result.stats)
-        yield self._last_chunk(stream.result)
+        emit_stats(run_manager, stream.finished.stats)
+        yield self._last_chunk(stream.finished)
 
     async def _astream(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         run_manager = stream_run_manager(run_manager)
         engine, request = self.request(stop, run_manager, kwargs)
         stream = engine.astream(to_chat(messages), **request)
         async for delta in stream:
             yield ChatGenerationChunk(message=AIMessageChunk(content=delta))
-        await aemit_stats(run_manager, stream.result.stats)
-        yield self._last_chunk(stream.result)
+        await aemit_stats(run_manager, stream.finished.stats)
+        yield self._last_chunk(stream.finished)

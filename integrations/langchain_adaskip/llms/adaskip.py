@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseLLM
@@ -36,7 +36,7 @@ class AdaSkipLLM(AdaSkipParams, BaseLLM):
     """
 
     model_config = AdaSkipParams.model_config  # over the framework's (which ignores unknown keywords)
-    ls_model_type: ClassVar[str] = "llm"
+    ls_model_type: ClassVar[Literal["chat", "llm"]] = "llm"
 
     @property
     def _llm_type(self) -> str:
@@ -44,16 +44,21 @@ class AdaSkipLLM(AdaSkipParams, BaseLLM):
 
     def _result(self, results: list[GenerationResult]) -> LLMResult:
         model_name = self.model_name
-        total = {"prompt_tokens": sum(r.stats.prompt_tokens for r in results),
-                 "completion_tokens": sum(r.stats.generated_tokens for r in results)}
+        total = {
+            "prompt_tokens": sum(r.stats.prompt_tokens for r in results),
+            "completion_tokens": sum(r.stats.generated_tokens for r in results),
+        }
         return LLMResult(
             generations=[[Generation(text=r.text, generation_info=_info(r.stats))] for r in results],
             llm_output={"token_usage": total, "model_name": model_name},
         )
 
     def _generate(
-        self, prompts: list[str], stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> LLMResult:
         engine, request = self.request(stop, run_manager, kwargs)
         results = [engine.generate(prompt, **request) for prompt in prompts]
@@ -62,8 +67,11 @@ class AdaSkipLLM(AdaSkipParams, BaseLLM):
         return self._result(results)
 
     async def _agenerate(
-        self, prompts: list[str], stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> LLMResult:
         engine, request = self.request(stop, run_manager, kwargs)
         results = [await engine.agenerate(prompt, **request) for prompt in prompts]
@@ -72,8 +80,11 @@ class AdaSkipLLM(AdaSkipParams, BaseLLM):
         return self._result(results)
 
     def _stream(
-        self, prompt: str, stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         engine, request = self.request(stop, run_manager, kwargs)
         stream = engine.stream(prompt, **request)
@@ -82,12 +93,15 @@ class AdaSkipLLM(AdaSkipParams, BaseLLM):
             if run_manager is not None:
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        emit_stats(run_manager, stream.result.stats)
-        yield GenerationChunk(text="", generation_info=_info(stream.result.stats))
+        emit_stats(run_manager, stream.finished.stats)
+        yield GenerationChunk(text="", generation_info=_info(stream.finished.stats))
 
     async def _astream(
-        self, prompt: str, stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
         engine, request = self.request(stop, run_manager, kwargs)
         stream = engine.astream(prompt, **request)
@@ -96,5 +110,5 @@ class AdaSkipLLM(AdaSkipParams, BaseLLM):
             if run_manager is not None:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        await aemit_stats(run_manager, stream.result.stats)
-        yield GenerationChunk(text="", generation_info=_info(stream.result.stats))
+        await aemit_stats(run_manager, stream.finished.stats)
+        yield GenerationChunk(text="", generation_info=_info(stream.finished.stats))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core.base.llms.types import (
@@ -30,7 +30,6 @@ from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, field_validat
 
 from adaskip_rag import AdaSkipEngine, GenerationResult, SkipStats
 from adaskip_rag.adapters import DEFAULT_COLLECTION, call_arguments, check_model
-from adaskip_rag.loading import model_label
 from llama_index.llms.adaskip.retrieval import TRACKER
 
 if TYPE_CHECKING:
@@ -63,8 +62,14 @@ def _chat(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"role": m.role.value, "content": m.content or ""}
         calls = [b for b in m.blocks if isinstance(b, ToolCallBlock)]
         if calls:
-            entry["tool_calls"] = [{"type": "function", "id": b.tool_call_id,
-                                    "function": {"name": b.tool_name, "arguments": b.tool_kwargs}} for b in calls]
+            entry["tool_calls"] = [
+                {
+                    "type": "function",
+                    "id": b.tool_call_id,
+                    "function": {"name": b.tool_name, "arguments": b.tool_kwargs},
+                }
+                for b in calls
+            ]
         if "tool_call_id" in m.additional_kwargs:
             entry["tool_call_id"] = m.additional_kwargs["tool_call_id"]
         chat.append(entry)
@@ -91,16 +96,25 @@ class AdaSkipLLM(FunctionCallingLLM):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    model: str = Field(default="default", validation_alias=AliasChoices("model", "model_name"),
-                       description='"default" (SmolLM2-135M-Instruct, bundled) or a local model folder.')
+    model: str = Field(
+        default="default",
+        validation_alias=AliasChoices("model", "model_name"),
+        description='"default" (SmolLM2-135M-Instruct, bundled) or a local model folder.',
+    )
     device: str | None = Field(default=None, description="torch device; default: the engine's choice.")
     collection: str | None = Field(
-        default=None, min_length=1,
+        default=None,
+        min_length=1,
         description="Profile key, unless a call passes collection=; else the Chroma collection the enclosing "
         'query retrieved from; else "default".',
     )
-    max_tokens: int = Field(default=256, gt=0, strict=True, validation_alias=AliasChoices("max_tokens", "max_new_tokens"),
-                            description="Most new tokens per answer.")
+    max_tokens: int = Field(
+        default=256,
+        gt=0,
+        strict=True,
+        validation_alias=AliasChoices("max_tokens", "max_new_tokens"),
+        description="Most new tokens per answer.",
+    )
     temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, strict=True, description="0 is greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
     top_k: int = Field(default=0, ge=0, strict=True)
@@ -108,7 +122,8 @@ class AdaSkipLLM(FunctionCallingLLM):
     seed: int | None = Field(default=None, ge=0, strict=True)
     stop: list[str] | None = Field(default=None, description="Stop strings, not part of the answer.")
     truncation: Literal["error", "left"] = Field(
-        default="error", description='"left": keep the last tokens of a prompt longer than the context window.')
+        default="error", description='"left": keep the last tokens of a prompt longer than the context window.'
+    )
     _engine: AdaSkipEngine | None = PrivateAttr(default=None)
 
     @field_validator("model")
@@ -140,9 +155,14 @@ class AdaSkipLLM(FunctionCallingLLM):
     @property
     def metadata(self) -> LLMMetadata:
         engine = self.engine
-        return LLMMetadata(context_window=engine.context_window, num_output=self.max_tokens, is_chat_model=True,
-                           is_function_calling_model=engine.supports_tools, model_name=engine.name,
-                           system_role=MessageRole.SYSTEM)
+        return LLMMetadata(
+            context_window=engine.context_window,
+            num_output=self.max_tokens,
+            is_chat_model=True,
+            is_function_calling_model=engine.supports_tools,
+            model_name=engine.name,
+            system_role=MessageRole.SYSTEM,
+        )
 
     def _prepare_chat_with_tools(
         self,
@@ -159,8 +179,9 @@ class AdaSkipLLM(FunctionCallingLLM):
         ``tool_required`` the answer is a tool call ("any"), ``tool_choice`` may name the tool."""
         messages = list(chat_history or [])
         if user_msg is not None:
-            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str)
-                            else user_msg)
+            messages.append(
+                ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str) else user_msg
+            )
         return {
             "messages": messages,
             "tools": [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools] or None,
@@ -177,21 +198,30 @@ class AdaSkipLLM(FunctionCallingLLM):
         name = get_function_tool(output_cls).metadata.name
         return FunctionCallingProgram.from_defaults(output_cls=output_cls, prompt=prompt, llm=self, tool_choice=name)
 
-    def _structured_stream_call(self, output_cls: type, prompt: PromptTemplate,
-                                llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any) -> Any:
+    def _structured_stream_call(
+        self, output_cls: type, prompt: PromptTemplate, llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any
+    ) -> Any:
         return self._structured_program(output_cls, prompt).stream_call(llm_kwargs=llm_kwargs, **prompt_args)
 
-    async def _structured_astream_call(self, output_cls: type, prompt: PromptTemplate,
-                                       llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any) -> Any:
+    async def _structured_astream_call(
+        self, output_cls: type, prompt: PromptTemplate, llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any
+    ) -> Any:
         return await self._structured_program(output_cls, prompt).astream_call(llm_kwargs=llm_kwargs, **prompt_args)
 
-    def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
-                                     **kwargs: Any) -> list[ToolSelection]:
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
         calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
         if not calls and error_on_no_tool_call:
             raise ValueError(f"expected a tool call, the model answered: {response.message.content!r}")
-        return [ToolSelection(tool_id=b.tool_call_id or "", tool_name=b.tool_name, tool_kwargs=b.tool_kwargs)
-                for b in calls]
+        return [
+            ToolSelection(
+                tool_id=b.tool_call_id or "",
+                tool_name=b.tool_name,
+                tool_kwargs=b.tool_kwargs if isinstance(b.tool_kwargs, dict) else {},
+            )
+            for b in calls
+        ]
 
     def _request(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Engine arguments of one call: per-call kwargs over the instance's settings."""
@@ -204,30 +234,30 @@ class AdaSkipLLM(FunctionCallingLLM):
         return prompt if formatted else [{"role": "user", "content": prompt}]
 
     @staticmethod
-    def _final(text: str, result: GenerationResult, span_id: str | None, streamed: bool = False
-               ) -> CompletionResponse:
+    def _final(text: str, result: GenerationResult, span_id: str | None, streamed: bool = False) -> CompletionResponse:
         """The response that ends a call (the whole answer when not streaming); sends the stats event. Its ``raw``
         holds the token usage and the tool calls (``{"id", "name", "arguments"}``), ``additional_kwargs`` the
         stats."""
         data = result.stats.to_dict()
         dispatcher.event(AdaSkipStatsEvent(stats=data, span_id=span_id))
         raw = {"usage": _usage(result.stats), "tool_calls": result.tool_calls}
-        return CompletionResponse(text=text, delta="" if streamed else None, raw=raw,
-                                  additional_kwargs={"adaskip": data})
+        return CompletionResponse(
+            text=text, delta="" if streamed else None, raw=raw, additional_kwargs={"adaskip": data}
+        )
 
     def _complete(self, prompt: Prompt, kwargs: dict[str, Any]) -> CompletionResponse:
         result = self.engine.generate(prompt, **self._request(kwargs))
         return self._final(result.text, result, active_span_id.get())
 
-    def _stream(self, prompt: Prompt, kwargs: dict[str, Any]) -> Iterator[CompletionResponse]:
+    def _stream(self, prompt: Prompt, kwargs: dict[str, Any]) -> CompletionResponseGen:
         request, span_id = self._request(kwargs), active_span_id.get()  # now, not when the stream is read
 
-        def gen() -> Iterator[CompletionResponse]:
+        def gen() -> CompletionResponseGen:
             stream, text = self.engine.stream(prompt, **request), ""
             for delta in stream:
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
-            yield self._final(text, stream.result, span_id, streamed=True)
+            yield self._final(text, stream.finished, span_id, streamed=True)
 
         return gen()
 
@@ -235,29 +265,33 @@ class AdaSkipLLM(FunctionCallingLLM):
         result = await self.engine.agenerate(prompt, **self._request(kwargs))
         return self._final(result.text, result, active_span_id.get())
 
-    def _astream(self, prompt: Prompt, kwargs: dict[str, Any]) -> AsyncIterator[CompletionResponse]:
+    def _astream(self, prompt: Prompt, kwargs: dict[str, Any]) -> CompletionResponseAsyncGen:
         request, span_id = self._request(kwargs), active_span_id.get()
 
-        async def gen() -> AsyncIterator[CompletionResponse]:
+        async def gen() -> CompletionResponseAsyncGen:
             stream, text = self.engine.astream(prompt, **request), ""
             async for delta in stream:
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
-            yield self._final(text, stream.result, span_id, streamed=True)
+            yield self._final(text, stream.finished, span_id, streamed=True)
 
         return gen()
 
     @staticmethod
     def _as_chat(response: CompletionResponse) -> ChatResponse:
         calls = (response.raw or {}).get("tool_calls") or []
-        blocks = [TextBlock(text=response.text),
-                  *(ToolCallBlock(tool_call_id=c["id"], tool_name=c["name"], tool_kwargs=c["arguments"]) for c in calls)]
+        blocks = [
+            TextBlock(text=response.text),
+            *(ToolCallBlock(tool_call_id=c["id"], tool_name=c["name"], tool_kwargs=c["arguments"]) for c in calls),
+        ]
         # the calls are also listed in the message's additional_kwargs, where the framework's streaming
         # structured prediction looks for them
-        message = ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks,
-                              additional_kwargs={"tool_calls": calls} if calls else {})
-        return ChatResponse(message=message, delta=response.delta, raw=response.raw,
-                            additional_kwargs=response.additional_kwargs)
+        message = ChatMessage(
+            role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs={"tool_calls": calls} if calls else {}
+        )
+        return ChatResponse(
+            message=message, delta=response.delta, raw=response.raw, additional_kwargs=response.additional_kwargs
+        )
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:

@@ -75,23 +75,37 @@ class RetrievalTracker(BaseSpanHandler[BaseSpan]):
         streaming response being read, if any."""
         return self._runs.collection_of(span_id) or _reading.get()
 
-    def span_enter(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
-                   parent_id: str | None = None, tags: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def span_enter(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any = None,
+        parent_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._runs.open(id_, parent_id)
         name = chroma_collection(instance) if instance is not None else None
         if name is not None:
             self._runs.retrieved(parent_id, name)
 
-    def span_exit(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None, result: Any = None,
-                  **kwargs: Any) -> None:
+    def span_exit(
+        self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None, result: Any = None, **kwargs: Any
+    ) -> None:
         name = self._runs.collection_in(id_)
         gen = getattr(result, "response_gen", None)
         if name is not None and gen is not None and not isinstance(gen, (_Reading, _AsyncReading)):
             result.response_gen = _AsyncReading(gen, name) if hasattr(gen, "__anext__") else _Reading(gen, name)
         self._runs.close(id_)
 
-    def span_drop(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
-                  err: BaseException | None = None, **kwargs: Any) -> None:
+    def span_drop(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any = None,
+        err: BaseException | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._runs.close(id_)
 
     # span objects are not kept: the tracker only needs the parent links above
