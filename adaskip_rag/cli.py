@@ -17,7 +17,7 @@ from . import loading
 from .compensation import fit, residual_error
 from .corpora import rag_messages, squad_article, squad_questions
 from .engine import AdaSkipEngine
-from .learning import PROFILES_DIR
+from .learning import PROFILES
 from .policies import AdaSkipPolicy, budget_count, top_k_plan
 from .profiles import KINDS, Profile
 from .skipping import Sublayer
@@ -60,7 +60,7 @@ def ask(engine: AdaSkipEngine, document: str, question: str, budget: int, max_ne
 
 def build_default_profile(engine: AdaSkipEngine, questions: int, out: Path) -> Profile:
     """Run the full model over ``questions`` SQuAD v2 dev questions (about 1k-token documents) and write the
-    resulting profile, the cold-start prior shipped in ``profiles/``."""
+    resulting profile, the cold-start prior shipped in the package's ``profiles/``."""
     with tempfile.TemporaryDirectory() as tmp:
         engine = AdaSkipEngine(
             engine.model,
@@ -190,7 +190,7 @@ def profiles_command(args: argparse.Namespace) -> int:
         print(f"removed {removed} profiles")
     elif args.action == "build-default":
         engine = AdaSkipEngine.from_pretrained(args.model)
-        out = args.output or PROFILES_DIR / f"{engine.name}.json"
+        out = args.output or Path(str(PROFILES / f"{engine.name}.json"))  # a source checkout's package folder
         profile = build_default_profile(engine, args.questions, out)
         print(f"wrote {out}: {profile.queries} queries, mean context {profile.mean_context:.0f} tokens")
     return 0

@@ -14,6 +14,7 @@ Every request of a collection is one of:
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 import os
 import warnings
@@ -35,13 +36,13 @@ if TYPE_CHECKING:
     from .stores import ProfileStore
 
 Mode = Literal["warmup", "skip", "refresh"]
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+PROFILES = importlib.resources.files("adaskip_rag") / "profiles"  # package data: the shipped profiles
 
 
 def shipped_profile(model_id: str, name: str) -> Profile | None:
-    """The default profile shipped for this model in ``$ADASKIP_PROFILES`` or ``profiles/`` (if its fingerprint
-    matches; a profile of another model is ignored with a warning)."""
-    folder = Path(os.environ.get("ADASKIP_PROFILES", PROFILES_DIR))
+    """The default profile shipped for this model in ``$ADASKIP_PROFILES`` or the package's ``profiles/`` (if its
+    fingerprint matches; a profile of another model is ignored with a warning)."""
+    folder = Path(os.environ["ADASKIP_PROFILES"]) if os.environ.get("ADASKIP_PROFILES") else PROFILES
     path = folder / f"{name}.json"
     if not path.is_file():
         return None
