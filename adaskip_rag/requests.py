@@ -71,18 +71,19 @@ def build_request(
 ) -> Request:
     """Check every argument of :meth:`AdaSkipEngine.generate` (ValueError naming the first bad one) and encode
     the prompt."""
-    check_int("max_new_tokens", max_new_tokens, 1, engine.context_window)
-    check_real("temperature", temperature, lambda t: t >= 0, "a finite number >= 0")
-    check_real("top_p", top_p, lambda p: 0 < p <= 1, "a number in (0, 1]")
-    check_int("top_k", top_k, 0)
-    check_real("repetition_penalty", repetition_penalty, lambda r: r > 0, "a finite number > 0")
-    if seed is not None:
-        check_int("seed", seed, 0, 2**64 - 1)
-    for name, flag in (("probe", probe), ("ignore_eos", ignore_eos), ("parallel_tool_calls", parallel_tool_calls)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
-    if truncation not in ("error", "left"):
-        raise ValueError(f"truncation must be 'error' or 'left', got {truncation!r}")
+    _check_settings(
+        engine.context_window,
+        max_new_tokens,
+        temperature,
+        top_p,
+        top_k,
+        repetition_penalty,
+        seed,
+        truncation,
+        probe=probe,
+        ignore_eos=ignore_eos,
+        parallel_tool_calls=parallel_tool_calls,
+    )
     schedule = _schedule(engine, plan, probe)
     stops = (stop,) if isinstance(stop, str) else sequence("stop", stop)
     if any(not isinstance(s, str) or not s for s in stops):
@@ -122,6 +123,32 @@ def build_request(
         tools=tools is not None,
         closes=json_schema is not None or tool_choice not in (None, "auto", "none"),
     )
+
+
+def _check_settings(
+    window: int,
+    max_new_tokens: Any,
+    temperature: Any,
+    top_p: Any,
+    top_k: Any,
+    repetition_penalty: Any,
+    seed: Any,
+    truncation: Any,
+    **flags: Any,
+) -> None:
+    """ValueError naming the first setting of the wrong type or out of range."""
+    check_int("max_new_tokens", max_new_tokens, 1, window)
+    check_real("temperature", temperature, lambda t: t >= 0, "a finite number >= 0")
+    check_real("top_p", top_p, lambda p: 0 < p <= 1, "a number in (0, 1]")
+    check_int("top_k", top_k, 0)
+    check_real("repetition_penalty", repetition_penalty, lambda r: r > 0, "a finite number > 0")
+    if seed is not None:
+        check_int("seed", seed, 0, 2**64 - 1)
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if truncation not in ("error", "left"):
+        raise ValueError(f"truncation must be 'error' or 'left', got {truncation!r}")
 
 
 def _schedule(engine: AdaSkipEngine, plan: Any, probe: bool) -> PlanSchedule:

@@ -261,27 +261,16 @@ def skip_forward(
     executed sublayer (with moments in a full prefill). ``cache`` is updated in place for the attention sublayers that
     run or keep their keys and values. In a prefill from position 0 the first ``plan.head`` tokens run every
     sublayer that has a cache (they attend only to each other, so this costs little and keeps the prompt in one
-    chunk); ``plan.tail`` is the caller's (``engine.prefill``).
+    chunk); ``plan.tail`` is the caller's (``generation.prefill``).
     """
     base = model.model
     skip_attn, skip_ffn, keep_kv = plan.skips(phase)
-    types = layer_types(model)
-
     hidden = base.embed_tokens(input_ids)
     position_ids = torch.arange(position, position + input_ids.shape[1], device=hidden.device).unsqueeze(0)
     rotary = base.rotary_emb(hidden, position_ids=position_ids)
-    masks: dict[tuple[str, int], Any] = {}
-    measured: list[tuple[Sublayer, torch.Tensor]] = []
-    fitted: list[torch.Tensor] = []
-    first = 1 if position == 0 else 0  # token 0 of the sequence (the attention sink) is left out of moments
-    fit_moments = phase == "prefill" and plan.is_empty
+    attend = _Attention(model, cache, position_ids, rotary)
+    probes = _Probes(first=1 if position == 0 else 0, moments=phase == "prefill" and plan.is_empty) if probe else None
     head = min(plan.head, input_ids.shape[1]) if phase == "prefill" and position == 0 else 0
-
-    def record(sub: Sublayer, x: torch.Tensor, y: torch.Tensor) -> None:
-        measured.append((sub, _measure(x, y)))
-        if fit_moments:
-            d = x.shape[-1]
-            fitted.append(moments(x[:, first:].reshape(-1, d), y[:, first:].reshape(-1, d)))
 
     for i, layer in enumerate(base.layers):
         # Attention sublayer: skip and compensate (caching K and V if the plan keeps them), or run (and probe).
@@ -291,48 +280,75 @@ def skip_forward(
                 _cache_keys_values(layer, hidden, rotary, cache, i)
                 if head:
                     out[:, :head] = hidden[:, :head] + _head_attention(layer, hidden[:, :head], rotary)
-            hidden = out
         else:
-            key = (types[i], cache.get_seq_length(i))
-            if key not in masks:
-                make_mask = create_sliding_window_causal_mask if types[i] == "sliding_attention" else create_causal_mask
-                masks[key] = make_mask(
-                    config=model.config,
-                    inputs_embeds=hidden,
-                    attention_mask=None,
-                    cache=cache,
-                    position_ids=position_ids,
-                    layer_idx=i,
-                )
-            attn_out, _ = layer.self_attn(
-                hidden_states=layer.input_layernorm(hidden),
-                attention_mask=masks[key],
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-                position_embeddings=rotary,
-            )
-            out = hidden + attn_out
-            if probe:
-                record(Sublayer("attn", i), hidden, out)
-            hidden = out
-
+            out = hidden + attend(i, layer, hidden)
+            if probes:
+                probes.record(Sublayer("attn", i), hidden, out)
+        hidden = out
         # FFN sublayer: the same steps.
         if i in skip_ffn:
             out = apply(hidden, skip_ffn[i])
             if head:
                 out[:, :head] = hidden[:, :head] + layer.mlp(layer.post_attention_layernorm(hidden[:, :head]))
-            hidden = out
         else:
             out = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            if probe:
-                record(Sublayer("ffn", i), hidden, out)
-            hidden = out
+            if probes:
+                probes.record(Sublayer("ffn", i), hidden, out)
+        hidden = out
 
     hidden = base.norm(hidden)
     logits = model.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-    if not probe:
-        return logits, None
-    values = torch.stack([m for _, m in measured]).tolist() if measured else []
-    sums: list[torch.Tensor | None] = list(fitted) if fitted else [None] * len(measured)
-    return logits, {sub: Probe(v[0], v[1], v[2], moments=m) for (sub, _), v, m in zip(measured, values, sums)}
+    return logits, probes.result() if probes else None
+
+
+class _Attention:
+    """The attention sublayers of one forward step, with the causal (or sliding-window) masks they share."""
+
+    def __init__(self, model: PreTrainedModel, cache: DynamicCache, position_ids: torch.Tensor, rotary: Any):
+        self.config, self.cache, self.position_ids, self.rotary = model.config, cache, position_ids, rotary
+        self.types = layer_types(model)
+        self.masks: dict[tuple[str, int], Any] = {}
+
+    def __call__(self, i: int, layer: Any, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s attention output for ``hidden``, its keys and values added to the cache."""
+        key = (self.types[i], self.cache.get_seq_length(i))
+        if key not in self.masks:  # a mask per layer type and cache length: layers that skipped have shorter caches
+            make_mask = create_sliding_window_causal_mask if key[0] == "sliding_attention" else create_causal_mask
+            self.masks[key] = make_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=None,
+                cache=self.cache,
+                position_ids=self.position_ids,
+                layer_idx=i,
+            )
+        out, _ = layer.self_attn(
+            hidden_states=layer.input_layernorm(hidden),
+            attention_mask=self.masks[key],
+            position_ids=self.position_ids,
+            cache=self.cache,
+            use_cache=True,
+            position_embeddings=self.rotary,
+        )
+        return out
+
+
+class _Probes:
+    """The probes of one forward step: IO similarity and norm ratios, and (in a full prefill) the moments that
+    compensations are fitted from, token ``first``-on (token 0, the attention sink, left out)."""
+
+    def __init__(self, first: int, moments: bool):
+        self.first, self.moments = first, moments
+        self.measured: list[tuple[Sublayer, torch.Tensor]] = []
+        self.fitted: list[torch.Tensor] = []
+
+    def record(self, sub: Sublayer, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.measured.append((sub, _measure(x, y)))
+        if self.moments:
+            d = x.shape[-1]
+            self.fitted.append(moments(x[:, self.first :].reshape(-1, d), y[:, self.first :].reshape(-1, d)))
+
+    def result(self) -> dict[Sublayer, Probe]:
+        values = torch.stack([m for _, m in self.measured]).tolist() if self.measured else []
+        sums: list[torch.Tensor | None] = list(self.fitted) if self.fitted else [None] * len(self.measured)
+        return {sub: Probe(v[0], v[1], v[2], moments=m) for (sub, _), v, m in zip(self.measured, values, sums)}
