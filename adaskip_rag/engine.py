@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,13 +17,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import loading, prompts
-from .constrained import Constraint, Grammars
+from .constrained import Grammars
 from .costs import CostModel
 from .generation import GenerationResult, generate_steps, teacher_forced
 from .learning import Decision, Learner, shipped_profile
 from .policies import AdaSkipPolicy
 from .prompts import Prompt
-from .requests import Request, Sampler, build_request, sampler
+from .requests import Request, build_request
 from .skipping import PlanSchedule, SkipPlan, skip_forward
 from .stores import ProfileStore, open_store
 from .streams import AsyncTextStream, TextStream
@@ -77,25 +75,12 @@ class AdaSkipEngine:
         self.collection_policies = dict(collection_policies or {})
         self._store = store
         self._lock = threading.Lock()
+        self.eos_token_ids = loading.eos_token_ids(model, tokenizer)
 
     @functools.cached_property
     def fingerprint(self) -> str:
         """Identifies the model's weights: profiles are only used for the model they were learned on."""
-        cfg = self.config
-        shape = [
-            cfg.model_type,
-            self.num_layers,
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.intermediate_size,
-            cfg.vocab_size,
-        ]
-        digest = hashlib.sha256(json.dumps(shape).encode())
-        layers = self.model.model.layers
-        for tensor in (self.model.get_input_embeddings().weight, *layers[0].parameters(), *layers[-1].parameters()):
-            digest.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-        return f"{cfg.model_type}-{self.num_layers}L-{digest.hexdigest()[:12]}"
+        return loading.fingerprint(self.model)
 
     @functools.cached_property
     def learner(self) -> Learner:
@@ -190,21 +175,10 @@ class AdaSkipEngine:
         plan.check_protected(n, tail)
         return tail
 
-    def eos_ids(self) -> set[int]:
-        """The tokens that end an answer: the generation config's EOS and the tokenizer's."""
-        eos = self.model.generation_config.eos_token_id
-        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
-
     @functools.cached_property
     def grammars(self) -> Grammars:
         """Grammar compiler of this tokenizer, for constrained decoding."""
-        return Grammars(self.tokenizer, self.config.vocab_size, sorted(self.eos_ids()))
-
-    def sampler(self, req: Request, constraint: Constraint | None = None) -> Sampler:
-        return sampler(req, self.device, constraint)
+        return Grammars(self.tokenizer, self.config.vocab_size, sorted(self.eos_token_ids))
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of keys and values one layer caches per token."""
@@ -224,12 +198,6 @@ class AdaSkipEngine:
         """One skip-aware forward step under the engine lock (see :func:`adaskip_rag.skipping.skip_forward`)."""
         with self._lock:
             return skip_forward(self.model, input_ids.to(self.device), position, cache, plan, phase, **kw)
-
-    def checked(self, answer: tuple[SkipPlan, bool]) -> tuple[SkipPlan, bool]:
-        """A schedule's (plan, probe) for one step, its plan checked against this model."""
-        plan, probe = answer
-        plan.check(self.num_layers, self.config.hidden_size)
-        return plan, probe
 
     def generate(
         self,
@@ -284,11 +252,7 @@ class AdaSkipEngine:
     def _learning_steps(self, req: Request, decision: Decision) -> Iterator[str | GenerationResult]:
         for item in generate_steps(self, req):
             if isinstance(item, GenerationResult):
-                self.learner.learn(
-                    decision,
-                    item,
-                    functools.partial(self._rescore, req, item),
-                )
+                self.learner.learn(decision, item, functools.partial(self._rescore, req, item))
             yield item
 
     def _rescore(self, req: Request, result: GenerationResult, plan: SkipPlan) -> tuple[torch.Tensor, float]:

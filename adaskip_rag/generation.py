@@ -16,12 +16,12 @@ from transformers import PreTrainedTokenizerBase
 
 from .constrained import TOOL_CALL_OPEN, parse_tool_calls
 from .costs import CostModel
+from .requests import Request, sampler
 from .skipping import PlanSchedule, Probe, SkipPlan, StaticSchedule, Sublayer, new_cache
 from .stats import SkipStats
 
 if TYPE_CHECKING:
     from .engine import AdaSkipEngine
-    from .requests import Request
 
 
 @dataclass
@@ -67,6 +67,13 @@ def decode_one_token(
     return engine.forward(ids[:, position : position + 1], position, cache, plan, "decode", probe=probe)
 
 
+def _checked(engine: AdaSkipEngine, answer: tuple[SkipPlan, bool]) -> tuple[SkipPlan, bool]:
+    """A schedule's (plan, probe) for one step, its plan checked against the engine's model."""
+    plan, probe = answer
+    plan.check(engine.num_layers, engine.config.hidden_size)
+    return plan, probe
+
+
 class Emitter:
     """The text of the generated tokens as it may be shown: a stop string ends it (and is never shown), the
     possible start of a stop string or an incomplete character is held back, tool calls are kept out."""
@@ -109,7 +116,7 @@ def generate_steps(engine: AdaSkipEngine, req: Request) -> Iterator[str | Genera
     ids[0, :n] = torch.tensor(req.input_ids)
     cache = new_cache(engine.model)
     constraint = None if req.grammar is None else engine.grammars.constraint(req.grammar, max_new, req.closes)
-    choose = engine.sampler(req, constraint)
+    choose = sampler(req, engine.device, constraint)
     record, emitter = PlanRecord(engine.costs, n), Emitter(engine.tokenizer, req.stop, req.tools)
     token, prefill_probes, forced, prefill_seconds = _prefill_phase(engine, req, ids, cache, choose, record)
     decode_start = time.perf_counter()
@@ -128,7 +135,7 @@ def generate_steps(engine: AdaSkipEngine, req: Request) -> Iterator[str | Genera
         if len(generated) >= max_new:
             break
         position = n + len(generated) - 1
-        plan, probe = engine.checked(req.schedule.decode(len(generated) - 1, probes))
+        plan, probe = _checked(engine, req.schedule.decode(len(generated) - 1, probes))
         record.decode(plan)
         logits, probes = decode_one_token(engine, ids, position, cache, plan, probe)
         if probes is not None:
@@ -164,7 +171,7 @@ def _prefill_phase(
     teacher-forced logits of ``req.teacher_forced_ids`` (scored on copies: the generation goes on untouched),
     and the seconds the prefill took (the forcing left out)."""
     n, start = len(req.input_ids), time.perf_counter()
-    plan, probe = engine.checked(req.schedule.prefill())
+    plan, probe = _checked(engine, req.schedule.prefill())
     tail = engine.tail_tokens(plan, n, req.messages)
     record.prefill(plan, tail)
     logits, probes = prefill(engine, ids[:, :n], cache, plan, tail, probe)
@@ -191,7 +198,7 @@ def teacher_forced(
     ``messages``: the chat prompt of ``prompt_ids``, for a plan whose tail is "last_user_turn".
     """
     schedule = StaticSchedule(plan) if isinstance(plan, SkipPlan) else plan
-    prefill_plan, _ = engine.checked(schedule.prefill())
+    prefill_plan, _ = _checked(engine, schedule.prefill())
     tail = engine.tail_tokens(prefill_plan, len(prompt_ids), messages)
     cache = new_cache(engine.model)
     start = time.perf_counter()
@@ -218,7 +225,7 @@ def force(
     else:
         probes = None
         for step, token in enumerate(answer_ids[:-1]):
-            step_plan, probe = engine.checked(plan.decode(step, probes))
+            step_plan, probe = _checked(engine, plan.decode(step, probes))
             rest, probes = engine.forward(torch.tensor([[token]]), n + step, cache, step_plan, "decode", probe=probe)
             logits.append(rest[0, -1:])
     return torch.cat(logits)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -89,6 +91,34 @@ def build_atomically(target: Path, build: Callable[[Path], None]) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """Identifies a model's weights: its shape and a digest of its embedding and first and last layers."""
+    cfg = model.config
+    shape = [
+        cfg.model_type,
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    ]
+    digest = hashlib.sha256(json.dumps(shape).encode())
+    layers = model.model.layers
+    for tensor in (model.get_input_embeddings().weight, *layers[0].parameters(), *layers[-1].parameters()):
+        digest.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return f"{cfg.model_type}-{cfg.num_hidden_layers}L-{digest.hexdigest()[:12]}"
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The tokens that end an answer: the generation config's EOS and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
 
 
 def check_architecture(model_type: str, where: str) -> None:

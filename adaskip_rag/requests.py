@@ -116,7 +116,7 @@ def build_request(
         repetition_penalty=float(repetition_penalty),
         seed=seed,
         stop=stops,
-        stop_token_ids=frozenset((set() if ignore_eos else engine.eos_ids()) | set(stop_ids)),
+        stop_token_ids=frozenset((set() if ignore_eos else engine.eos_token_ids) | set(stop_ids)),
         teacher_forced_ids=forced,
         messages=messages,
         grammar=grammar,
