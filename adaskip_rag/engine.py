@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -19,11 +19,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import loading, prompts
 from .constrained import Grammars
 from .costs import CostModel
-from .generation import GenerationResult, generate_steps, teacher_forced
-from .learning import Decision, Learner, shipped_profile
+from .generation import GenerationResult, generate_steps, learning_steps, teacher_forced
+from .learning import Learner, shipped_profile
 from .policies import AdaSkipPolicy
 from .prompts import Prompt
-from .requests import Request, build_request
+from .requests import build_request
 from .skipping import PlanSchedule, SkipPlan, skip_forward
 from .stores import ProfileStore, open_store
 from .streams import AsyncTextStream, TextStream
@@ -85,14 +85,9 @@ class AdaSkipEngine:
     @functools.cached_property
     def learner(self) -> Learner:
         store = self._store or open_store(loading.profile_store_url())
+        shipped = shipped_profile(self.fingerprint, self.name)
         return Learner(
-            self.fingerprint,
-            self.num_layers,
-            self.costs,
-            store,
-            self.policy,
-            shipped_profile(self.fingerprint, self.name),
-            self.collection_policies,
+            self.fingerprint, self.num_layers, self.costs, store, self.policy, shipped, self.collection_policies
         )
 
     @classmethod
@@ -112,14 +107,8 @@ class AdaSkipEngine:
         fp32 on CPU unless ``dtype`` says otherwise; ``device_map`` is passed to transformers (accelerate).
         """
         model, tokenizer = loading.load(name_or_path, device=device, dtype=dtype, device_map=device_map)
-        return cls(
-            model,
-            tokenizer,
-            name=loading.model_label(name_or_path),
-            policy=policy,
-            store=store,
-            collection_policies=collection_policies,
-        )
+        name = loading.model_label(name_or_path)
+        return cls(model, tokenizer, name, policy=policy, store=store, collection_policies=collection_policies)
 
     @classmethod
     def shared(cls, name_or_path: str | os.PathLike = "default", device: str | None = None) -> AdaSkipEngine:
@@ -154,11 +143,7 @@ class AdaSkipEngine:
 
     def check_tool_support(self) -> None:
         """ValueError naming the model unless :attr:`supports_tools`."""
-        if not self.supports_tools:
-            raise ValueError(
-                f"{self.name}'s chat template does not support tool calling in the <tool_call> format "
-                "(tools, assistant tool calls and tool results)"
-            )
+        prompts.check_tool_support(self.name, self.supports_tools)
 
     def user_turn_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
         """How many prompt tokens of ``messages`` the last user turn spans (``SkipPlan.tail="last_user_turn"``)."""
@@ -247,16 +232,7 @@ class AdaSkipEngine:
             raise ValueError("pass either a plan or a collection to learn a plan for, not both")
         req = build_request(self, prompt, None, **kwargs)
         decision = self.learner.decide(collection, len(req.input_ids))
-        return TextStream(self._learning_steps(dataclasses.replace(req, schedule=decision.schedule), decision))
-
-    def _learning_steps(self, req: Request, decision: Decision) -> Iterator[str | GenerationResult]:
-        for item in generate_steps(self, req):
-            if isinstance(item, GenerationResult):
-                self.learner.learn(decision, item, functools.partial(self._rescore, req, item))
-            yield item
-
-    def _rescore(self, req: Request, result: GenerationResult, plan: SkipPlan) -> tuple[torch.Tensor, float]:
-        return teacher_forced(self, req.input_ids, result.token_ids, plan, req.messages)
+        return TextStream(learning_steps(self, dataclasses.replace(req, schedule=decision.schedule), decision))
 
     def teacher_forced(
         self,

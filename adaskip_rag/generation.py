@@ -6,6 +6,7 @@ forward pass (:func:`teacher_forced`)."""
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .stats import SkipStats
 
 if TYPE_CHECKING:
     from .engine import AdaSkipEngine
+    from .learning import Decision
 
 
 @dataclass
@@ -182,6 +184,21 @@ def _prefill_phase(
         forcing = req.schedule.plan if isinstance(req.schedule, StaticSchedule) else copy.deepcopy(req.schedule)
         forced = force(engine, copy.deepcopy(cache), n, logits[0, -1:], req.teacher_forced_ids, forcing)
     return token, probes, forced, seconds
+
+
+def learning_steps(engine: AdaSkipEngine, req: Request, decision: Decision) -> Iterator[str | GenerationResult]:
+    """:func:`generate_steps` of a request served for a collection; the learner records it once it ends (a
+    refresh scored by teacher forcing the answer under the collection's plan)."""
+    for item in generate_steps(engine, req):
+        if isinstance(item, GenerationResult):
+            engine.learner.learn(decision, item, functools.partial(_rescore, engine, req, item))
+        yield item
+
+
+def _rescore(
+    engine: AdaSkipEngine, req: Request, result: GenerationResult, plan: SkipPlan
+) -> tuple[torch.Tensor, float]:
+    return teacher_forced(engine, req.input_ids, result.token_ids, plan, req.messages)
 
 
 def teacher_forced(

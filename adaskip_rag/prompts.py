@@ -56,6 +56,15 @@ def supports_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
     return text.count("adaskip_probe") >= 2 and TOOL_CALL_OPEN in text and "adaskip-result" in text
 
 
+def check_tool_support(name: str, supported: bool) -> None:
+    """ValueError naming the model ``name`` unless its template ``supported`` tools (:func:`supports_tools`)."""
+    if not supported:
+        raise ValueError(
+            f"{name}'s chat template does not support tool calling in the <tool_call> format "
+            "(tools, assistant tool calls and tool results)"
+        )
+
+
 def encode(
     tokenizer: PreTrainedTokenizerBase, name: str, vocab_size: int, prompt: Prompt, tools: Tools | None = None
 ) -> list[int]:

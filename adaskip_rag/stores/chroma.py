@@ -250,28 +250,15 @@ class ChromaProfileStore(ProfileStore):
         parts = list(others.get((model, collection), []))
         if (model, collection) in self._own:
             parts.append(self._own[(model, collection)])
-        total: Profile | None = None
-        for _, profile in sorted(parts, key=lambda part: part[0]):
-            try:
-                total = (
-                    Profile(model, collection, profile.num_layers).merge(profile)
-                    if total is None
-                    else total.merge(profile)
-                )
-            except ValueError as exc:  # records that cannot add up (layer counts, moment widths): keep the first
-                warnings.warn(
-                    f"ignoring a profile record of collection {collection!r} that does not add to the others: {exc}",
-                    stacklevel=4,
-                )
-        return total
+        return _add_up(model, collection, [p for _, p in sorted(parts, key=lambda part: part[0])])
 
     def _unreachable(self, exc: BaseException) -> None:
         self._last_try = time.monotonic()
         if self._down_since is None:
             self._down_since = time.time()
             log.warning(
-                "profile server %s:%s unreachable (%s): serving from the last profiles read, "
-                "keeping this replica's updates until it is back",
+                "profile server %s:%s unreachable (%s): serving from the last profiles read, keeping this "
+                "replica's updates until it is back",
                 self.host,
                 self.port,
                 exc,
@@ -279,13 +266,24 @@ class ChromaProfileStore(ProfileStore):
 
     def _reachable(self) -> None:
         if self._down_since is not None:
-            log.warning(
-                "profile server %s:%s reachable again after %.0f s",
-                self.host,
-                self.port,
-                time.time() - self._down_since,
-            )
+            down = time.time() - self._down_since
+            log.warning("profile server %s:%s reachable again after %.0f s", self.host, self.port, down)
             self._down_since = None
+
+
+def _add_up(model: str, collection: str, profiles: list[Profile]) -> Profile | None:
+    """``profiles`` of one collection added in order; one that cannot add to the others (layer counts, moment
+    widths) is skipped with a warning."""
+    total: Profile | None = None
+    for profile in profiles:
+        try:
+            total = (total or Profile(model, collection, profile.num_layers)).merge(profile)
+        except ValueError as exc:
+            warnings.warn(
+                f"ignoring a profile record of collection {collection!r} that does not add to the others: {exc}",
+                stacklevel=5,
+            )
+    return total
 
 
 def _unreachable_errors() -> tuple[type[BaseException], ...]:

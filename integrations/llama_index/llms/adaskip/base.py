@@ -190,23 +190,15 @@ class AdaSkipLLM(FunctionCallingLLM):
             **kwargs,
         }
 
-    def _structured_program(self, output_cls: type, prompt: PromptTemplate) -> FunctionCallingProgram:
-        """Structured prediction as a forced call of the output class's tool, streamed or not (the framework's
-        streaming program would leave the call to the model's choice)."""
-        if self.pydantic_program_mode != "default":
-            raise ValueError("AdaSkipLLM's structured prediction decodes under the schema; leave pydantic_program_mode")
-        name = get_function_tool(output_cls).metadata.name
-        return FunctionCallingProgram.from_defaults(output_cls=output_cls, prompt=prompt, llm=self, tool_choice=name)
-
     def _structured_stream_call(
         self, output_cls: type, prompt: PromptTemplate, llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any
     ) -> Any:
-        return self._structured_program(output_cls, prompt).stream_call(llm_kwargs=llm_kwargs, **prompt_args)
+        return _structured_program(self, output_cls, prompt).stream_call(llm_kwargs=llm_kwargs, **prompt_args)
 
     async def _structured_astream_call(
         self, output_cls: type, prompt: PromptTemplate, llm_kwargs: dict[str, Any] | None = None, **prompt_args: Any
     ) -> Any:
-        return await self._structured_program(output_cls, prompt).astream_call(llm_kwargs=llm_kwargs, **prompt_args)
+        return await _structured_program(self, output_cls, prompt).astream_call(llm_kwargs=llm_kwargs, **prompt_args)
 
     def get_tool_calls_from_response(
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
@@ -229,25 +221,9 @@ class AdaSkipLLM(FunctionCallingLLM):
         collection = kwargs.pop("collection", None) or self.collection or TRACKER.collection_of(active_span_id.get())
         return {"collection": collection or DEFAULT_COLLECTION, **call_arguments(self, kwargs)}
 
-    @staticmethod
-    def _prompt(prompt: str, formatted: bool) -> Prompt:
-        return prompt if formatted else [{"role": "user", "content": prompt}]
-
-    @staticmethod
-    def _final(text: str, result: GenerationResult, span_id: str | None, streamed: bool = False) -> CompletionResponse:
-        """The response that ends a call (the whole answer when not streaming); sends the stats event. Its ``raw``
-        holds the token usage and the tool calls (``{"id", "name", "arguments"}``), ``additional_kwargs`` the
-        stats."""
-        data = result.stats.to_dict()
-        dispatcher.event(AdaSkipStatsEvent(stats=data, span_id=span_id))
-        raw = {"usage": _usage(result.stats), "tool_calls": result.tool_calls}
-        return CompletionResponse(
-            text=text, delta="" if streamed else None, raw=raw, additional_kwargs={"adaskip": data}
-        )
-
     def _complete(self, prompt: Prompt, kwargs: dict[str, Any]) -> CompletionResponse:
         result = self.engine.generate(prompt, **self._request(kwargs))
-        return self._final(result.text, result, active_span_id.get())
+        return _final(result.text, result, active_span_id.get())
 
     def _stream(self, prompt: Prompt, kwargs: dict[str, Any]) -> CompletionResponseGen:
         request, span_id = self._request(kwargs), active_span_id.get()  # now, not when the stream is read
@@ -257,13 +233,13 @@ class AdaSkipLLM(FunctionCallingLLM):
             for delta in stream:
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
-            yield self._final(text, stream.finished, span_id, streamed=True)
+            yield _final(text, stream.finished, span_id, streamed=True)
 
         return gen()
 
     async def _acomplete(self, prompt: Prompt, kwargs: dict[str, Any]) -> CompletionResponse:
         result = await self.engine.agenerate(prompt, **self._request(kwargs))
-        return self._final(result.text, result, active_span_id.get())
+        return _final(result.text, result, active_span_id.get())
 
     def _astream(self, prompt: Prompt, kwargs: dict[str, Any]) -> CompletionResponseAsyncGen:
         request, span_id = self._request(kwargs), active_span_id.get()
@@ -273,58 +249,81 @@ class AdaSkipLLM(FunctionCallingLLM):
             async for delta in stream:
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
-            yield self._final(text, stream.finished, span_id, streamed=True)
+            yield _final(text, stream.finished, span_id, streamed=True)
 
         return gen()
 
-    @staticmethod
-    def _as_chat(response: CompletionResponse) -> ChatResponse:
-        calls = (response.raw or {}).get("tool_calls") or []
-        blocks = [
-            TextBlock(text=response.text),
-            *(ToolCallBlock(tool_call_id=c["id"], tool_name=c["name"], tool_kwargs=c["arguments"]) for c in calls),
-        ]
-        # the calls are also listed in the message's additional_kwargs, where the framework's streaming
-        # structured prediction looks for them
-        message = ChatMessage(
-            role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs={"tool_calls": calls} if calls else {}
-        )
-        return ChatResponse(
-            message=message, delta=response.delta, raw=response.raw, additional_kwargs=response.additional_kwargs
-        )
-
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return self._complete(self._prompt(prompt, formatted), kwargs)
+        return self._complete(_prompt(prompt, formatted), kwargs)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        return self._stream(self._prompt(prompt, formatted), kwargs)
+        return self._stream(_prompt(prompt, formatted), kwargs)
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return self._as_chat(self._complete(_chat(messages), kwargs))
+        return _as_chat(self._complete(_chat(messages), kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        return (self._as_chat(r) for r in self._stream(_chat(messages), kwargs))
+        return (_as_chat(r) for r in self._stream(_chat(messages), kwargs))
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return await self._acomplete(self._prompt(prompt, formatted), kwargs)
+        return await self._acomplete(_prompt(prompt, formatted), kwargs)
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        return self._astream(self._prompt(prompt, formatted), kwargs)
+        return self._astream(_prompt(prompt, formatted), kwargs)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return self._as_chat(await self._acomplete(_chat(messages), kwargs))
+        return _as_chat(await self._acomplete(_chat(messages), kwargs))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         async def gen() -> ChatResponseAsyncGen:
             async for response in self._astream(_chat(messages), kwargs):
-                yield self._as_chat(response)
+                yield _as_chat(response)
 
         return gen()
+
+
+def _prompt(prompt: str, formatted: bool) -> Prompt:
+    return prompt if formatted else [{"role": "user", "content": prompt}]
+
+
+def _final(text: str, result: GenerationResult, span_id: str | None, streamed: bool = False) -> CompletionResponse:
+    """The response that ends a call (the whole answer when not streaming); sends the stats event. Its ``raw``
+    holds the token usage and the tool calls (``{"id", "name", "arguments"}``), ``additional_kwargs`` the
+    stats."""
+    data = result.stats.to_dict()
+    dispatcher.event(AdaSkipStatsEvent(stats=data, span_id=span_id))
+    raw = {"usage": _usage(result.stats), "tool_calls": result.tool_calls}
+    return CompletionResponse(text=text, delta="" if streamed else None, raw=raw, additional_kwargs={"adaskip": data})
+
+
+def _as_chat(response: CompletionResponse) -> ChatResponse:
+    calls = (response.raw or {}).get("tool_calls") or []
+    blocks = [
+        TextBlock(text=response.text),
+        *(ToolCallBlock(tool_call_id=c["id"], tool_name=c["name"], tool_kwargs=c["arguments"]) for c in calls),
+    ]
+    # the calls are also listed in the message's additional_kwargs, where the framework's streaming
+    # structured prediction looks for them
+    message = ChatMessage(
+        role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs={"tool_calls": calls} if calls else {}
+    )
+    return ChatResponse(
+        message=message, delta=response.delta, raw=response.raw, additional_kwargs=response.additional_kwargs
+    )
+
+
+def _structured_program(llm: AdaSkipLLM, output_cls: type, prompt: PromptTemplate) -> FunctionCallingProgram:
+    """Structured prediction as a forced call of the output class's tool, streamed or not (the framework's
+    streaming program would leave the call to the model's choice)."""
+    if llm.pydantic_program_mode != "default":
+        raise ValueError("AdaSkipLLM's structured prediction decodes under the schema; leave pydantic_program_mode")
+    name = get_function_tool(output_cls).metadata.name
+    return FunctionCallingProgram.from_defaults(output_cls=output_cls, prompt=prompt, llm=llm, tool_choice=name)
