@@ -6,6 +6,7 @@ step, emission, teacher forcing) and ``streams.py``; the engine holds the model,
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import os
@@ -250,7 +251,8 @@ class AdaSkipEngine:
     ) -> GenerationResult:
         """:meth:`generate` in a worker thread, so the event loop keeps running. Cancelling the awaiting task
         stops the generation before its next decode step."""
-        stream = self.astream(prompt, plan, **kwargs)
+        # the request is checked and planned in the worker too: a collection's first request loads its profiles
+        stream = AsyncTextStream(await asyncio.to_thread(functools.partial(self.stream, prompt, plan, **kwargs)))
         try:
             async for _ in stream:
                 pass
