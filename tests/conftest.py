@@ -1,3 +1,4 @@
+import asyncio
 import os
 import socket
 import subprocess
@@ -50,6 +51,41 @@ ARCHS = {
     "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=16)),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16)),
 }
+
+
+def steps_around_a_cancel(engine: AdaSkipEngine, monkeypatch, call) -> tuple[int, int]:
+    """Start the coroutine ``call()`` as a task with every forward step of ``engine`` slowed to 20 ms, cancel it
+    once six steps have run (it must raise CancelledError) and wait 0.5 s more, long enough for many more steps
+    if generation went on. Returns how many steps ran in all and how many finished after the cancel."""
+    steps: list[float] = []  # when each forward step finished
+    forward = engine.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        out = forward(*args, **kwargs)
+        steps.append(time.perf_counter())
+        return out
+
+    monkeypatch.setattr(engine, "forward", slow)
+
+    async def cancel_midway() -> float:
+        task = asyncio.create_task(call())
+        deadline = time.perf_counter() + 60  # a first request also sets up its collection's learning
+        while len(steps) < 6 and not task.done() and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        cancelled_at = time.perf_counter()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        else:
+            raise AssertionError("the cancelled task finished instead of raising CancelledError")
+        await asyncio.sleep(0.5)
+        return cancelled_at
+
+    cancelled_at = asyncio.run(cancel_midway())
+    return len(steps), len([t for t in steps if t > cancelled_at])
 
 
 def tiny_model(arch: str = "llama", seed: int = 0):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import steps_around_a_cancel, tiny_model
 
 from adaskip_rag import AdaSkipEngine, CostModel, SkipPlan
 
@@ -351,30 +351,11 @@ def test_generation_scores_a_given_answer_from_its_own_prefill(tiny_engine):
 
 
 def test_a_cancelled_agenerate_stops_its_worker_within_one_decode_step(tiny_engine, monkeypatch):
-    steps: list[float] = []  # when each forward step finished
-    forward = tiny_engine.forward
-
-    def slow(*args, **kwargs):
-        time.sleep(0.02)
-        out = forward(*args, **kwargs)
-        steps.append(time.perf_counter())
-        return out
-
-    monkeypatch.setattr(tiny_engine, "forward", slow)
-
-    async def cancel_midway():
-        task = asyncio.create_task(tiny_engine.agenerate(PROMPT, max_new_tokens=400, ignore_eos=True))
-        await asyncio.sleep(0.3)
-        task.cancel()
-        cancelled_at = time.perf_counter()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await asyncio.sleep(0.5)  # long enough for many more steps if the worker went on
-        return cancelled_at
-
-    cancelled_at = asyncio.run(cancel_midway())
-    assert 5 < len(steps) < 100
-    assert len([t for t in steps if t > cancelled_at]) <= 1  # the step running at the cancel, at most
+    ran, after = steps_around_a_cancel(
+        tiny_engine, monkeypatch, lambda: tiny_engine.agenerate(PROMPT, max_new_tokens=400, ignore_eos=True)
+    )
+    assert 5 < ran < 100
+    assert after <= 1  # the step running at the cancel, at most
 
 
 def test_a_plan_that_skips_every_sublayer_generates_and_says_so(tiny_engine):

@@ -4,6 +4,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from conftest import steps_around_a_cancel
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
@@ -497,29 +498,6 @@ def test_bad_call_arguments_raise_value_error_naming_them(cls, kwargs, name, tin
 
 
 def test_a_cancelled_ainvoke_stops_generating(tiny_engine, monkeypatch):
-    import time
-
-    steps: list[float] = []
-    forward = tiny_engine.forward
-
-    def slow(*args, **kwargs):
-        time.sleep(0.02)
-        out = forward(*args, **kwargs)
-        steps.append(time.perf_counter())
-        return out
-
-    monkeypatch.setattr(tiny_engine, "forward", slow)
     llm = ChatAdaSkip(engine=tiny_engine, max_tokens=400)
-
-    async def cancel_midway():
-        task = asyncio.create_task(llm.ainvoke(QUESTION))
-        await asyncio.sleep(0.3)
-        task.cancel()
-        at = time.perf_counter()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await asyncio.sleep(0.5)
-        return at
-
-    at = asyncio.run(cancel_midway())
-    assert 5 < len(steps) < 100 and len([t for t in steps if t > at]) <= 1
+    ran, after = steps_around_a_cancel(tiny_engine, monkeypatch, lambda: llm.ainvoke(QUESTION))
+    assert 5 < ran < 100 and after <= 1

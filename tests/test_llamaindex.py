@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("llama_index.core")
 
-from conftest import COLLECTIONS, tiny_model
+from conftest import COLLECTIONS, steps_around_a_cancel, tiny_model
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from llama_index.core.instrumentation import get_dispatcher
@@ -328,27 +328,6 @@ def test_bad_call_arguments_raise_value_error_naming_them(tiny, kwargs, name):
 
 
 def test_a_cancelled_acomplete_stops_generating(tiny, monkeypatch):
-    steps: list[float] = []
-    forward = tiny.forward
-
-    def slow(*args, **kwargs):
-        time.sleep(0.02)
-        out = forward(*args, **kwargs)
-        steps.append(time.perf_counter())
-        return out
-
-    monkeypatch.setattr(tiny, "forward", slow)
     llm = AdaSkipLLM(engine=tiny, max_tokens=400)
-
-    async def cancel_midway():
-        task = asyncio.create_task(llm.acomplete("The capital of France is"))
-        await asyncio.sleep(0.3)
-        task.cancel()
-        at = time.perf_counter()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await asyncio.sleep(0.5)
-        return at
-
-    at = asyncio.run(cancel_midway())
-    assert 5 < len(steps) < 100 and len([t for t in steps if t > at]) <= 1
+    ran, after = steps_around_a_cancel(tiny, monkeypatch, lambda: llm.acomplete("The capital of France is"))
+    assert 5 < ran < 100 and after <= 1
