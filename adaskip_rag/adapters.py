@@ -4,9 +4,11 @@ settings and the call's keywords, and the model check they run at construction."
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .requests import check_int
 
@@ -38,3 +40,21 @@ def check_model(name_or_path: str | os.PathLike) -> None:
         raise ValueError(f"model must be 'default' or a local model folder, got {name_or_path!r}")
     if str(name_or_path) != "default" and not (Path(name_or_path) / "config.json").is_file():
         raise ValueError(f"model {str(name_or_path)!r} is neither 'default' nor a local model folder (no config.json)")
+
+
+def check_device(device: str | None) -> None:
+    """ValueError unless ``device`` is None (the engine's choice) or names a torch device."""
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"not a torch device: {exc}") from None
+
+
+def check_stop(stop: list[str] | None) -> None:
+    if stop is not None and not all(stop):
+        raise ValueError("stop strings must be non-empty")
+
+
+SETTING_CHECKS: dict[str, Callable[[Any], None]] = {"model": check_model, "device": check_device, "stop": check_stop}
+"""The checks both adapters run on these settings at construction, before anything loads."""

@@ -14,10 +14,10 @@ from langchain_core.callbacks import (
 )
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from adaskip_rag import AdaSkipEngine, SkipStats
-from adaskip_rag.adapters import DEFAULT_COLLECTION, call_arguments, check_model
+from adaskip_rag.adapters import DEFAULT_COLLECTION, SETTING_CHECKS, call_arguments
 from adaskip_rag.loading import model_label
 from langchain_adaskip._retrieval import TRACKER
 
@@ -56,30 +56,11 @@ class AdaSkipParams(BaseModel):
     """An engine to use instead of the shared one of ``model``."""
     ls_model_type: ClassVar[Literal["chat", "llm"]]
 
-    @field_validator("model")
+    @field_validator(*SETTING_CHECKS)
     @classmethod
-    def _model_exists(cls, model: str) -> str:
-        check_model(model)
-        return model
-
-    @field_validator("device")
-    @classmethod
-    def _device_parses(cls, device: str | None) -> str | None:
-        if device is not None:
-            import torch
-
-            try:
-                torch.device(device)
-            except RuntimeError as exc:
-                raise ValueError(f"not a torch device: {exc}") from None
-        return device
-
-    @field_validator("stop")
-    @classmethod
-    def _stops_nonempty(cls, stop: list[str] | None) -> list[str] | None:
-        if stop is not None and not all(stop):
-            raise ValueError("stop strings must be non-empty")
-        return stop
+    def _check_setting(cls, value: Any, info: ValidationInfo) -> Any:
+        SETTING_CHECKS[info.field_name](value)  # type: ignore[index]
+        return value
 
     @property
     def model_name(self) -> str:

@@ -26,10 +26,10 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.program.function_program import FunctionCallingProgram, get_function_tool
 from llama_index.core.prompts import PromptTemplate
-from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 from adaskip_rag import AdaSkipEngine, GenerationResult, SkipStats
-from adaskip_rag.adapters import DEFAULT_COLLECTION, call_arguments, check_model
+from adaskip_rag.adapters import DEFAULT_COLLECTION, SETTING_CHECKS, call_arguments
 from llama_index.llms.adaskip.retrieval import TRACKER
 
 if TYPE_CHECKING:
@@ -126,18 +126,11 @@ class AdaSkipLLM(FunctionCallingLLM):
     )
     _engine: AdaSkipEngine | None = PrivateAttr(default=None)
 
-    @field_validator("model")
+    @field_validator(*SETTING_CHECKS)
     @classmethod
-    def _model_exists(cls, model: str) -> str:
-        check_model(model)
-        return model
-
-    @field_validator("stop")
-    @classmethod
-    def _stops_nonempty(cls, stop: list[str] | None) -> list[str] | None:
-        if stop is not None and not all(stop):
-            raise ValueError("stop strings must be non-empty")
-        return stop
+    def _check_setting(cls, value: Any, info: ValidationInfo) -> Any:
+        SETTING_CHECKS[info.field_name](value)  # type: ignore[index]
+        return value
 
     def __init__(self, engine: AdaSkipEngine | None = None, **kwargs: Any) -> None:
         """``engine``: an engine to use instead of the shared one of ``model``."""
