@@ -28,7 +28,7 @@ import torch
 from .costs import CostModel
 from .generation import GenerationResult
 from .policies import AdaSkipPolicy, OnlineSchedule, budget_count
-from .profiles import Profile, check_collection, merged, parse_profile
+from .profiles import Profile, check_collection, parse_profile
 from .skipping import PlanSchedule, SkipPlan
 from .stats import SkipStats
 
@@ -163,7 +163,7 @@ class Learner:
         warm = lambda p: p is not None and p.queries >= warmup  # noqa: E731
         if warm(own):
             return own, "collection"
-        merged_all = merged((p for p in map(self._usable, self.store.profiles(self.model_id)) if p), "*")
+        merged_all = self.store.global_profile(self.model_id, self._usable)
         if warm(merged_all):
             return merged_all, "global"
         if warm(self.default_profile):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from ..profiles import Profile, check_collection, load_json, merged
 
@@ -27,9 +28,9 @@ class ProfileStore(ABC):
     def delete(self, model: str, collection: str | None = None) -> int:
         """Remove one collection's profile (or all of a model's); returns how many were removed."""
 
-    def global_profile(self, model: str) -> Profile | None:
-        """All collections of ``model`` merged (exact: sums add)."""
-        return merged(self.profiles(model), "*")
+    def global_profile(self, model: str, usable: Callable[[Profile], Profile | None] = lambda p: p) -> Profile | None:
+        """All collections of ``model`` merged (exact: sums add); ``usable`` may leave a profile out (None)."""
+        return merged((p for p in map(usable, self.profiles(model)) if p is not None), "*")
 
     def export_json(self, model: str | None = None) -> str:
         return json.dumps([p.to_dict() for p in self.profiles(model)], indent=1)

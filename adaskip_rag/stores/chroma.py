@@ -94,10 +94,12 @@ class ChromaProfileStore(ProfileStore):
         for delta in deltas:
             check_collection(delta.collection)
         with self._lock:
-            results = []
+            results, read = [], {}
             for delta in deltas:
                 key = (delta.model, delta.collection)
-                others = self._read(delta.model)  # also adopts this replica's record from an earlier run
+                if delta.model not in read:  # also adopts this replica's record from an earlier run
+                    read[delta.model] = self._read(delta.model)
+                others = read[delta.model]
                 _, own = self._own.get(key, (0.0, Profile(delta.model, delta.collection, delta.num_layers)))
                 self._own[key] = (time.time(), own.merge(delta))
                 self._pending[key] = None
