@@ -15,6 +15,7 @@ from typing import Literal
 from .compensation import MODES, Compensation, Mode, fit, moments_width, residual_error
 from .costs import CostModel
 from .profiles import Profile
+from .requests import check_int, check_real
 from .skipping import Probe, SkipPlan, StaticSchedule, Sublayer, Tail
 
 
@@ -147,17 +148,10 @@ class AdaSkipPolicy:
         SkipPlan(tail=self.tail, head=self.head)  # their types and ranges
         budget_count(self.budget, 10**6)  # type and range of the value itself
         for name in ("warmup", "window", "refresh_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if self.quality_target is not None and (
-            isinstance(self.quality_target, bool)
-            or not isinstance(self.quality_target, (int, float))
-            or not 0 < self.quality_target <= 1
-        ):
-            raise ValueError(f"quality_target must be in (0, 1], got {self.quality_target!r}")
-        if isinstance(self.guard_step, bool) or not isinstance(self.guard_step, int) or self.guard_step < 1:
-            raise ValueError(f"guard_step must be an integer >= 1, got {self.guard_step!r}")
+            check_int(name, getattr(self, name), 0)
+        if self.quality_target is not None:
+            check_real("quality_target", self.quality_target, lambda q: 0 < q <= 1, "a number in (0, 1]")
+        check_int("guard_step", self.guard_step, 1)
 
     def prefill_plan(self, profile: Profile, n: int, costs: CostModel, budget: int) -> SkipPlan:
         """The prefill plan for a prompt of ``n`` tokens: the ``budget`` most skippable sublayers, compensated."""
