@@ -226,7 +226,7 @@ def _budget(text: str) -> float:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="adaskip-rag", description=__doc__)
     parser.add_argument("--model", default="default", help="'default' or a local model folder")
     parser.add_argument("--threads", type=_count(1), default=None, help="torch CPU threads")
@@ -266,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     build.add_argument("--questions", type=_count(1), default=24)
     build.add_argument("-o", "--output", type=Path)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,13 +17,13 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import loading, prompts
+from . import loading
 from .constrained import Grammars
 from .costs import CostModel
 from .generation import GenerationResult, generate_steps, learning_steps, teacher_forced
 from .learning import Learner, shipped_profile
 from .policies import AdaSkipPolicy
-from .prompts import Prompt
+from .prompts import ChatPrompts, Prompt
 from .requests import build_request
 from .skipping import PlanSchedule, SkipPlan, skip_forward
 from .stores import ProfileStore, open_store
@@ -43,14 +43,10 @@ class AdaSkipEngine:
     ...                          plan=SkipPlan(attn={12: 1.0, 20: 1.0}), max_new_tokens=20)
     >>> result.text, result.stats.to_dict()
 
-    Every request carries its own :class:`SkipPlan`; nothing request-specific is stored on the model, so one
-    engine can be shared by many threads. Forward passes are serialised by a lock (step by step, so concurrent
-    streams interleave).
-
-    With ``collection="..."`` instead of a plan, the engine learns which sublayers to skip for that collection
-    (``policy``, default :class:`AdaSkipPolicy`, or the collection's entry in ``collection_policies``) and keeps
-    the profile in ``store`` (default: ``loading.profile_store_url()``, a SQLite file unless
-    $ADASKIP_PROFILE_STORE names another); see ``learning.py``.
+    Every request carries its own :class:`SkipPlan`, so one engine serves many threads (forward passes take a
+    lock step by step: concurrent streams interleave). With ``collection="..."`` instead of a plan, it learns
+    what to skip for that collection (``policy`` or the collection's entry in ``collection_policies``) and keeps
+    the profile in ``store`` (default ``loading.profile_store_url()``); see ``learning.py``.
     """
 
     def __init__(
@@ -77,6 +73,7 @@ class AdaSkipEngine:
         self._store = store
         self._lock = threading.Lock()
         self.eos_token_ids = loading.eos_token_ids(model, tokenizer)
+        self.prompts = ChatPrompts(tokenizer, self.name, self.config.vocab_size)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -124,42 +121,17 @@ class AdaSkipEngine:
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
     ) -> str:
-        """The prompt text for a list of ``{"role": ..., "content": ...}`` messages (and the ``tools`` they may
-        call, rendered by the template)."""
-        if tools:
-            self.check_tool_support()
-        return prompts.render(self.tokenizer, self.name, messages, tools)
+        """The prompt text of ``{"role": ..., "content": ...}`` messages (and the ``tools`` they may call)."""
+        return self.prompts.render(messages, tools)
 
     def encode(self, prompt: Prompt, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
-        """Token ids of a prompt string, a message list (through the chat template, with ``tools``) or a list of
-        ids."""
-        if tools:
-            self.check_tool_support()
-        return prompts.encode(self.tokenizer, self.name, self.config.vocab_size, prompt, tools)
+        """Token ids of a prompt string, chat messages (through the chat template, with ``tools``) or ids."""
+        return self.prompts.encode(prompt, tools)
 
-    @functools.cached_property
+    @property
     def supports_tools(self) -> bool:
         """Whether the chat template renders tools, assistant ``<tool_call>`` calls and tool results."""
-        return prompts.supports_tools(self.tokenizer)
-
-    def check_tool_support(self) -> None:
-        """ValueError naming the model unless :attr:`supports_tools`."""
-        prompts.check_tool_support(self.name, self.supports_tools)
-
-    def user_turn_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
-        """How many prompt tokens of ``messages`` the last user turn spans (``SkipPlan.tail="last_user_turn"``)."""
-        return prompts.user_turn_tokens(self.tokenizer, self.name, messages)
-
-    def tail_tokens(self, plan: SkipPlan, n: int, messages: Sequence[Mapping[str, Any]] | None = None) -> int:
-        """How many of the ``n`` prompt tokens ``plan``'s tail protects (for "last_user_turn", from the chat
-        ``messages``); ValueError if its head and tail leave nothing of the prompt to skip in."""
-        tail = plan.tail
-        if tail == "last_user_turn":
-            if messages is None:
-                raise ValueError("SkipPlan.tail='last_user_turn' needs a prompt of chat messages")
-            tail = self.user_turn_tokens(messages)
-        plan.check_protected(n, tail)
-        return tail
+        return self.prompts.supports_tools
 
     @functools.cached_property
     def grammars(self) -> Grammars:

@@ -174,7 +174,7 @@ def _prefill_phase(
     and the seconds the prefill took (the forcing left out)."""
     n, start = len(req.input_ids), time.perf_counter()
     plan, probe = _checked(engine, req.schedule.prefill())
-    tail = engine.tail_tokens(plan, n, req.messages)
+    tail = engine.prompts.protected_tail(plan, n, req.messages)
     record.prefill(plan, tail)
     logits, probes = prefill(engine, ids[:, :n], cache, plan, tail, probe)
     token = choose(ids[:, :n], logits[:, -1])
@@ -216,7 +216,7 @@ def teacher_forced(
     """
     schedule = StaticSchedule(plan) if isinstance(plan, SkipPlan) else plan
     prefill_plan, _ = _checked(engine, schedule.prefill())
-    tail = engine.tail_tokens(prefill_plan, len(prompt_ids), messages)
+    tail = engine.prompts.protected_tail(prefill_plan, len(prompt_ids), messages)
     cache = new_cache(engine.model)
     start = time.perf_counter()
     first, _ = prefill(engine, torch.tensor([list(prompt_ids)]), cache, prefill_plan, tail)

@@ -2,109 +2,132 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
 from .constrained import TOOL_CALL_OPEN
+
+if TYPE_CHECKING:
+    from .skipping import SkipPlan
 
 Prompt = str | Sequence[Mapping[str, Any]] | Sequence[int]
 Messages = Sequence[Mapping[str, Any]]
 Tools = Sequence[Mapping[str, Any]]
 
 
-def render(tokenizer: PreTrainedTokenizerBase, name: str, messages: Messages, tools: Tools | None = None) -> str:
-    """The prompt text of ``{"role": ..., "content": ...}`` messages (and the ``tools`` they may call, rendered by
-    the template: check :func:`supports_tools` first). ``name`` (the model's) is for error messages."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{name} has no chat template; pass a plain prompt string")
-    if not messages:
-        raise ValueError("messages is empty")
-    for i, m in enumerate(messages):
-        if not isinstance(m.get("role"), str) or not isinstance(m.get("content", ""), str | None):
-            raise ValueError(f"messages[{i}] needs a string 'role' and a string 'content', got {dict(m)!r}")
-    if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages):
-        raise ValueError("prompt is empty: every message's content is empty")
-    chat: list[dict[str, Any]] = [dict(m) for m in messages]
-    return str(
-        tokenizer.apply_chat_template(
-            chat,
-            tools=[dict(t) for t in tools] if tools else None,  # type: ignore[arg-type]
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-    )
+class ChatPrompts:
+    """The prompt side of an engine: its tokenizer and chat template. ``name`` (the model's) is for error
+    messages, ``vocab_size`` bounds prompts given as token ids."""
 
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, name: str, vocab_size: int):
+        self.tokenizer, self.name, self.vocab_size = tokenizer, name, vocab_size
 
-def supports_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether the chat template renders tools, assistant ``<tool_call>`` calls (the format constrained tool calling
-    generates) and tool results."""
-    tool = {"type": "function", "function": {"name": "adaskip_probe", "parameters": {"type": "object"}}}
-    call = {"type": "function", "function": {"name": "adaskip_probe", "arguments": {}}}
-    messages: list[dict[str, Any]] = [
-        {"role": "user", "content": "x"},
-        {"role": "assistant", "content": "", "tool_calls": [call]},
-        {"role": "tool", "content": "adaskip-result"},
-    ]
-    if not getattr(tokenizer, "chat_template", None):
-        return False
-    try:
-        text = str(tokenizer.apply_chat_template(messages, tools=[tool], tokenize=False))  # type: ignore[arg-type]
-    except Exception:  # a template that cannot render tool turns
-        return False
-    return text.count("adaskip_probe") >= 2 and TOOL_CALL_OPEN in text and "adaskip-result" in text
-
-
-def check_tool_support(name: str, supported: bool) -> None:
-    """ValueError naming the model ``name`` unless its template ``supported`` tools (:func:`supports_tools`)."""
-    if not supported:
-        raise ValueError(
-            f"{name}'s chat template does not support tool calling in the <tool_call> format "
-            "(tools, assistant tool calls and tool results)"
+    def render(self, messages: Messages, tools: Tools | None = None) -> str:
+        """The prompt text of ``{"role": ..., "content": ...}`` messages (and the ``tools`` they may call, rendered by
+        the template)."""
+        if tools:
+            self.check_tool_support()
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.name} has no chat template; pass a plain prompt string")
+        if not messages:
+            raise ValueError("messages is empty")
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content", ""), str | None):
+                raise ValueError(f"messages[{i}] needs a string 'role' and a string 'content', got {dict(m)!r}")
+        if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages):
+            raise ValueError("prompt is empty: every message's content is empty")
+        chat: list[dict[str, Any]] = [dict(m) for m in messages]
+        return str(
+            self.tokenizer.apply_chat_template(
+                chat,
+                tools=[dict(t) for t in tools] if tools else None,  # type: ignore[arg-type]
+                tokenize=False,
+                add_generation_prompt=True,
+            )
         )
 
+    @functools.cached_property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders tools, assistant ``<tool_call>`` calls (the format constrained tool calling
+        generates) and tool results."""
+        tool = {"type": "function", "function": {"name": "adaskip_probe", "parameters": {"type": "object"}}}
+        call = {"type": "function", "function": {"name": "adaskip_probe", "arguments": {}}}
+        messages: list[dict[str, Any]] = [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "adaskip-result"},
+        ]
+        if not getattr(self.tokenizer, "chat_template", None):
+            return False
+        try:
+            text = str(self.tokenizer.apply_chat_template(messages, tools=[tool], tokenize=False))  # type: ignore[arg-type]
+        except Exception:  # a template that cannot render tool turns
+            return False
+        return text.count("adaskip_probe") >= 2 and TOOL_CALL_OPEN in text and "adaskip-result" in text
 
-def encode(
-    tokenizer: PreTrainedTokenizerBase, name: str, vocab_size: int, prompt: Prompt, tools: Tools | None = None
-) -> list[int]:
-    """Token ids of a prompt string, a message list (through the chat template, with ``tools``) or a list of ids."""
-    if isinstance(prompt, str):
-        if not prompt.strip():
+    def check_tool_support(self) -> None:
+        """ValueError naming the model unless its template supports tools (:attr:`supports_tools`)."""
+        if not self.supports_tools:
+            raise ValueError(
+                f"{self.name}'s chat template does not support tool calling in the <tool_call> format "
+                "(tools, assistant tool calls and tool results)"
+            )
+
+    def encode(self, prompt: Prompt, tools: Tools | None = None) -> list[int]:
+        """Token ids of a prompt string, a message list (through the chat template, with ``tools``) or a list of ids."""
+        if tools:
+            self.check_tool_support()
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompt is empty")
+            if tools:
+                raise ValueError("tools need a prompt of chat messages")
+            return self.tokenizer(prompt)["input_ids"]
+        if isinstance(prompt, (bytes, Mapping)) or not isinstance(prompt, Sequence):
+            raise ValueError(
+                f"prompt must be a string, a list of chat messages or a list of token ids, got {type(prompt).__name__}"
+            )
+        items: list[Any] = list(prompt)
+        if not items:
             raise ValueError("prompt is empty")
-        if tools:
-            raise ValueError("tools need a prompt of chat messages")
-        return tokenizer(prompt)["input_ids"]
-    if isinstance(prompt, (bytes, Mapping)) or not isinstance(prompt, Sequence):
-        raise ValueError(
-            f"prompt must be a string, a list of chat messages or a list of token ids, got {type(prompt).__name__}"
-        )
-    items: list[Any] = list(prompt)
-    if not items:
-        raise ValueError("prompt is empty")
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
-        bad = [t for t in items if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} out of range for vocabulary size {vocab_size}")
-        if tools:
-            raise ValueError("tools need a prompt of chat messages")
-        return items
-    if all(isinstance(m, Mapping) for m in items):
-        return tokenizer(render(tokenizer, name, items, tools), add_special_tokens=False)["input_ids"]
-    raise ValueError("prompt must be a string, a list of chat messages (dicts) or a list of token ids")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+            bad = [t for t in items if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} out of range for vocabulary size {self.vocab_size}")
+            if tools:
+                raise ValueError("tools need a prompt of chat messages")
+            return items
+        if all(isinstance(m, Mapping) for m in items):
+            return self.tokenizer(self.render(items, tools), add_special_tokens=False)["input_ids"]
+        raise ValueError("prompt must be a string, a list of chat messages (dicts) or a list of token ids")
 
+    def user_turn_tokens(self, messages: Messages) -> int:
+        """How many prompt tokens of ``messages`` run from the start of the last user message's content to the end
+        (what ``SkipPlan.tail="last_user_turn"`` protects)."""
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+        if last is None:
+            raise ValueError("SkipPlan.tail='last_user_turn': the prompt has no user message")
+        marker = "\u2063adaskip-user-turn\u2063"
+        marked = [dict(m, content=marker) if i == last else m for i, m in enumerate(messages)]
+        start = self.render(marked).find(marker)  # the template puts the content there, verbatim
+        text = self.render(messages)
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if start < 0:
+            raise ValueError(
+                f"SkipPlan.tail='last_user_turn': cannot find the last user turn in {self.name}'s template"
+            )
+        return len(offsets) - next((i for i, (_, end) in enumerate(offsets) if end > start), len(offsets))
 
-def user_turn_tokens(tokenizer: PreTrainedTokenizerBase, name: str, messages: Messages) -> int:
-    """How many prompt tokens of ``messages`` run from the start of the last user message's content to the end
-    (what ``SkipPlan.tail="last_user_turn"`` protects)."""
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-    if last is None:
-        raise ValueError("SkipPlan.tail='last_user_turn': the prompt has no user message")
-    marker = "\u2063adaskip-user-turn\u2063"
-    marked = [dict(m, content=marker) if i == last else m for i, m in enumerate(messages)]
-    start = render(tokenizer, name, marked).find(marker)  # the template puts the content there, verbatim
-    text = render(tokenizer, name, messages)
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    if start < 0:
-        raise ValueError(f"SkipPlan.tail='last_user_turn': cannot find the last user turn in {name}'s template")
-    return len(offsets) - next((i for i, (_, end) in enumerate(offsets) if end > start), len(offsets))
+    def protected_tail(self, plan: SkipPlan, n: int, messages: Messages | None = None) -> int:
+        """How many of the ``n`` prompt tokens ``plan``'s tail protects (for "last_user_turn", from the chat
+        ``messages``); ValueError if its head and tail leave nothing of the prompt to skip in."""
+        tail = plan.tail
+        if tail == "last_user_turn":
+            if messages is None:
+                raise ValueError("SkipPlan.tail='last_user_turn' needs a prompt of chat messages")
+            tail = self.user_turn_tokens(messages)
+        plan.check_protected(n, tail)
+        return tail

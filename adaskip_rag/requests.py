@@ -71,41 +71,19 @@ def build_request(
 ) -> Request:
     """Check every argument of :meth:`AdaSkipEngine.generate` (ValueError naming the first bad one) and encode
     the prompt."""
-    _check_settings(
-        engine.context_window,
-        max_new_tokens,
-        temperature,
-        top_p,
-        top_k,
-        repetition_penalty,
-        seed,
-        truncation,
-        probe=probe,
-        ignore_eos=ignore_eos,
-        parallel_tool_calls=parallel_tool_calls,
-    )
+    _check_sampling(engine.context_window, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    _check_flags(truncation, probe=probe, ignore_eos=ignore_eos, parallel_tool_calls=parallel_tool_calls)
     schedule = _schedule(engine, plan, probe)
     stops = (stop,) if isinstance(stop, str) else sequence("stop", stop)
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-    vocab = engine.config.vocab_size
-    forced, stop_ids = (
-        token_ids("teacher_forced_ids", teacher_forced_ids, vocab),
-        token_ids("stop_token_ids", stop_token_ids, vocab),
-    )
+    forced = token_ids("teacher_forced_ids", teacher_forced_ids, engine.config.vocab_size)
+    stop_ids = token_ids("stop_token_ids", stop_token_ids, engine.config.vocab_size)
     grammar, tools = _grammar(json_schema, tools, tool_choice, parallel_tool_calls, ignore_eos)
-
-    ids = engine.encode(prompt, tools)
-    if len(ids) >= engine.context_window:
-        if truncation == "error":
-            raise ValueError(
-                f"prompt has {len(ids)} tokens, the model's context window is {engine.context_window}; "
-                "shorten it or pass truncation='left' to keep its last tokens"
-            )
-        ids = ids[-max(1, engine.context_window - max_new_tokens) :]
+    ids = _prompt_ids(engine, prompt, tools, truncation, max_new_tokens)
     messages = None if isinstance(prompt, str) else tuple(m for m in prompt if isinstance(m, Mapping)) or None
     if isinstance(schedule, StaticSchedule):
-        engine.tail_tokens(schedule.plan, len(ids), messages)  # a head and tail that fit the prompt
+        engine.prompts.protected_tail(schedule.plan, len(ids), messages)  # a head and tail that fit the prompt
     return Request(
         input_ids=ids,
         schedule=schedule,
@@ -125,18 +103,25 @@ def build_request(
     )
 
 
-def _check_settings(
-    window: int,
-    max_new_tokens: Any,
-    temperature: Any,
-    top_p: Any,
-    top_k: Any,
-    repetition_penalty: Any,
-    seed: Any,
-    truncation: Any,
-    **flags: Any,
+def _prompt_ids(
+    engine: AdaSkipEngine, prompt: Prompt, tools: list[dict[str, Any]] | None, truncation: str, max_new_tokens: int
+) -> list[int]:
+    """The prompt's token ids, its first ones cut off with ``truncation="left"`` when it does not fit the window."""
+    ids = engine.encode(prompt, tools)
+    if len(ids) >= engine.context_window:
+        if truncation == "error":
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, the model's context window is {engine.context_window}; "
+                "shorten it or pass truncation='left' to keep its last tokens"
+            )
+        ids = ids[-max(1, engine.context_window - max_new_tokens) :]
+    return ids
+
+
+def _check_sampling(
+    window: int, max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any, seed: Any
 ) -> None:
-    """ValueError naming the first setting of the wrong type or out of range."""
+    """ValueError naming the first sampling setting of the wrong type or out of range."""
     check_int("max_new_tokens", max_new_tokens, 1, window)
     check_real("temperature", temperature, lambda t: t >= 0, "a finite number >= 0")
     check_real("top_p", top_p, lambda p: 0 < p <= 1, "a number in (0, 1]")
@@ -144,6 +129,10 @@ def _check_settings(
     check_real("repetition_penalty", repetition_penalty, lambda r: r > 0, "a finite number > 0")
     if seed is not None:
         check_int("seed", seed, 0, 2**64 - 1)
+
+
+def _check_flags(truncation: Any, **flags: Any) -> None:
+    """ValueError naming the first flag that is not a bool, or a bad ``truncation``."""
     for name, flag in flags.items():
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")

@@ -165,7 +165,7 @@ def test_last_user_turn_tail_starts_at_the_last_user_message(tiny_engine):
         {"role": "user", "content": "Document:\nsome text here.\n\nQuestion: where?"},
     ]
     ids = tiny_engine.encode(messages)
-    m = tiny_engine.user_turn_tokens(messages)
+    m = tiny_engine.prompts.user_turn_tokens(messages)
     assert tiny_engine.tokenizer.decode(ids[-m:]).startswith("Document:\nsome text")
     assert "Document" not in tiny_engine.tokenizer.decode(ids[:-m])
     plan = SkipPlan(prefill_attn={1: 1.0}, tail="last_user_turn")

@@ -70,15 +70,14 @@ class ChromaProfileStore(ProfileStore):
         self._pending: OrderedDict[tuple[str, str], None] = OrderedDict()  # own totals not yet on the server
         self._others: dict[str | None, tuple[float, dict[tuple[str, str], list[tuple[float, Profile]]]]] = {}
         self._seeded_models: set[str | None] = set()
-        self._down_since: float | None = None
-        self._last_try = 0.0
+        self._link = _Link(f"{host}:{port}", retry_seconds)
         self._lock = threading.RLock()
         self._warned: set[tuple[str, str]] = set()
 
     @property
     def degraded(self) -> bool:
         """True while the server cannot be reached."""
-        return self._down_since is not None
+        return self._link.down_since is not None
 
     # ------------------------------------------------------------------ ProfileStore
 
@@ -140,7 +139,7 @@ class ChromaProfileStore(ProfileStore):
         with self._lock:
             if not self._pending:
                 return True
-            if self.degraded and time.monotonic() - self._last_try < self.retry_seconds:
+            if self._link.waiting():
                 return False
             for model in {k[0] for k in self._pending if not self._seeded(k[0])}:
                 self._read(model)  # first continue this replica's earlier record, never overwrite it
@@ -159,9 +158,9 @@ class ChromaProfileStore(ProfileStore):
                     embeddings=[[0.0]] * len(keys),
                 )
             except _UNREACHABLE as exc:
-                self._unreachable(exc)
+                self._link.failed(exc)
                 return False
-            self._reachable()
+            self._link.succeeded()
             for k in keys:
                 self._pending.pop(k, None)
             return True
@@ -191,18 +190,18 @@ class ChromaProfileStore(ProfileStore):
         now = time.monotonic()
         if cached and now - cached[0] < self.cache_seconds:
             return cached[1]
-        if self.degraded and now - self._last_try < self.retry_seconds:
+        if self._link.waiting():
             return cached[1] if cached else {}
         try:
             found = self._remote().get(where={"model": model} if model else None, include=["documents", "metadatas"])
             records = [
-                (meta, self._parse(i, doc, meta))
+                (meta, _parse_record(self._remote(), self.replica, i, doc, meta, self._warned))
                 for i, doc, meta in zip(found["ids"], found["documents"], found["metadatas"])
             ]
         except _UNREACHABLE as exc:
-            self._unreachable(exc)
+            self._link.failed(exc)
             return cached[1] if cached else {}
-        self._reachable()
+        self._link.succeeded()
         others: dict[tuple[str, str], list[tuple[float, Profile]]] = {}
         for meta, profile in records:
             if profile is None:
@@ -222,31 +221,6 @@ class ChromaProfileStore(ProfileStore):
         """Whether this replica's earlier record of ``model``, if any, is already in its totals."""
         return None in self._seeded_models or model in self._seeded_models
 
-    def _parse(self, record_id: str, doc: str, meta: dict[str, Any]) -> Profile | None:
-        if meta.get("model") == _CORRUPT_MODEL:
-            return None
-        try:
-            profile = parse_profile(doc)
-            if (profile.model, profile.collection) != (meta.get("model"), meta.get("collection")):
-                raise ValueError("record metadata does not match its content")
-            float(meta["updated"]), str(meta["replica"])
-            return profile
-        except (ValueError, TypeError, KeyError) as exc:
-            if (record_id, doc) not in self._warned:  # once per record content, not on every read
-                self._warned.add((record_id, doc))
-                warnings.warn(
-                    f"ignoring corrupt profile record {record_id} (collection {meta.get('collection')!r}): {exc}",
-                    stacklevel=4,
-                )
-            if meta.get("replica") == self.replica:  # about to be overwritten: keep a copy for inspection
-                self._remote().upsert(
-                    ids=[f"{record_id}#corrupt-{time.time()}"],
-                    documents=[doc],
-                    metadatas=[{"model": _CORRUPT_MODEL}],
-                    embeddings=[[0.0]],
-                )
-            return None
-
     def _merged(self, model: str, collection: str, others: dict) -> Profile | None:
         """Every replica's totals of one collection added up; the newest record's state wins."""
         parts = list(others.get((model, collection), []))
@@ -254,23 +228,65 @@ class ChromaProfileStore(ProfileStore):
             parts.append(self._own[(model, collection)])
         return _add_up(model, collection, [p for _, p in sorted(parts, key=lambda part: part[0])])
 
-    def _unreachable(self, exc: BaseException) -> None:
-        self._last_try = time.monotonic()
-        if self._down_since is None:
-            self._down_since = time.time()
+
+class _Link:
+    """Whether the server ``where`` is reachable: one warning when it goes away, one when it is back, and while it is
+    away a new try at most every ``retry_seconds``."""
+
+    def __init__(self, where: str, retry_seconds: float):
+        self.where, self.retry_seconds = where, retry_seconds
+        self.down_since: float | None = None
+        self.last_try = 0.0
+
+    def waiting(self) -> bool:
+        """True while the server is away and the next try is not due."""
+        return self.down_since is not None and time.monotonic() - self.last_try < self.retry_seconds
+
+    def failed(self, exc: BaseException) -> None:
+        self.last_try = time.monotonic()
+        if self.down_since is None:
+            self.down_since = time.time()
             log.warning(
-                "profile server %s:%s unreachable (%s): serving from the last profiles read, keeping this "
+                "profile server %s unreachable (%s): serving from the last profiles read, keeping this "
                 "replica's updates until it is back",
-                self.host,
-                self.port,
+                self.where,
                 exc,
             )
 
-    def _reachable(self) -> None:
-        if self._down_since is not None:
-            down = time.time() - self._down_since
-            log.warning("profile server %s:%s reachable again after %.0f s", self.host, self.port, down)
-            self._down_since = None
+    def succeeded(self) -> None:
+        if self.down_since is not None:
+            log.warning("profile server %s reachable again after %.0f s", self.where, time.time() - self.down_since)
+            self.down_since = None
+
+
+def _parse_record(
+    records: Any, replica: str, record_id: str, doc: str, meta: dict[str, Any], warned: set[tuple[str, str]]
+) -> Profile | None:
+    """The profile of a record in ``records``, or None if it is damaged: then a warning (once per record content,
+    kept in ``warned``) and, for a record of this ``replica`` (about to be overwritten), a copy kept aside."""
+    if meta.get("model") == _CORRUPT_MODEL:
+        return None
+    try:
+        profile = parse_profile(doc)
+        if (profile.model, profile.collection) != (meta.get("model"), meta.get("collection")):
+            raise ValueError("record metadata does not match its content")
+        float(meta["updated"]), str(meta["replica"])
+        return profile
+    except (ValueError, TypeError, KeyError) as exc:
+        if (record_id, doc) not in warned:
+            warned.add((record_id, doc))
+            warnings.warn(
+                f"ignoring corrupt profile record {record_id} (collection {meta.get('collection')!r}): {exc}",
+                stacklevel=4,
+            )
+        if meta.get("replica") == replica:
+            records.upsert(
+                ids=[f"{record_id}#corrupt-{time.time()}"],
+                documents=[doc],
+                metadatas=[{"model": _CORRUPT_MODEL}],
+                embeddings=[[0.0]],
+            )
+        return None
 
 
 def _add_up(model: str, collection: str, profiles: list[Profile]) -> Profile | None:

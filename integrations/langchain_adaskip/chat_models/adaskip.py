@@ -102,7 +102,7 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
         tool's name (must call it). One call per answer unless ``parallel_tool_calls``. Loads the model, to
         raise here if its chat template has no tool support.
         """
-        self.get_engine().check_tool_support()
+        self.get_engine().prompts.check_tool_support()
         formatted = [convert_to_openai_tool(t) for t in tools]
         choice = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
         return self.bind(tools=formatted, tool_choice=choice, parallel_tool_calls=parallel_tool_calls, **kwargs)

@@ -196,17 +196,7 @@ class AdaSkipLLM(FunctionCallingLLM):
     def get_tool_calls_from_response(
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
     ) -> list[ToolSelection]:
-        calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
-        if not calls and error_on_no_tool_call:
-            raise ValueError(f"expected a tool call, the model answered: {response.message.content!r}")
-        return [
-            ToolSelection(
-                tool_id=b.tool_call_id or "",
-                tool_name=b.tool_name,
-                tool_kwargs=b.tool_kwargs if isinstance(b.tool_kwargs, dict) else {},
-            )
-            for b in calls
-        ]
+        return _tool_selections(response, error_on_no_tool_call)
 
     def _request(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Engine arguments of one call: per-call kwargs over the instance's settings."""
@@ -311,6 +301,20 @@ def _as_chat(response: CompletionResponse) -> ChatResponse:
     return ChatResponse(
         message=message, delta=response.delta, raw=response.raw, additional_kwargs=response.additional_kwargs
     )
+
+
+def _tool_selections(response: ChatResponse, error_on_no_tool_call: bool) -> list[ToolSelection]:
+    calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+    if not calls and error_on_no_tool_call:
+        raise ValueError(f"expected a tool call, the model answered: {response.message.content!r}")
+    return [
+        ToolSelection(
+            tool_id=b.tool_call_id or "",
+            tool_name=b.tool_name,
+            tool_kwargs=b.tool_kwargs if isinstance(b.tool_kwargs, dict) else {},
+        )
+        for b in calls
+    ]
 
 
 def _structured_program(llm: AdaSkipLLM, output_cls: type, prompt: PromptTemplate) -> FunctionCallingProgram:
