@@ -15,7 +15,7 @@ their compensation reproduces them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -36,7 +36,7 @@ def moments(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     float64, so channels with a large mean and a small spread keep their variance."""
     n, d = x.shape
     if n == 0:
-        return torch.zeros(moments_width(d), dtype=torch.float64)
+        return torch.zeros(moments_width(d), dtype=torch.float64, device=x.device)
     x, y = x.float(), y.float()
     mx, my = x.mean(0), y.mean(0)
     xc, yc = x - mx, y - my
@@ -44,7 +44,8 @@ def moments(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     cyy = torch.linalg.vector_norm(yc).double().square()
     mx, my = mx.double(), my.double()
     per_channel = torch.stack([n * mx, n * my, cxx + n * mx * mx, cxy + n * mx * my]).flatten()
-    return torch.cat([per_channel, torch.stack([cyy + n * my.square().sum(), torch.tensor(float(n)).double()])])
+    count = torch.tensor(float(n), dtype=torch.float64, device=x.device)
+    return torch.cat([per_channel, torch.stack([cyy + n * my.square().sum(), count])])
 
 
 def _split(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
@@ -58,6 +59,7 @@ class Affine:
 
     scale: torch.Tensor
     bias: torch.Tensor
+    _cast: dict = field(default_factory=dict, init=False, repr=False)  # (device, dtype) -> (scale, bias) there
 
     def __post_init__(self) -> None:
         scale, bias = torch.as_tensor(self.scale).float(), torch.as_tensor(self.bias).float()
@@ -76,7 +78,11 @@ class Affine:
         return self.scale.numel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.bias.to(x), x, self.scale.to(x))
+        key = (x.device, x.dtype)
+        if key not in self._cast:
+            self._cast[key] = (self.scale.to(x), self.bias.to(x))
+        scale, bias = self._cast[key]
+        return torch.addcmul(bias, x, scale)
 
 
 Compensation = float | Affine

@@ -1,18 +1,20 @@
 """AdaSkipEngine: one model and tokenizer, many concurrent requests, each with its own skip plan.
 
 The phases of a request live in ``requests.py`` (checking it, sampling), ``generation.py`` (prefill, decode
-step, emission, teacher forcing) and ``streams.py``; the engine holds the model, its prompts and its lock.
+step, emission, teacher forcing) and ``streams.py``; batched steps in ``scheduler.py`` and ``forward.py``. The
+engine holds the model, its prompts and its scheduler.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -20,18 +22,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import loading
 from .constrained import Grammars
 from .costs import CostModel
+from .forward import Phase, Probes, forward_rows
 from .generation import GenerationResult, generate_steps, learning_steps, teacher_forced
 from .learning import Learner, shipped_profile
 from .policies import AdaSkipPolicy
 from .prompts import ChatPrompts, Prompt
 from .requests import build_request
-from .skipping import PlanSchedule, SkipPlan, skip_forward
+from .scheduler import Scheduler, ServingLimits, Ticket
+from .skipping import PlanSchedule, Probe, SkipPlan, Sublayer
 from .stores import ProfileStore, open_store
 from .streams import AsyncTextStream, TextStream
 
 __all__ = ["AdaSkipEngine", "AsyncTextStream", "GenerationResult", "TextStream"]
 
-_shared: dict[tuple[str, str | None], AdaSkipEngine] = {}
+_shared: dict[tuple[str, str | None, str | None], AdaSkipEngine] = {}
 _shared_lock = threading.Lock()
 
 
@@ -43,10 +47,10 @@ class AdaSkipEngine:
     ...                          plan=SkipPlan(attn={12: 1.0, 20: 1.0}), max_new_tokens=20)
     >>> result.text, result.stats.to_dict()
 
-    Every request carries its own :class:`SkipPlan`, so one engine serves many threads (forward passes take a
-    lock step by step: concurrent streams interleave). With ``collection="..."`` instead of a plan, it learns
-    what to skip for that collection (``policy`` or the collection's entry in ``collection_policies``) and keeps
-    the profile in ``store`` (default ``loading.profile_store_url()``); see ``learning.py``.
+    Every request carries its own :class:`SkipPlan`, so one engine serves many threads: concurrent requests run
+    together, one batched forward step for all (``serving`` sets the limits, see ``scheduler.py``). With
+    ``collection="..."`` instead of a plan, it learns what to skip for that collection (``policy`` or the
+    collection's entry in ``collection_policies``) and keeps the profile in ``store``; see ``learning.py``.
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class AdaSkipEngine:
         policy: AdaSkipPolicy | None = None,
         store: ProfileStore | None = None,
         collection_policies: Mapping[str, AdaSkipPolicy] | None = None,
+        serving: ServingLimits | None = None,
     ):
         loading.check_layers(model)
         self.model = model.eval()
@@ -71,7 +76,7 @@ class AdaSkipEngine:
         self.policy = policy or AdaSkipPolicy()
         self.collection_policies = dict(collection_policies or {})
         self._store = store
-        self._lock = threading.Lock()
+        self.scheduler = Scheduler(functools.partial(forward_rows, self.model), serving or ServingLimits())
         self.eos_token_ids = loading.eos_token_ids(model, tokenizer)
         self.prompts = ChatPrompts(tokenizer, self.name, self.config.vocab_size)
 
@@ -99,6 +104,7 @@ class AdaSkipEngine:
         policy: AdaSkipPolicy | None = None,
         store: ProfileStore | None = None,
         collection_policies: Mapping[str, AdaSkipPolicy] | None = None,
+        serving: ServingLimits | None = None,
     ) -> AdaSkipEngine:
         """Load ``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder.
 
@@ -106,16 +112,21 @@ class AdaSkipEngine:
         """
         model, tokenizer = loading.load(name_or_path, device=device, dtype=dtype, device_map=device_map)
         name = loading.model_label(name_or_path)
-        return cls(model, tokenizer, name, policy=policy, store=store, collection_policies=collection_policies)
+        return cls(
+            model, tokenizer, name, policy=policy, store=store, collection_policies=collection_policies, serving=serving
+        )
 
     @classmethod
-    def shared(cls, name_or_path: str | os.PathLike = "default", device: str | None = None) -> AdaSkipEngine:
-        """One engine per (model, device) in this process, loaded on first use: what the framework adapters
-        use, so any number of LLM objects (LangChain or LlamaIndex) share one model and one profile store."""
-        key = (str(name_or_path), device)
+    def shared(
+        cls, name_or_path: str | os.PathLike = "default", device: str | None = None, dtype: str | None = None
+    ) -> AdaSkipEngine:
+        """One engine per (model, device, dtype) in this process, loaded on first use: what the framework adapters
+        use, so any number of LLM objects (LangChain or LlamaIndex) share one model and one profile store.
+        ``dtype``: "float32", "bfloat16" or "float16" (default: fp32 on CPU, bf16 on a GPU)."""
+        key = (str(name_or_path), device, dtype)
         with _shared_lock:
             if key not in _shared:
-                _shared[key] = cls.from_pretrained(name_or_path, device=device)
+                _shared[key] = cls.from_pretrained(name_or_path, device=device, dtype=getattr(torch, dtype or "", None))
             return _shared[key]
 
     def apply_chat_template(
@@ -150,12 +161,18 @@ class AdaSkipEngine:
         position: int,
         cache: Any,
         plan: SkipPlan,
-        phase: Literal["prefill", "decode"],
-        **kw: Any,
-    ) -> Any:
-        """One skip-aware forward step under the engine lock (see :func:`adaskip_rag.skipping.skip_forward`)."""
-        with self._lock:
-            return skip_forward(self.model, input_ids.to(self.device), position, cache, plan, phase, **kw)
+        phase: Phase,
+        probe: bool = False,
+        logits_to_keep: int = 1,
+        ticket: Ticket | None = None,
+    ) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
+        """:func:`~adaskip_rag.forward.skip_forward` of one sequence's ``input_ids`` (1, q), run in a step together
+        with the other requests' (``scheduler.py``); ``ticket``: the request's admission (None: this call's own)."""
+        probes = Probes(fit_moments=phase == "prefill" and plan.is_empty) if probe else None
+        ids = input_ids.reshape(-1)
+        with contextlib.nullcontext(ticket) if ticket else self.scheduler.admitted(len(ids)) as admitted:
+            logits = self.scheduler.forward(admitted, ids, position, cache, plan, phase, probes, logits_to_keep)
+        return logits[None], probes.result() if probes else None
 
     def generate(
         self,

@@ -17,13 +17,15 @@ from transformers import PreTrainedTokenizerBase
 
 from .constrained import TOOL_CALL_OPEN, parse_tool_calls
 from .costs import CostModel
+from .forward import new_cache
 from .requests import Request, sampler
-from .skipping import PlanSchedule, Probe, SkipPlan, StaticSchedule, Sublayer, new_cache
+from .skipping import PlanSchedule, Probe, SkipPlan, StaticSchedule, Sublayer
 from .stats import SkipStats
 
 if TYPE_CHECKING:
     from .engine import AdaSkipEngine
     from .learning import Decision
+    from .scheduler import Ticket
 
 
 @dataclass
@@ -47,26 +49,27 @@ def prefill(
     tail: int = 0,
     probe: bool = False,
     logits_to_keep: int = 1,
+    ticket: Ticket | None = None,
 ) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
     """Prefill the prompt ``ids`` (1, n) under ``plan``: all but the last ``tail`` tokens with its skips (the
-    protected head inside, see :func:`~adaskip_rag.skipping.skip_forward`; probed if ``probe``), then the
-    protected tail with every sublayer that has a cache. The logits of the last ``logits_to_keep`` tokens (at
-    most the tail's when there is one; 0 = all of them) and the probes of the first chunk."""
+    protected head inside, see :class:`~adaskip_rag.forward.Row`; probed if ``probe``), then the protected tail
+    with every sublayer that has a cache. The logits of the last ``logits_to_keep`` tokens (at most the tail's
+    when there is one; 0 = all of them) and the probes of the first part. ``ticket``: the request's admission."""
     n = ids.shape[1]
     if plan.is_empty or not tail:
-        return engine.forward(ids, 0, cache, plan, "prefill", probe=probe, logits_to_keep=logits_to_keep)
-    _, probes = engine.forward(ids[:, : n - tail], 0, cache, plan, "prefill", probe=probe)
+        return engine.forward(ids, 0, cache, plan, "prefill", probe, logits_to_keep, ticket)
+    _, probes = engine.forward(ids[:, : n - tail], 0, cache, plan, "prefill", probe, ticket=ticket)
     logits, _ = engine.forward(
-        ids[:, n - tail :], n - tail, cache, plan.protected_plan(), "prefill", logits_to_keep=logits_to_keep
+        ids[:, n - tail :], n - tail, cache, plan.protected_plan(), "prefill", False, logits_to_keep, ticket
     )
     return logits, probes
 
 
 def decode_one_token(
-    engine: AdaSkipEngine, ids: torch.Tensor, position: int, cache: Any, plan: SkipPlan, probe: bool
+    engine: AdaSkipEngine, ids: torch.Tensor, position: int, cache: Any, plan: SkipPlan, probe: bool, ticket: Ticket
 ) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
     """The logits after the token at ``position`` of ``ids``, fed under ``plan`` into ``cache``."""
-    return engine.forward(ids[:, position : position + 1], position, cache, plan, "decode", probe=probe)
+    return engine.forward(ids[:, position : position + 1], position, cache, plan, "decode", probe, ticket=ticket)
 
 
 def _checked(engine: AdaSkipEngine, answer: tuple[SkipPlan, bool]) -> tuple[SkipPlan, bool]:
@@ -111,16 +114,23 @@ class Emitter:
 
 
 def generate_steps(engine: AdaSkipEngine, req: Request) -> Iterator[str | GenerationResult]:
-    """Run ``req``: one item per decode step (the new text, "" if none) and finally the GenerationResult."""
+    """Run ``req``: one item per decode step (the new text, "" if none) and finally the GenerationResult. The
+    request is admitted to the engine's batched steps first, and leaves them when it ends, fails or is closed."""
     n = len(req.input_ids)
     max_new = min(req.max_new_tokens, engine.context_window - n)
+    with engine.scheduler.admitted(n + max_new) as ticket:
+        yield from _generate(engine, req, max_new, ticket)
+
+
+def _generate(engine: AdaSkipEngine, req: Request, max_new: int, ticket: Ticket) -> Iterator[str | GenerationResult]:
+    n = len(req.input_ids)
     ids = torch.zeros(1, n + max_new, dtype=torch.long, device=engine.device)  # prompt, then generated tokens
     ids[0, :n] = torch.tensor(req.input_ids)
     cache = new_cache(engine.model)
     constraint = None if req.grammar is None else engine.grammars.constraint(req.grammar, max_new, req.closes)
     choose = sampler(req, engine.device, constraint)
     record, emitter = PlanRecord(engine.costs, n), Emitter(engine.tokenizer, req.stop, req.tools)
-    token, prefill_probes, forced, prefill_seconds = _prefill_phase(engine, req, ids, cache, choose, record)
+    token, prefill_probes, forced, prefill_seconds = _prefill_phase(engine, req, ids, cache, choose, record, ticket)
     decode_start = time.perf_counter()
 
     generated: list[int] = []
@@ -139,7 +149,7 @@ def generate_steps(engine: AdaSkipEngine, req: Request) -> Iterator[str | Genera
         position = n + len(generated) - 1
         plan, probe = _checked(engine, req.schedule.decode(len(generated) - 1, probes))
         record.decode(plan)
-        logits, probes = decode_one_token(engine, ids, position, cache, plan, probe)
+        logits, probes = decode_one_token(engine, ids, position, cache, plan, probe, ticket)
         if probes is not None:
             decode_probes.append(probes)
         token = choose(ids[:, : position + 1], logits[:, -1])
@@ -149,7 +159,7 @@ def generate_steps(engine: AdaSkipEngine, req: Request) -> Iterator[str | Genera
     if rest:
         yield rest
     stats = record.stats(len(generated), prefill_seconds, time.perf_counter() - decode_start, finish)
-    stats.max_new_tokens = max_new
+    stats.max_new_tokens, stats.waited_seconds, stats.batch_sizes = max_new, ticket.waited, list(ticket.batch_sizes)
     cached = n + len(generated) - 1  # the last token was never fed back
     stats.kv_bytes_saved = engine.kv_bytes_per_token() * sum(
         cached - cache.get_seq_length(i) for i in range(engine.num_layers)
@@ -167,7 +177,13 @@ def generate_steps(engine: AdaSkipEngine, req: Request) -> Iterator[str | Genera
 
 
 def _prefill_phase(
-    engine: AdaSkipEngine, req: Request, ids: torch.Tensor, cache: Any, choose: Any, record: PlanRecord
+    engine: AdaSkipEngine,
+    req: Request,
+    ids: torch.Tensor,
+    cache: Any,
+    choose: Any,
+    record: PlanRecord,
+    ticket: Ticket,
 ) -> tuple[int, dict[Sublayer, Probe] | None, torch.Tensor | None, float]:
     """Prefill the prompt under the schedule's first plan: the first answer token, the prefill's probes, the
     teacher-forced logits of ``req.teacher_forced_ids`` (scored on copies: the generation goes on untouched),
@@ -176,13 +192,13 @@ def _prefill_phase(
     plan, probe = _checked(engine, req.schedule.prefill())
     tail = engine.prompts.protected_tail(plan, n, req.messages)
     record.prefill(plan, tail)
-    logits, probes = prefill(engine, ids[:, :n], cache, plan, tail, probe)
+    logits, probes = prefill(engine, ids[:, :n], cache, plan, tail, probe, ticket=ticket)
     token = choose(ids[:, :n], logits[:, -1])
     seconds = time.perf_counter() - start
     forced = None
     if req.teacher_forced_ids:
         forcing = req.schedule.plan if isinstance(req.schedule, StaticSchedule) else copy.deepcopy(req.schedule)
-        forced = force(engine, copy.deepcopy(cache), n, logits[0, -1:], req.teacher_forced_ids, forcing)
+        forced = force(engine, copy.deepcopy(cache), n, logits[0, -1:], req.teacher_forced_ids, forcing, ticket)
     return token, probes, forced, seconds
 
 
@@ -218,10 +234,11 @@ def teacher_forced(
     prefill_plan, _ = _checked(engine, schedule.prefill())
     tail = engine.prompts.protected_tail(prefill_plan, len(prompt_ids), messages)
     cache = new_cache(engine.model)
-    start = time.perf_counter()
-    first, _ = prefill(engine, torch.tensor([list(prompt_ids)]), cache, prefill_plan, tail)
-    prefill_seconds = time.perf_counter() - start
-    return force(engine, cache, len(prompt_ids), first[0, -1:], answer_ids, plan), prefill_seconds
+    with engine.scheduler.admitted(len(prompt_ids) + len(answer_ids)) as ticket:
+        start = time.perf_counter()
+        first, _ = prefill(engine, torch.tensor([list(prompt_ids)]), cache, prefill_plan, tail, ticket=ticket)
+        prefill_seconds = time.perf_counter() - start
+        return force(engine, cache, len(prompt_ids), first[0, -1:], answer_ids, plan, ticket), prefill_seconds
 
 
 def force(
@@ -231,19 +248,23 @@ def force(
     first: torch.Tensor,
     answer_ids: Sequence[int],
     plan: SkipPlan | PlanSchedule,
+    ticket: Ticket | None = None,
 ) -> torch.Tensor:
     """Feed ``answer_ids[:-1]`` after a prefill of ``n`` tokens into ``cache`` whose last logits are ``first``;
     the logits that predict each answer token."""
     logits = [first]
     if isinstance(plan, SkipPlan):
         if len(answer_ids) > 1:
-            rest, _ = engine.forward(torch.tensor([list(answer_ids[:-1])]), n, cache, plan, "decode", logits_to_keep=0)
+            answer = torch.tensor([list(answer_ids[:-1])])
+            rest, _ = engine.forward(answer, n, cache, plan, "decode", logits_to_keep=0, ticket=ticket)
             logits.append(rest[0])
     else:
         probes = None
         for step, token in enumerate(answer_ids[:-1]):
             step_plan, probe = _checked(engine, plan.decode(step, probes))
-            rest, probes = engine.forward(torch.tensor([[token]]), n + step, cache, step_plan, "decode", probe=probe)
+            rest, probes = engine.forward(
+                torch.tensor([[token]]), n + step, cache, step_plan, "decode", probe, 1, ticket
+            )
             logits.append(rest[0, -1:])
     return torch.cat(logits)
 

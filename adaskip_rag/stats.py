@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -44,6 +44,8 @@ class SkipStats:
     fidelity: float | None = None  # teacher-forced top-1 agreement of the plan with the full answer (refresh)
     max_new_tokens: int | None = None  # the answer's token limit: the request's, or less where the window ends
     skipped_every_sublayer: bool = False  # prefill ran no sublayer; its estimated speedup is unbounded (None)
+    waited_seconds: float = 0.0  # before the engine admitted the request (its serving limits were full)
+    batch_sizes: list[int] = field(default_factory=list)  # requests in each forward step this one ran in
 
     @property
     def skipped_sublayers(self) -> int:

@@ -10,9 +10,10 @@ from conftest import tiny_model
 
 from adaskip_rag.compensation import Affine, apply, fit, moments, residual_error
 from adaskip_rag.costs import CostModel
+from adaskip_rag.forward import new_cache, skip_forward
 from adaskip_rag.policies import AdaSkipPolicy
 from adaskip_rag.profiles import Profile
-from adaskip_rag.skipping import SkipPlan, Sublayer, new_cache, skip_forward
+from adaskip_rag.skipping import SkipPlan, Sublayer
 from adaskip_rag.stores import SQLiteProfileStore
 
 

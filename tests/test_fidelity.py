@@ -9,8 +9,8 @@ from conftest import tiny_model
 
 from adaskip_rag import AdaSkipEngine, SkipPlan
 from adaskip_rag.compensation import Affine, apply
+from adaskip_rag.forward import new_cache, skip_forward
 from adaskip_rag.generation import prefill
-from adaskip_rag.skipping import new_cache, skip_forward
 
 ATOL, RTOL = 1e-5, 1e-6
 

@@ -318,6 +318,7 @@ def test_importing_the_package_leaves_other_models_callbacks_alone():
         ({"stop": [""]}, "stop"),
         ({"collection": ""}, "collection"),
         ({"device": "gpu9"}, "device"),
+        ({"dtype": "float64"}, "dtype"),
     ],
 )
 def test_bad_constructor_arguments_raise_naming_the_field(cls, kwargs, field):

@@ -210,6 +210,7 @@ def test_query_engines_over_two_chroma_collections_build_two_profiles_automatica
         ({"stop": [""]}, "stop"),
         ({"collection": ""}, "collection"),
         ({"device": "gpu9"}, "device"),
+        ({"dtype": "half"}, "dtype"),
     ],
 )
 def test_bad_constructor_arguments_raise_naming_the_field(kwargs, field):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import ARCHS, tiny_model
 
 from adaskip_rag import SkipPlan, Sublayer
-from adaskip_rag.skipping import new_cache, skip_forward
+from adaskip_rag.forward import new_cache, skip_forward
 
 ATOL = 1e-5
 RTOL = 1e-6  # a prompt run in one pass and token by token differ by float reassociation only

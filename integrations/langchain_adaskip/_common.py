@@ -37,6 +37,8 @@ class AdaSkipParams(BaseModel):
     model: str = Field(default="default", validation_alias=AliasChoices("model", "model_name"))
     """``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder (alias ``model_name``)."""
     device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """The model's precision; default fp32 on CPU, bf16 on a GPU."""
     collection: str | None = Field(default=None, min_length=1)
     """Profile key, unless a call passes ``collection=`` or config metadata ``adaskip_collection``; else the
     Chroma collection the enclosing chain retrieved from (``langchain-chroma``), else ``"default"``."""
@@ -70,8 +72,8 @@ class AdaSkipParams(BaseModel):
     def get_engine(self, model: str | None = None) -> AdaSkipEngine:
         """The instance's engine, or the shared engine of ``model`` when a call overrides the model."""
         if model is None or model == self.model:
-            return self.engine or AdaSkipEngine.shared(self.model, self.device)
-        return AdaSkipEngine.shared(model, self.device)
+            return self.engine or AdaSkipEngine.shared(self.model, self.device, self.dtype)
+        return AdaSkipEngine.shared(model, self.device, self.dtype)
 
     def request(
         self, stop: list[str] | None, run_manager: Any, kwargs: dict[str, Any]

@@ -102,6 +102,9 @@ class AdaSkipLLM(FunctionCallingLLM):
         description='"default" (SmolLM2-135M-Instruct, bundled) or a local model folder.',
     )
     device: str | None = Field(default=None, description="torch device; default: the engine's choice.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None, description="The model's precision; default fp32 on CPU, bf16 on a GPU."
+    )
     collection: str | None = Field(
         default=None,
         min_length=1,
@@ -143,7 +146,7 @@ class AdaSkipLLM(FunctionCallingLLM):
 
     @property
     def engine(self) -> AdaSkipEngine:
-        return self._engine or AdaSkipEngine.shared(self.model, self.device)
+        return self._engine or AdaSkipEngine.shared(self.model, self.device, self.dtype)
 
     @property
     def metadata(self) -> LLMMetadata:

@@ -1,0 +1,315 @@
+"""Skip-aware forward pass over a pre-norm decoder stack (AdaSkip, arXiv 2501.02336), for several sequences at
+once, each with its own plan.
+
+Decoder layer ``l`` computes ``h1 = h0 + Attn(norm(h0))`` and ``h2 = h1 + FFN(norm(h1))``. A skipped sublayer is
+replaced by a compensation of its input (``compensation.py``): ``h1 = f(h0)`` or ``h2 = f(h1)``, in the paper
+``f(x) = s * x``. A skipped attention sublayer either stores no keys and values, so it stays skipped for the rest
+of the request (the paper), or still computes them from its input as the full layer would (input norm, K/V
+projections, rotary) and runs in full in decode (``SkipPlan.prefill_attn``).
+
+One step runs :class:`Row` s: some tokens of one sequence (a decode token, a prefill chunk) with its cache, its
+position and its plan. Their tokens are packed into one (tokens, d) matrix. At every sublayer the rows whose plan
+runs it go through it together (one matrix product per weight) and the others get their compensation; attention
+runs per row over the row's own cache. A sublayer that one row runs calls the model's own attention module, as
+transformers does. Nothing request-specific is stored on the model, so one model serves concurrent requests.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import get_layer_types_and_kwargs
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .compensation import apply, moments
+from .skipping import Probe, SkipPlan, Sublayer
+
+Phase = Literal["prefill", "decode"]
+
+
+def layer_types(model: PreTrainedModel) -> list[str]:
+    """Attention type of every layer ('full_attention' or 'sliding_attention'), as the model's cache sees it."""
+    return get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))[0]
+
+
+def new_cache(model: PreTrainedModel) -> DynamicCache:
+    return DynamicCache(config=model.config)
+
+
+class Probes:
+    """What the forward steps of one sequence measured at every sublayer they ran (a prompt may take several
+    steps): the sums that IO similarity and norm ratios come from, and, in a prefill with the full model, the
+    moments compensations are fitted from (``compensation.moments``). Token 0, the attention sink, is left out of
+    ``scale_no_sink`` and the moments."""
+
+    def __init__(self, fit_moments: bool):
+        self.fit_moments = fit_moments
+        self.sums: dict[Sublayer, torch.Tensor] = {}  # [sum of cosines, tokens, sum |x|^2, |y|^2, both without sink]
+        self.moments: dict[Sublayer, torch.Tensor] = {}
+
+    def record(self, sub: Sublayer, x: torch.Tensor, y: torch.Tensor, first: int) -> None:
+        """Add a sublayer's input ``x`` and output ``y`` (tokens, d); ``first`` = 1 when they start with token 0."""
+        sums = _sums(x, y, first)
+        self.sums[sub] = self.sums[sub] + sums if sub in self.sums else sums
+        if self.fit_moments:
+            m = moments(x[first:], y[first:])
+            self.moments[sub] = self.moments[sub] + m if sub in self.moments else m
+
+    def result(self) -> dict[Sublayer, Probe]:
+        """The probes, read back to the host in one transfer (on a GPU, the only synchronisation they cost)."""
+        subs = list(self.sums)
+        if not subs:
+            return {}
+        parts = [torch.stack([self.sums[s] for s in subs]).double().flatten()]
+        parts += [self.moments[s] for s in subs if s in self.moments]
+        host = torch.cat(parts).cpu()
+        count = len(subs)
+        values = host[: 6 * count].view(count, 6).tolist()
+        fitted = list(host[6 * count :].view(count, -1)) if self.moments else [None] * count
+        out = {}
+        for sub, (cosines, tokens, sx, sy, sx_ns, sy_ns), m in zip(subs, values, fitted):
+            scale = (sy / sx) ** 0.5 if sx > 0 else 0.0
+            out[sub] = Probe(cosines / tokens, scale, (sy_ns / sx_ns) ** 0.5 if sx_ns > 0 else scale, moments=m)
+        return out
+
+
+def _sums(x: torch.Tensor, y: torch.Tensor, first: int) -> torch.Tensor:
+    """[sum of cosine(x, y) over tokens, tokens, sum |x|^2, sum |y|^2, and the last two from token ``first`` on]
+    of a sublayer with input x and output y, (tokens, d): three reductions per token."""
+    x, y = x.float(), y.float()
+    dot = torch.einsum("td,td->t", x, y)
+    nx, ny = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)
+    cosines = (dot / (nx * ny).clamp_min(1e-12)).sum()
+    sx, sy = nx.square(), ny.square()
+    tokens = torch.tensor(float(x.shape[0]), device=x.device)
+    return torch.stack([cosines, tokens, sx.sum(), sy.sum(), sx[first:].sum(), sy[first:].sum()])
+
+
+@dataclass
+class Row:
+    """Tokens ``ids`` (q,) of one sequence, the first at ``position``, fed under ``plan`` into ``cache``.
+
+    Returns the logits of the last ``logits_to_keep`` of them (0 = all); ``probes`` (if given) records every
+    sublayer the row runs. In a prefill from position 0 the first ``plan.head`` tokens run every sublayer that
+    has a cache (they attend only to each other, so this costs little and keeps the prompt in one pass).
+    """
+
+    ids: torch.Tensor
+    position: int
+    cache: DynamicCache
+    plan: SkipPlan
+    phase: Phase
+    probes: Probes | None = None
+    logits_to_keep: int = 1
+    head: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.head = min(self.plan.head, len(self.ids)) if self.phase == "prefill" and self.position == 0 else 0
+        self.attn, self.ffn, self.keep_kv = self.plan.skips(self.phase)
+
+
+def skip_forward(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    position: int,
+    cache: DynamicCache,
+    plan: SkipPlan,
+    phase: Phase,
+    probe: bool = False,
+    logits_to_keep: int = 1,
+) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
+    """Run one sequence's ``input_ids`` (1, q), the first token at ``position``, under ``plan``: the logits of the
+    last ``logits_to_keep`` tokens (1, keep, vocab) and, with ``probe``, a Probe for every executed sublayer (with
+    moments in a prefill with the full model). ``cache`` is updated in place; see :class:`Row`."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"skip_forward runs one sequence, input_ids of shape (1, q); got {tuple(input_ids.shape)}")
+    probes = Probes(fit_moments=phase == "prefill" and plan.is_empty) if probe else None
+    (logits,) = forward_rows(model, [Row(input_ids[0], position, cache, plan, phase, probes, logits_to_keep)])
+    return logits[None], probes.result() if probes else None
+
+
+@torch.inference_mode()
+def forward_rows(model: PreTrainedModel, rows: Sequence[Row]) -> list[torch.Tensor]:
+    """One forward step over ``rows`` (see :class:`Row`), their tokens packed as one sequence (1, tokens, d):
+    every row's logits (keep, vocab)."""
+    base = model.model
+    step = _Step(model, rows)
+    hidden = base.embed_tokens(torch.cat([r.ids for r in rows]).to(step.device)[None])  # (1, tokens, d)
+    for i, layer in enumerate(base.layers):
+        hidden = step.sublayer(Sublayer("attn", i), layer, hidden)
+        hidden = step.sublayer(Sublayer("ffn", i), layer, hidden)
+    ends = [s.stop for s in step.slices]
+    keep = [e - (len(r.ids) if not r.logits_to_keep else min(r.logits_to_keep, len(r.ids))) for r, e in zip(rows, ends)]
+    picked = torch.cat([torch.arange(k, e, device=step.device) for k, e in zip(keep, ends)])
+    logits = model.lm_head(base.norm(hidden[:, picked]))[0]
+    return list(logits.split([e - k for k, e in zip(keep, ends)]))
+
+
+class _Step:
+    """The rows of one forward step packed together: their token slices, rotary embeddings and masks."""
+
+    def __init__(self, model: PreTrainedModel, rows: Sequence[Row]):
+        self.model, self.rows, self.config = model, rows, model.config
+        self.device: torch.device = model.get_input_embeddings().weight.device  # type: ignore[assignment]
+        self.types = layer_types(model)
+        starts = [0]
+        for r in rows:
+            starts.append(starts[-1] + len(r.ids))
+        self.slices = [slice(a, b) for a, b in zip(starts, starts[1:])]
+        positions = torch.cat([torch.arange(r.position, r.position + len(r.ids)) for r in rows]).to(self.device)
+        dummy = torch.empty(0, device=self.device, dtype=model.dtype)
+        cos, sin = model.model.rotary_emb(dummy, position_ids=positions[None])
+        self.rotary = [(cos[:, s], sin[:, s]) for s in self.slices]
+        self.position_ids = [positions[None, s] for s in self.slices]
+        self.masks: list[dict[tuple[str, int], Any]] = [{} for _ in rows]
+
+    def sublayer(self, sub: Sublayer, layer: Any, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` after sublayer ``sub``: run for the rows whose plan runs it, compensated for the others."""
+        kind, i = sub
+        running = [k for k, r in enumerate(self.rows) if i not in (r.attn if kind == "attn" else r.ffn)]
+        if len(running) == len(self.rows):
+            out = hidden + (self._attention(i, layer, hidden, running) if kind == "attn" else _ffn(layer, hidden))
+        else:
+            out = torch.empty_like(hidden)
+            if running:
+                idx = torch.cat([torch.arange(self.slices[k].start, self.slices[k].stop) for k in running])
+                idx = idx.to(self.device)
+                x = hidden[:, idx]
+                out[:, idx] = x + (self._attention(i, layer, x, running) if kind == "attn" else _ffn(layer, x))
+            for k in range(len(self.rows)):
+                if k not in running:
+                    out[:, self.slices[k]] = self._skipped(sub, layer, k, hidden[:, self.slices[k]])
+        for k in running:
+            probes = self.rows[k].probes
+            if probes is not None:
+                s = self.slices[k]
+                probes.record(sub, hidden[0, s], out[0, s], first=1 if self.rows[k].position == 0 else 0)
+        return out
+
+    def _skipped(self, sub: Sublayer, layer: Any, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Row ``k``'s output of a sublayer its plan skips: the compensation of its input ``x``; its protected
+        head runs the sublayer (attention only where the plan keeps its keys and values, which are cached)."""
+        row = self.rows[k]
+        kind, i = sub
+        y = apply(x, (row.attn if kind == "attn" else row.ffn)[i])
+        head = row.head
+        if kind == "attn" and i in row.keep_kv:
+            _cache_keys_values(layer, x, self.rotary[k], row.cache, i)
+            if head:
+                y[:, :head] = x[:, :head] + _head_attention(layer, x[:, :head], self.rotary[k])
+        elif kind == "ffn" and head:
+            y[:, :head] = x[:, :head] + _ffn(layer, x[:, :head])
+        return y
+
+    def _attention(self, i: int, layer: Any, x: torch.Tensor, running: list[int]) -> torch.Tensor:
+        """Attention output of layer ``i`` for the tokens ``x`` of the ``running`` rows (packed in that order),
+        each row's keys and values added to its cache."""
+        if len(running) == 1:
+            return self._module_attention(i, layer, x, running[0])
+        attn = layer.self_attn
+        normed = layer.input_layernorm(x)[0]
+        shape = (normed.shape[0], -1, attn.head_dim)
+        q, k, v = attn.q_proj(normed).view(shape), attn.k_proj(normed).view(shape), attn.v_proj(normed).view(shape)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own rotary
+        outs, start = [], 0
+        for r in running:
+            row, n = self.rows[r], len(self.rows[r].ids)
+            part = slice(start, start + n)
+            start += n
+            qr, kr = rope(q[part].transpose(0, 1)[None], k[part].transpose(0, 1)[None], *self.rotary[r])
+            keys, values = row.cache.update(kr, v[part].transpose(0, 1)[None], i)
+            mask = self._row_mask(i, n, keys.shape[-2])
+            out = F.scaled_dot_product_attention(
+                qr,
+                keys,
+                values,
+                attn_mask=None if isinstance(mask, bool) else mask,
+                is_causal=mask is True,
+                scale=attn.scaling,
+                enable_gqa=qr.shape[1] != keys.shape[1],
+            )
+            outs.append(out[0].transpose(0, 1).reshape(n, -1))
+        return attn.o_proj(torch.cat(outs))[None]
+
+    def _row_mask(self, i: int, q: int, kv: int) -> torch.Tensor | bool:
+        """Which of ``kv`` cached keys each of a row's ``q`` new tokens (the last ``q`` of them) may see: all
+        earlier ones, within the window on a sliding-window layer. False when that is every key, True when it is
+        the plain causal mask of a sequence without a past (both without a mask tensor)."""
+        window = self.config.sliding_window if self.types[i] == "sliding_attention" else None
+        if window is None or kv <= window:
+            if q == 1:
+                return False
+            if q == kv:
+                return True
+        query = torch.arange(kv - q, kv, device=self.device)[:, None]
+        key = torch.arange(kv, device=self.device)[None]
+        allowed = key <= query
+        if window is not None:
+            allowed &= query - key < window
+        return allowed[None, None]
+
+    def _module_attention(self, i: int, layer: Any, x: torch.Tensor, r: int) -> torch.Tensor:
+        """Row ``r``'s attention output of layer ``i`` through the model's own attention module and masks."""
+        row = self.rows[r]
+        key = (self.types[i], row.cache.get_seq_length(i))
+        if key not in self.masks[r]:  # a mask per layer type and cache length: layers that skipped have shorter caches
+            make_mask = create_sliding_window_causal_mask if key[0] == "sliding_attention" else create_causal_mask
+            self.masks[r][key] = make_mask(
+                config=self.config,
+                inputs_embeds=x,
+                attention_mask=None,
+                cache=row.cache,
+                position_ids=self.position_ids[r],
+                layer_idx=i,
+            )
+        out, _ = layer.self_attn(
+            hidden_states=layer.input_layernorm(x),
+            attention_mask=self.masks[r][key],
+            position_ids=self.position_ids[r],
+            cache=row.cache,
+            use_cache=True,
+            position_embeddings=self.rotary[r],
+        )
+        return out
+
+
+def _ffn(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    return layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _cache_keys_values(
+    layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], cache: DynamicCache, index: int
+) -> None:
+    """Store the keys and values attention sublayer ``index`` computes from its input ``hidden``, as the full layer
+    does (input norm, K/V projections, the model's K norm if it has one, rotary), without running attention."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    shape = (*normed.shape[:-1], -1, attn.head_dim)
+    keys = attn.k_proj(normed).view(shape)
+    if getattr(attn, "k_norm", None) is not None:
+        keys = attn.k_norm(keys)
+    keys, values = keys.transpose(1, 2), attn.v_proj(normed).view(shape).transpose(1, 2)
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own rotary
+    cos, sin = rotary
+    _, keys = rope(keys[:, :0], keys, cos, sin)  # an empty query: only the keys are rotated
+    cache.update(keys, values, index)
+
+
+def _head_attention(layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The attention output of the first ``hidden.shape[1]`` tokens of a prefill: they see only each other."""
+    m = hidden.shape[1]
+    mask = torch.full((m, m), float("-inf"), dtype=hidden.dtype, device=hidden.device).triu(1)[None, None]
+    out, _ = layer.self_attn(
+        hidden_states=layer.input_layernorm(hidden),
+        attention_mask=mask,
+        position_embeddings=tuple(r[:, :m] for r in rotary),
+    )
+    return out
