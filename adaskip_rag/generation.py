@@ -126,7 +126,7 @@ def _generate(engine: AdaSkipEngine, req: Request, max_new: int, ticket: Ticket)
     n = len(req.input_ids)
     ids = torch.zeros(1, n + max_new, dtype=torch.long, device=engine.device)  # prompt, then generated tokens
     ids[0, :n] = torch.tensor(req.input_ids)
-    cache = new_cache(engine.model)
+    cache = new_cache(engine.model, n + max_new)
     constraint = None if req.grammar is None else engine.grammars.constraint(req.grammar, max_new, req.closes)
     choose = sampler(req, engine.device, constraint)
     record, emitter = PlanRecord(engine.costs, n), Emitter(engine.tokenizer, req.stop, req.tools)
@@ -233,7 +233,7 @@ def teacher_forced(
     schedule = StaticSchedule(plan) if isinstance(plan, SkipPlan) else plan
     prefill_plan, _ = _checked(engine, schedule.prefill())
     tail = engine.prompts.protected_tail(prefill_plan, len(prompt_ids), messages)
-    cache = new_cache(engine.model)
+    cache = new_cache(engine.model, len(prompt_ids) + len(answer_ids))
     with engine.scheduler.admitted(len(prompt_ids) + len(answer_ids)) as ticket:
         start = time.perf_counter()
         first, _ = prefill(engine, torch.tensor([list(prompt_ids)]), cache, prefill_plan, tail, ticket=ticket)

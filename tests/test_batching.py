@@ -237,3 +237,24 @@ def test_framework_batches_and_async_calls_run_together(serving):
 
     sizes = [s for r in asyncio.run(ask_all()) for s in r.additional_kwargs["adaskip"]["batch_sizes"]]
     assert max(sizes) >= 2, sizes
+
+
+def test_the_cache_writes_new_tokens_into_the_room_it_keeps():
+    import copy
+
+    cache = new_cache(tiny_model("llama"), capacity=8)
+    layer = cache.layers[0]
+    parts = [torch.randn(1, 2, q, 16) for q in (5, 3, 4)]
+    layer.update(parts[0], parts[0] + 1)
+    room = layer.keys.data_ptr()
+    layer.update(parts[1], parts[1] + 1)
+    assert layer.keys.data_ptr() == room  # written in place: nothing copied
+    torch.testing.assert_close(layer.keys, torch.cat(parts[:2], dim=-2), rtol=0, atol=0)
+    layer.update(parts[2], parts[2] + 1)  # past the capacity: more room, the same contents
+    torch.testing.assert_close(layer.keys, torch.cat(parts, dim=-2), rtol=0, atol=0)
+    torch.testing.assert_close(layer.values, torch.cat(parts, dim=-2) + 1, rtol=0, atol=0)
+    assert cache.get_seq_length(0) == 12
+    forked = copy.deepcopy(cache)  # as teacher forcing forks a generation's cache
+    forked.layers[0].update(parts[0], parts[0])
+    assert forked.get_seq_length(0) == 17 and cache.get_seq_length(0) == 12
+    torch.testing.assert_close(cache.layers[0].keys, torch.cat(parts, dim=-2), rtol=0, atol=0)
