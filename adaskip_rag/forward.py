@@ -79,45 +79,46 @@ class Probes:
 
     def __init__(self, fit_moments: bool):
         self.fit_moments = fit_moments
-        self.sums: dict[Sublayer, torch.Tensor] = {}  # [sum of cosines, tokens, sum |x|^2, |y|^2, both without sink]
+        # per step: its sublayers and their [sum of cosines, tokens, sum |x|^2, |y|^2, both without the sink]
+        self.steps: list[tuple[list[Sublayer], torch.Tensor]] = []
         self.moments: dict[Sublayer, torch.Tensor] = {}
 
-    def record(self, sub: Sublayer, x: torch.Tensor, y: torch.Tensor, first: int) -> None:
-        """Add a sublayer's input ``x`` and output ``y`` (tokens, d); ``first`` = 1 when they start with token 0."""
-        sums = _sums(x, y, first)
-        self.sums[sub] = self.sums[sub] + sums if sub in self.sums else sums
-        if self.fit_moments:
-            m = moments(x[first:], y[first:])
-            self.moments[sub] = self.moments[sub] + m if sub in self.moments else m
+    def add(self, subs: list[Sublayer], stats: torch.Tensor, first: int) -> None:
+        """Add one step's per-token ``stats`` (sublayers, tokens, 3: x.y, |x|^2, |y|^2) of the sublayers ``subs``;
+        ``first`` = 1 when the tokens start with token 0."""
+        dot, sx, sy = stats.float().unbind(-1)
+        cosines = (dot / (sx * sy).sqrt().clamp_min(1e-12)).sum(1)
+        tokens = torch.full_like(cosines, stats.shape[1])
+        no_sink = (sx[:, first:].sum(1), sy[:, first:].sum(1))
+        self.steps.append((subs, torch.stack([cosines, tokens, sx.sum(1), sy.sum(1), *no_sink], 1)))
+
+    def add_moments(self, sub: Sublayer, x: torch.Tensor, y: torch.Tensor, first: int) -> None:
+        m = moments(x[first:], y[first:])
+        self.moments[sub] = self.moments[sub] + m if sub in self.moments else m
 
     def result(self) -> dict[Sublayer, Probe]:
         """The probes, read back to the host in one transfer (on a GPU, the only synchronisation they cost)."""
-        subs = list(self.sums)
-        if not subs:
+        if not self.steps:
             return {}
-        parts = [torch.stack([self.sums[s] for s in subs]).double().flatten()]
-        parts += [self.moments[s] for s in subs if s in self.moments]
-        host = torch.cat(parts).cpu()
-        count = len(subs)
-        values = host[: 6 * count].view(count, 6).tolist()
-        fitted = list(host[6 * count :].view(count, -1)) if self.moments else [None] * count
+        subs = [sub for step, _ in self.steps for sub in step]
+        fitted = list(self.moments)
+        host = torch.cat([torch.cat([t for _, t in self.steps]).double().flatten(), *self.moments.values()]).cpu()
+        totals: dict[Sublayer, list[float]] = {}
+        for sub, values in zip(subs, host[: 6 * len(subs)].view(-1, 6).tolist()):
+            totals[sub] = [a + b for a, b in zip(totals.get(sub, [0.0] * 6), values)]
+        sums = dict(zip(fitted, host[6 * len(subs) :].view(len(fitted), -1))) if fitted else {}
         out = {}
-        for sub, (cosines, tokens, sx, sy, sx_ns, sy_ns), m in zip(subs, values, fitted):
+        for sub, (cosines, tokens, sx, sy, sx_ns, sy_ns) in totals.items():
             scale = (sy / sx) ** 0.5 if sx > 0 else 0.0
-            out[sub] = Probe(cosines / tokens, scale, (sy_ns / sx_ns) ** 0.5 if sx_ns > 0 else scale, moments=m)
+            no_sink = (sy_ns / sx_ns) ** 0.5 if sx_ns > 0 else scale
+            out[sub] = Probe(cosines / tokens, scale, no_sink, moments=sums.get(sub))
         return out
 
 
-def _sums(x: torch.Tensor, y: torch.Tensor, first: int) -> torch.Tensor:
-    """[sum of cosine(x, y) over tokens, tokens, sum |x|^2, sum |y|^2, and the last two from token ``first`` on]
-    of a sublayer with input x and output y, (tokens, d): three reductions per token."""
+def _token_stats(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per token of a sublayer's input ``x`` and output ``y`` (tokens, d): x.y, |x|^2 and |y|^2, (tokens, 3)."""
     x, y = x.float(), y.float()
-    dot = torch.einsum("td,td->t", x, y)
-    nx, ny = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)
-    cosines = (dot / (nx * ny).clamp_min(1e-12)).sum()
-    sx, sy = nx.square(), ny.square()
-    tokens = torch.tensor(float(x.shape[0]), device=x.device)
-    return torch.stack([cosines, tokens, sx.sum(), sy.sum(), sx[first:].sum(), sy[first:].sum()])
+    return torch.stack([torch.einsum("td,td->t", x, y), x.square().sum(-1), y.square().sum(-1)], -1)
 
 
 @dataclass
@@ -173,6 +174,7 @@ def forward_rows(model: PreTrainedModel, rows: Sequence[Row]) -> list[torch.Tens
     for i, layer in enumerate(base.layers):
         hidden = step.sublayer(Sublayer("attn", i), layer, hidden)
         hidden = step.sublayer(Sublayer("ffn", i), layer, hidden)
+    step.add_probes()
     ends = [s.stop for s in step.slices]
     keep = [e - (len(r.ids) if not r.logits_to_keep else min(r.logits_to_keep, len(r.ids))) for r, e in zip(rows, ends)]
     picked = torch.cat([torch.arange(k, e, device=step.device) for k, e in zip(keep, ends)])
@@ -197,6 +199,8 @@ class _Step:
         self.rotary = [(cos[:, s], sin[:, s]) for s in self.slices]
         self.position_ids = [positions[None, s] for s in self.slices]
         self.masks: list[dict[tuple[str, int], Any]] = [{} for _ in rows]
+        self.first = [1 if r.position == 0 else 0 for r in rows]  # whether a row starts with token 0, the sink
+        self.measured: list[tuple[Sublayer, list[int], torch.Tensor]] = []  # probed sublayers, rows, token stats
 
     def sublayer(self, sub: Sublayer, layer: Any, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` after sublayer ``sub``: run for the rows whose plan runs it, compensated for the others."""
@@ -214,12 +218,22 @@ class _Step:
             for k in range(len(self.rows)):
                 if k not in running:
                     out[:, self.slices[k]] = self._skipped(sub, layer, k, hidden[:, self.slices[k]])
-        for k in running:
-            probes = self.rows[k].probes
-            if probes is not None:
+        probed = [k for k in running if self.rows[k].probes is not None]
+        if probed:
+            self.measured.append((sub, probed, _token_stats(hidden[0], out[0])))
+        for k in probed:
+            row = self.rows[k]
+            if row.probes.fit_moments:  # type: ignore[union-attr]
                 s = self.slices[k]
-                probes.record(sub, hidden[0, s], out[0, s], first=1 if self.rows[k].position == 0 else 0)
+                row.probes.add_moments(sub, hidden[0, s], out[0, s], self.first[k])  # type: ignore[union-attr]
         return out
+
+    def add_probes(self) -> None:
+        """Hand every probed row the measures of the sublayers it ran in this step."""
+        for k, row in enumerate(self.rows):
+            ran = [(sub, stats[self.slices[k]]) for sub, rows, stats in self.measured if k in rows]
+            if row.probes is not None and ran:
+                row.probes.add([sub for sub, _ in ran], torch.stack([t for _, t in ran]), self.first[k])
 
     def _skipped(self, sub: Sublayer, layer: Any, k: int, x: torch.Tensor) -> torch.Tensor:
         """Row ``k``'s output of a sublayer its plan skips: the compensation of its input ``x``; its protected
@@ -256,6 +270,12 @@ class _Step:
             qr, kr = rope(q[part].transpose(0, 1)[None], k[part].transpose(0, 1)[None], *self.rotary[r])
             keys, values = row.cache.update(kr, v[part].transpose(0, 1)[None], i)
             mask = self._row_mask(i, n, keys.shape[-2])
+            if mask is False:  # one token seeing every key: its heads that share a KV head are queries of that head
+                heads = keys.shape[1]
+                folded = qr.reshape(1, heads, -1, qr.shape[-1])
+                out = F.scaled_dot_product_attention(folded, keys, values, scale=attn.scaling).view(qr.shape)
+                outs.append(out[0].transpose(0, 1).reshape(n, -1))
+                continue
             out = F.scaled_dot_product_attention(
                 qr,
                 keys,
