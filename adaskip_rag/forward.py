@@ -197,6 +197,7 @@ class _Step:
         dummy = torch.empty(0, device=self.device, dtype=model.dtype)
         cos, sin = model.model.rotary_emb(dummy, position_ids=positions[None])
         self.rotary = [(cos[:, s], sin[:, s]) for s in self.slices]
+        self.packed_rotary = {tuple(range(len(rows))): (cos, sin)}
         self.position_ids = [positions[None, s] for s in self.slices]
         self.masks: list[dict[tuple[str, int], Any]] = [{} for _ in rows]
         self.first = [1 if r.position == 0 else 0 for r in rows]  # whether a row starts with token 0, the sink
@@ -262,17 +263,18 @@ class _Step:
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own rotary
+        q, k = rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], *self._rotary_of(tuple(running)))
+        v = v.transpose(0, 1)[None]  # (1, heads, tokens, head_dim), as q and k now
         outs, start = [], 0
         for r in running:
             row, n = self.rows[r], len(self.rows[r].ids)
             part = slice(start, start + n)
             start += n
-            qr, kr = rope(q[part].transpose(0, 1)[None], k[part].transpose(0, 1)[None], *self.rotary[r])
-            keys, values = row.cache.update(kr, v[part].transpose(0, 1)[None], i)
+            qr = q[:, :, part]
+            keys, values = row.cache.update(k[:, :, part], v[:, :, part], i)
             mask = self._row_mask(i, n, keys.shape[-2])
             if mask is False:  # one token seeing every key: its heads that share a KV head are queries of that head
-                heads = keys.shape[1]
-                folded = qr.reshape(1, heads, -1, qr.shape[-1])
+                folded = qr.reshape(1, keys.shape[1], -1, qr.shape[-1])
                 out = F.scaled_dot_product_attention(folded, keys, values, scale=attn.scaling).view(qr.shape)
                 outs.append(out[0].transpose(0, 1).reshape(n, -1))
                 continue
@@ -287,6 +289,13 @@ class _Step:
             )
             outs.append(out[0].transpose(0, 1).reshape(n, -1))
         return attn.o_proj(torch.cat(outs))[None]
+
+    def _rotary_of(self, running: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embedding (cos, sin) of the tokens of the ``running`` rows, packed in that order."""
+        if running not in self.packed_rotary:
+            parts = [self.rotary[r] for r in running]
+            self.packed_rotary[running] = (torch.cat([c for c, _ in parts], 1), torch.cat([s for _, s in parts], 1))
+        return self.packed_rotary[running]
 
     def _row_mask(self, i: int, q: int, kv: int) -> torch.Tensor | bool:
         """Which of ``kv`` cached keys each of a row's ``q`` new tokens (the last ``q`` of them) may see: all

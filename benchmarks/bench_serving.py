@@ -206,7 +206,7 @@ def main() -> None:
         lambda c: decode_requests(engine, c),
         counts,
     )
-    prefill_interference(engine, [512] if args.quick else [512, 128, 64])
+    prefill_interference(engine, [512] if args.quick else [512, 128, 64, 32, 16])
 
 
 if __name__ == "__main__":
