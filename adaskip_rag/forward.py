@@ -273,20 +273,16 @@ class _Step:
             qr = q[:, :, part]
             keys, values = row.cache.update(k[:, :, part], v[:, :, part], i)
             mask = self._row_mask(i, n, keys.shape[-2])
-            if mask is False:  # one token seeing every key: its heads that share a KV head are queries of that head
-                folded = qr.reshape(1, keys.shape[1], -1, qr.shape[-1])
-                out = F.scaled_dot_product_attention(folded, keys, values, scale=attn.scaling).view(qr.shape)
-                outs.append(out[0].transpose(0, 1).reshape(n, -1))
-                continue
-            out = F.scaled_dot_product_attention(
-                qr,
-                keys,
-                values,
-                attn_mask=None if isinstance(mask, bool) else mask,
-                is_causal=mask is True,
-                scale=attn.scaling,
-                enable_gqa=qr.shape[1] != keys.shape[1],
-            )
+            if mask is True:  # a prompt without a past: the plain causal mask
+                out = F.scaled_dot_product_attention(
+                    qr, keys, values, is_causal=True, scale=attn.scaling, enable_gqa=qr.shape[1] != keys.shape[1]
+                )
+            else:  # the query heads that share a KV head become queries of that head: keys and values are not copied
+                groups = qr.shape[1] // keys.shape[1]
+                folded = qr.reshape(1, keys.shape[1], groups * n, qr.shape[-1])
+                fold_mask = None if mask is False else mask.repeat(1, 1, groups, 1)
+                out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=fold_mask, scale=attn.scaling)
+                out = out.view(qr.shape)
             outs.append(out[0].transpose(0, 1).reshape(n, -1))
         return attn.o_proj(torch.cat(outs))[None]
 
