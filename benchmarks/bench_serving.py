@@ -1,17 +1,19 @@
 """Serving concurrent requests: the engine's batched steps against serving the same requests one by one, in one run.
 
 Default model, fp32. Every request runs in its own thread, as LangChain ``batch`` and concurrent ``ainvoke`` calls
-do. Scenarios, each at 1, 2, 4 and 8 concurrent requests:
+do; served one by one, they run in turn in one thread (off the main thread too, where torch runs slower here).
+Scenarios, each at 1, 2, 4 and 8 concurrent requests:
   rag        ~2k-token RAG prompts (SQuAD v2 dev articles and questions), 64-token answers, the learned plan of
              one collection (the shipped profile's, default policy);
   rag-mixed  the same with the plans of different collections (budgets 0, 4, 8 and 12, round robin);
   decode     short prompts, 128-token answers.
-It prints total throughput (generated tokens/s) concurrent vs one by one, and p50 / p95 time to first token
-(TTFT) and time per output token (TPOT) of the concurrent run. Then: three streams answering while a 2k prompt
+It prints total throughput (generated tokens/s) concurrent vs one by one (with ``--repeats``, medians of the
+alternating runs and of their ratios), and p50 / p95 time to first token (TTFT) and time per output token (TPOT)
+of the concurrent runs. Then: three streams answering while a 2k prompt
 arrives, at several prefill chunk sizes: p95 TPOT of the streams while the prompt is read, against one stream's
 TPOT alone.
 
-    python benchmarks/bench_serving.py [--quick] [--threads 2]
+    python benchmarks/bench_serving.py [--quick] [--repeats 1] [--threads 2]
 """
 
 from __future__ import annotations
@@ -69,16 +71,17 @@ def serve(engine: AdaSkipEngine, requests: list[Request], together: bool) -> tup
         timed[k].marks[0] = time.perf_counter()
         engine.generate(prompt, timed[k], max_new_tokens=tokens, ignore_eos=True)
 
-    start = time.perf_counter()
-    if together:
-        threads = [threading.Thread(target=one, args=(k,)) for k in range(len(requests))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    else:
+    def in_turn() -> None:
         for k in range(len(requests)):
             one(k)
+
+    start = time.perf_counter()  # one by one in one thread: both modes run off the main thread, as a server does
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(requests))] if together else []
+    threads = threads or [threading.Thread(target=in_turn)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     return time.perf_counter() - start, timed
 
 
@@ -113,7 +116,11 @@ def decode_requests(engine: AdaSkipEngine, count: int) -> list[Request]:
     return [([{"role": "user", "content": q}], lambda: StaticSchedule(SkipPlan()), DECODE_ANSWER) for q in questions]
 
 
-def scenario(engine: AdaSkipEngine, name: str, make: Callable[[int], list[Request]], counts: list[int]) -> None:
+def scenario(
+    engine: AdaSkipEngine, name: str, make: Callable[[int], list[Request]], counts: list[int], repeats: int
+) -> None:
+    """Each count served one by one and together, alternating, ``repeats`` times: medians of the throughputs and
+    of the per-repeat ratios; TTFT and TPOT of every concurrent run pooled."""
     print(f"\n{name}")
     print(
         f"  {'N':>2} | {'tok/s 1-by-1':>12} | {'tok/s together':>14} | {'ratio':>6} | {'TTFT p50/p95 s':>15} | "
@@ -122,12 +129,17 @@ def scenario(engine: AdaSkipEngine, name: str, make: Callable[[int], list[Reques
     for count in counts:
         requests = make(count)
         tokens = sum(t for _, _, t in requests)
-        alone, _ = serve(engine, requests, together=False)
-        together, timed = serve(engine, requests, together=True)
-        ttft = [t.ttft() for t in timed]
-        tpot = [g * 1000 for t in timed for g in t.gaps()]
+        alone, together, ttft, tpot = [], [], [], []
+        for _ in range(repeats):
+            alone.append(serve(engine, requests, together=False)[0])
+            seconds, timed = serve(engine, requests, together=True)
+            together.append(seconds)
+            ttft += [t.ttft() for t in timed]
+            tpot += [g * 1000 for t in timed for g in t.gaps()]
+        ratio = statistics.median(a / t for a, t in zip(alone, together))
+        serial, concurrent = tokens / statistics.median(alone), tokens / statistics.median(together)
         print(
-            f"  {count:>2} | {tokens / alone:>12.1f} | {tokens / together:>14.1f} | {alone / together:>5.2f}x | "
+            f"  {count:>2} | {serial:>12.1f} | {concurrent:>14.1f} | {ratio:>5.2f}x | "
             f"{p(ttft, 50):>7.2f}/{p(ttft, 95):<7.2f} | {p(tpot, 50):>7.1f}/{p(tpot, 95):<8.1f}"
         )
         sys.stdout.flush()
@@ -180,6 +192,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="N = 1 and 4 only, one chunk size")
+    parser.add_argument("--repeats", type=int, default=1, help="serial / concurrent runs per N (medians)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     counts = [1, 4] if args.quick else [1, 2, 4, 8]
@@ -193,18 +206,21 @@ def main() -> None:
         f"rag: ~{RAG_TOKENS}-token prompts, {RAG_ANSWER}-token answers, one collection's learned plan (budget 8)",
         lambda c: rag_requests(engine, c, [8]),
         counts,
+        args.repeats,
     )
     scenario(
         engine,
         "rag-mixed: the same, plans of budgets 0, 4, 8, 12 (different collections)",
         lambda c: rag_requests(engine, c, [8, 0, 12, 4]),
         counts,
+        args.repeats,
     )
     scenario(
         engine,
         f"decode: short prompts, {DECODE_ANSWER}-token answers, no skipping",
         lambda c: decode_requests(engine, c),
         counts,
+        args.repeats,
     )
     prefill_interference(engine, [512] if args.quick else [512, 128, 64, 32, 16])
 
