@@ -168,7 +168,7 @@ class AdaSkipEngine:
     ) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
         """:func:`~adaskip_rag.forward.skip_forward` of one sequence's ``input_ids`` (1, q), run in a step together
         with the other requests' (``scheduler.py``); ``ticket``: the request's admission (None: this call's own)."""
-        probes = Probes(fit_moments=phase == "prefill" and plan.is_empty) if probe else None
+        probes = Probes.of(plan, phase) if probe else None
         ids = input_ids.reshape(-1)
         with contextlib.nullcontext(ticket) if ticket else self.scheduler.admitted(len(ids)) as admitted:
             logits = self.scheduler.forward(admitted, ids, position, cache, plan, phase, probes, logits_to_keep)

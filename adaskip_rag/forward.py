@@ -83,6 +83,11 @@ class Probes:
         self.steps: list[tuple[list[Sublayer], torch.Tensor]] = []
         self.moments: dict[Sublayer, torch.Tensor] = {}
 
+    @classmethod
+    def of(cls, plan: SkipPlan, phase: Phase) -> Probes:
+        """The probes of a forward under ``plan`` in ``phase``: moments only in a prefill with the full model."""
+        return cls(fit_moments=phase == "prefill" and plan.is_empty)
+
     def add(self, subs: list[Sublayer], stats: torch.Tensor, first: int) -> None:
         """Add one step's per-token ``stats`` (sublayers, tokens, 3: x.y, |x|^2, |y|^2) of the sublayers ``subs``;
         ``first`` = 1 when the tokens start with token 0."""
@@ -159,7 +164,7 @@ def skip_forward(
     moments in a prefill with the full model). ``cache`` is updated in place; see :class:`Row`."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"skip_forward runs one sequence, input_ids of shape (1, q); got {tuple(input_ids.shape)}")
-    probes = Probes(fit_moments=phase == "prefill" and plan.is_empty) if probe else None
+    probes = Probes.of(plan, phase) if probe else None
     (logits,) = forward_rows(model, [Row(input_ids[0], position, cache, plan, phase, probes, logits_to_keep)])
     return logits[None], probes.result() if probes else None
 
@@ -262,8 +267,7 @@ class _Step:
         q, k, v = attn.q_proj(normed).view(shape), attn.k_proj(normed).view(shape), attn.v_proj(normed).view(shape)
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own rotary
-        q, k = rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], *self._rotary_of(tuple(running)))
+        q, k = _rope(attn)(q.transpose(0, 1)[None], k.transpose(0, 1)[None], *self._rotary_of(tuple(running)))
         v = v.transpose(0, 1)[None]  # (1, heads, tokens, head_dim), as q and k now
         outs, start = [], 0
         for r in running:
@@ -339,6 +343,11 @@ def _ffn(layer: Any, x: torch.Tensor) -> torch.Tensor:
     return layer.mlp(layer.post_attention_layernorm(x))
 
 
+def _rope(attn: Any) -> Any:
+    """The model's own ``apply_rotary_pos_emb``, from the module of its attention class."""
+    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+
 def _cache_keys_values(
     layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], cache: DynamicCache, index: int
 ) -> None:
@@ -351,9 +360,8 @@ def _cache_keys_values(
     if getattr(attn, "k_norm", None) is not None:
         keys = attn.k_norm(keys)
     keys, values = keys.transpose(1, 2), attn.v_proj(normed).view(shape).transpose(1, 2)
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own rotary
     cos, sin = rotary
-    _, keys = rope(keys[:, :0], keys, cos, sin)  # an empty query: only the keys are rotated
+    _, keys = _rope(attn)(keys[:, :0], keys, cos, sin)  # an empty query: only the keys are rotated
     cache.update(keys, values, index)
 
 

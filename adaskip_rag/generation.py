@@ -233,8 +233,9 @@ def teacher_forced(
     schedule = StaticSchedule(plan) if isinstance(plan, SkipPlan) else plan
     prefill_plan, _ = _checked(engine, schedule.prefill())
     tail = engine.prompts.protected_tail(prefill_plan, len(prompt_ids), messages)
-    cache = new_cache(engine.model, len(prompt_ids) + len(answer_ids))
-    with engine.scheduler.admitted(len(prompt_ids) + len(answer_ids)) as ticket:
+    tokens = len(prompt_ids) + len(answer_ids)
+    cache = new_cache(engine.model, tokens)
+    with engine.scheduler.admitted(tokens) as ticket:
         start = time.perf_counter()
         first, _ = prefill(engine, torch.tensor([list(prompt_ids)]), cache, prefill_plan, tail, ticket=ticket)
         prefill_seconds = time.perf_counter() - start

@@ -74,9 +74,9 @@ def test_chunked_prefill_gives_the_logits_and_probes_of_one_chunk(arch):
     model = tiny_model(arch)
     ids = ids_of(40, 7)
     for plan in (SkipPlan(), *plans(model.config.hidden_size)[:3]):
-        whole_probes = Probes(fit_moments=plan.is_empty)
+        whole_probes = Probes.of(plan, "prefill")
         (whole,) = forward_rows(model, [Row(ids, 0, new_cache(model), plan, "prefill", whole_probes, 0)])
-        cache, probes, parts = new_cache(model), Probes(fit_moments=plan.is_empty), []
+        cache, probes, parts = new_cache(model), Probes.of(plan, "prefill"), []
         for start in range(0, 40, 9):  # chunks of 9 (the last of 4), as the scheduler feeds a prompt
             row = Row(ids[start : start + 9], start, cache, plan, "prefill", probes, 0)
             parts.extend(forward_rows(model, [row]))

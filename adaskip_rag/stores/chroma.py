@@ -64,7 +64,7 @@ class ChromaProfileStore(ProfileStore):
         self.host, self.port, self.ssl, self.headers = host, port, ssl, headers
         self.profiles_collection = profiles_collection
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.cache_seconds, self.retry_seconds, self.max_pending = cache_seconds, retry_seconds, max_pending
+        self.cache_seconds, self.max_pending = cache_seconds, max_pending
         self._client, self._records = client, None
         self._own: dict[tuple[str, str], tuple[float, Profile]] = {}  # this replica's totals and update times
         self._pending: OrderedDict[tuple[str, str], None] = OrderedDict()  # own totals not yet on the server
@@ -73,6 +73,14 @@ class ChromaProfileStore(ProfileStore):
         self._link = _Link(f"{host}:{port}", retry_seconds)
         self._lock = threading.RLock()
         self._warned: set[tuple[str, str]] = set()
+
+    @property
+    def retry_seconds(self) -> float:  # kept by the link, which uses it
+        return self._link.retry_seconds
+
+    @retry_seconds.setter
+    def retry_seconds(self, seconds: float) -> None:
+        self._link.retry_seconds = seconds
 
     @property
     def degraded(self) -> bool:
@@ -193,9 +201,10 @@ class ChromaProfileStore(ProfileStore):
         if self._link.waiting():
             return cached[1] if cached else {}
         try:
-            found = self._remote().get(where={"model": model} if model else None, include=["documents", "metadatas"])
+            remote = self._remote()
+            found = remote.get(where={"model": model} if model else None, include=["documents", "metadatas"])
             records = [
-                (meta, _parse_record(self._remote(), self.replica, i, doc, meta, self._warned))
+                (meta, _parse_record(remote, self.replica, i, doc, meta, self._warned))
                 for i, doc, meta in zip(found["ids"], found["documents"], found["metadatas"])
             ]
         except _UNREACHABLE as exc:
