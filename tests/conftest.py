@@ -88,9 +88,10 @@ def steps_around_a_cancel(engine: AdaSkipEngine, monkeypatch, call) -> tuple[int
     return len(steps), len([t for t in steps if t > cancelled_at])
 
 
-def tiny_model(arch: str = "llama", seed: int = 0):
+def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random tiny model of ``arch``; exactness tests take it in float64, so their tolerances hold on any CPU."""
     torch.manual_seed(seed)
-    model = ARCHS[arch]().eval()
+    model = ARCHS[arch]().eval().to(dtype)
     # random weights give near-uniform logits; sharpen them so greedy choices are stable, not ties
     with torch.no_grad():
         model.lm_head.weight.mul_(40.0)
