@@ -184,12 +184,13 @@ class AdaSkipEngine:
     ) -> GenerationResult:
         """Generate a completion. ``prompt``: text, chat messages or token ids.
 
-        Keyword arguments: ``max_new_tokens`` (256), ``temperature`` (0 = greedy), ``top_p``, ``top_k``,
-        ``repetition_penalty``, ``seed``, ``stop`` (strings; never part of the returned text), ``stop_token_ids``
-        (added to the model's EOS), ``ignore_eos`` (do not stop at the model's EOS), ``probe`` (measure every
-        executed sublayer), ``truncation`` ('error' or 'left': keep the last tokens of a prompt that does not fit
-        the context window), ``teacher_forced_ids`` (also score these tokens under the plan, from the same
-        prefill: ``result.teacher_forced_logits`` as :meth:`teacher_forced` gives them).
+        Keyword arguments: ``max_new_tokens`` (256), ``temperature`` (0 = greedy, as is anything below 1e-3),
+        ``top_p``, ``top_k``, ``repetition_penalty`` (in [0.01, 100]), ``seed``, ``stop`` (strings; never part of
+        the returned text), ``stop_token_ids`` (added to the model's EOS), ``ignore_eos`` (do not stop at the
+        model's EOS), ``probe`` (measure every executed sublayer), ``truncation`` ('error' or 'left': keep the
+        last tokens of a prompt that does not fit the context window), ``teacher_forced_ids`` (also score these
+        tokens under the plan, from the same prefill: ``result.teacher_forced_logits`` as :meth:`teacher_forced`
+        gives them).
 
         Constrained decoding (xgrammar): ``json_schema`` (a dict, JSON text or pydantic model class) makes the
         answer a JSON text that schema accepts; ``tools`` (OpenAI function format, rendered by the chat template)

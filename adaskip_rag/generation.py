@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .constrained import TOOL_CALL_OPEN, parse_tool_calls
+from .constrained import TOOL_CALL_OPEN, Constraint, parse_tool_calls
 from .costs import CostModel
 from .forward import new_cache
 from .requests import Request, sampler
@@ -115,19 +115,30 @@ class Emitter:
 
 def generate_steps(engine: AdaSkipEngine, req: Request) -> Iterator[str | GenerationResult]:
     """Run ``req``: one item per decode step (the new text, "" if none) and finally the GenerationResult. The
-    request is admitted to the engine's batched steps first, and leaves them when it ends, fails or is closed."""
+    request is admitted to the engine's batched steps first, and leaves them when it ends, fails or is closed:
+    the result comes after its place is freed, so whatever follows (learning) never holds a place."""
     n = len(req.input_ids)
     max_new = min(req.max_new_tokens, engine.context_window - n)
+    result = None
+    # the grammar compiles before admission: a request compiling holds no place in the batched steps
+    constraint = None if req.grammar is None else engine.grammars.constraint(req.grammar, max_new, req.closes)
     with engine.scheduler.admitted(n + max_new) as ticket:
-        yield from _generate(engine, req, max_new, ticket)
+        for item in _generate(engine, req, max_new, ticket, constraint):
+            if isinstance(item, GenerationResult):
+                result = item
+            else:
+                yield item
+    assert result is not None
+    yield result
 
 
-def _generate(engine: AdaSkipEngine, req: Request, max_new: int, ticket: Ticket) -> Iterator[str | GenerationResult]:
+def _generate(
+    engine: AdaSkipEngine, req: Request, max_new: int, ticket: Ticket, constraint: Constraint | None
+) -> Iterator[str | GenerationResult]:
     n = len(req.input_ids)
     ids = torch.zeros(1, n + max_new, dtype=torch.long, device=engine.device)  # prompt, then generated tokens
     ids[0, :n] = torch.tensor(req.input_ids)
     cache = new_cache(engine.model, n + max_new)
-    constraint = None if req.grammar is None else engine.grammars.constraint(req.grammar, max_new, req.closes)
     choose = sampler(req, engine.device, constraint)
     record, emitter = PlanRecord(engine.costs, n), Emitter(engine.tokenizer, req.stop, req.tools)
     token, prefill_probes, forced, prefill_seconds = _prefill_phase(engine, req, ids, cache, choose, record, ticket)

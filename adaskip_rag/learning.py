@@ -10,6 +10,10 @@ Every request of a collection is one of:
   prefill; the current plan is then timed and scored against the full answer (teacher-forced top-1
   agreement), which gives a measured speedup and drives the quality guard (at budget 0 it scores the plan
   one guard step up instead).
+
+Every store call has a bounded time (``stores/bounded.py``): while the store fails or does not answer, requests
+are planned from the shipped default profile (else run in full) and answered without learning
+(``SkipStats.store_error`` says why), and learning resumes once the store answers again.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .policies import AdaSkipPolicy, OnlineSchedule, budget_count
 from .profiles import Profile, check_collection, parse_profile
 from .skipping import PlanSchedule, SkipPlan
 from .stats import SkipStats
+from .stores.bounded import BoundedCalls, StoreUnavailable
 
 if TYPE_CHECKING:
     from .stores import ProfileStore
@@ -74,6 +79,7 @@ class Decision:
     budget_reason: str
     policy: AdaSkipPolicy
     state: dict  # the collection's profile state when the request started
+    store_error: str | None = None  # the store failed when the request started: it does not learn
 
 
 def _skip_set(plan: SkipPlan) -> list[str]:
@@ -98,6 +104,7 @@ class Learner:
     ):
         self.model_id, self.num_layers, self.costs = model_id, num_layers, costs
         self.store, self.policy = store, policy
+        self.calls = BoundedCalls(type(store).__name__, store.timeout, store.retry_seconds)
         self.policies = dict(policies or {})
         for p in (policy, *self.policies.values()):
             budget_count(p.budget, num_layers)  # a budget this model cannot meet fails here, not per request
@@ -130,7 +137,14 @@ class Learner:
     def decide(self, collection: str, n: int) -> Decision:
         check_collection(collection)
         policy = self.policy_for(collection)
-        own = self._usable(self.store.get(self.model_id, collection))
+        try:
+            own = self._usable(self.calls(self.store.get, self.model_id, collection))
+            profile, source = self._profile(own, policy.warmup)
+            store_error = None
+        except StoreUnavailable as exc:
+            own, store_error = None, str(exc)
+            warm = self.default_profile is not None and self.default_profile.queries >= policy.warmup
+            profile, source = (self.default_profile, "default") if warm else (None, "none")
         state = own.state if own else {}
         seen = own.queries if own else 0
         max_budget = budget_count(policy.budget, self.num_layers)
@@ -141,7 +155,6 @@ class Learner:
             budget = min(guard.get("budget", max_budget), max_budget)
             reason = guard.get("reason", f"quality guard: starting at the maximum budget {budget}")
 
-        profile, source = self._profile(own, policy.warmup)
         full = OnlineSchedule(SkipPlan(), beta=math.inf, window=0)  # the full model, prefill probed
         scored = budget
         if profile is None:
@@ -156,14 +169,16 @@ class Learner:
         else:
             mode, schedule = "skip", policy.schedule(profile, n, self.costs, budget)
             plan = schedule.plan
-        return Decision(collection, mode, schedule, plan, source, seen, budget, scored, reason, policy, state)
+        return Decision(
+            collection, mode, schedule, plan, source, seen, budget, scored, reason, policy, state, store_error
+        )
 
     def _profile(self, own: Profile | None, warmup: int) -> tuple[Profile | None, str]:
         """The profile to plan from: the collection's own once warmed up, else the cold-start fallbacks."""
         warm = lambda p: p is not None and p.queries >= warmup  # noqa: E731
         if warm(own):
             return own, "collection"
-        merged_all = self.store.global_profile(self.model_id, self._usable)
+        merged_all = self.calls(self.store.global_profile, self.model_id, self._usable)
         if warm(merged_all):
             return merged_all, "global"
         if warm(self.default_profile):
@@ -177,7 +192,7 @@ class Learner:
         full model's answer: ``rescore(plan)`` gives the plan's teacher-forced logits over that answer and its
         prefill seconds, hence the top-1 agreement and the measured speedup."""
         fidelity = skip_seconds = None
-        if decision.mode == "refresh" and not decision.plan.is_empty:
+        if decision.mode == "refresh" and not decision.plan.is_empty and decision.store_error is None:
             logits, skip_seconds = rescore(decision.plan)
             answer = torch.tensor(result.token_ids, device=logits.device)
             fidelity = (logits.argmax(-1) == answer).float().mean().item()
@@ -191,7 +206,8 @@ class Learner:
         fidelity: float | None = None,
         skip_prefill_seconds: float | None = None,
     ) -> Profile:
-        """Add this request's probes to the collection's profile and fill the learning fields of ``stats``."""
+        """Add this request's probes to the collection's profile (unless the store failed) and fill the learning
+        fields of ``stats``."""
         delta = Profile.from_probes(
             self.model_id, decision.collection, self.num_layers, probes or {}, stats.prompt_tokens
         )
@@ -210,7 +226,12 @@ class Learner:
             if decision.policy.quality_target is not None and fidelity is not None:
                 delta.state["guard"] = self._guard(decision.policy, decision.budget, decision.scored_budget, fidelity)
                 reason = delta.state["guard"]["reason"]
-        self.store.add(delta)
+        stats.store_error = decision.store_error
+        if stats.store_error is None:
+            try:
+                self.calls(self.store.add, delta)
+            except StoreUnavailable as exc:
+                stats.store_error = str(exc)
 
         previous = decision.state.get("skip_set")
         stats.collection = decision.collection

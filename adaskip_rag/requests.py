@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from .prompts import Prompt
 
 Sampler = Callable[[torch.Tensor, torch.Tensor], int]
+GREEDY_BELOW = 1e-3  # a temperature below this is greedy (sampling there is greedy in effect, and overflows)
+REPETITION_PENALTY = (1e-2, 1e2)  # the range of repetition_penalty (outside it the logits overflow)
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def build_request(
         input_ids=ids,
         schedule=schedule,
         max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
+        temperature=float(temperature) if temperature >= GREEDY_BELOW else 0.0,
         top_p=float(top_p),
         top_k=top_k,
         repetition_penalty=float(repetition_penalty),
@@ -126,7 +128,8 @@ def _check_sampling(
     check_real("temperature", temperature, lambda t: t >= 0, "a finite number >= 0")
     check_real("top_p", top_p, lambda p: 0 < p <= 1, "a number in (0, 1]")
     check_int("top_k", top_k, 0)
-    check_real("repetition_penalty", repetition_penalty, lambda r: r > 0, "a finite number > 0")
+    low, high = REPETITION_PENALTY
+    check_real("repetition_penalty", repetition_penalty, lambda r: low <= r <= high, f"a number in [{low}, {high}]")
     if seed is not None:
         check_int("seed", seed, 0, 2**64 - 1)
 

@@ -7,7 +7,9 @@ blocks until a step has run it. A waiting thread runs the next step for everyone
 waiting), so there is no background thread. A step starts once every admitted request has submitted its next
 forward, or the oldest has waited ``batch_wait`` seconds since the last step (a request busy elsewhere, e.g.
 behind a slow consumer, holds the others up no longer). While requests are answering, prompts are fed
-``prefill_chunk`` tokens per step, so a long prompt arriving does not stall the streams already under way.
+``prefill_chunk`` tokens per step, so a long prompt arriving does not stall the streams already under way. A
+request that submits no forward for ``idle_timeout`` seconds (a stream nobody reads) loses its place to the
+requests waiting for one; its next forward raises :class:`StreamIdle`.
 """
 
 from __future__ import annotations
@@ -29,15 +31,21 @@ from .skipping import SkipPlan
 Runner = Callable[[Sequence[Row]], list[torch.Tensor]]
 
 
+class StreamIdle(RuntimeError):
+    """A request lost its place after submitting no forward for ``ServingLimits.idle_timeout`` seconds."""
+
+
 @dataclass(eq=False)
 class Ticket:
-    """One admitted request: the tokens it reserved, how long it waited to be admitted, and the number of rows of
-    every step it ran in."""
+    """One admitted request: the tokens it reserved, how long it waited to be admitted, the number of rows of
+    every step it ran in, and when it last had a forward run (``evicted``: it was idle too long)."""
 
     tokens: int
     waited: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
     job: _Job | None = None
+    active: float = field(default_factory=time.monotonic)
+    evicted: bool = False
 
 
 @dataclass(eq=False)
@@ -81,13 +89,16 @@ class ServingLimits:
     (prompt + answer limit) the admitted requests may hold together; None: no limit beyond ``max_batch_size`` (a
     request alone is always admitted). Requests beyond the limits wait in arrival order. ``prefill_chunk``: prompt
     tokens fed per step while other requests are answering. ``batch_wait``: longest a submitted forward waits for
-    the other admitted requests' forwards, in seconds.
+    the other admitted requests' forwards, in seconds. ``idle_timeout``: seconds an admitted request may go without
+    submitting a forward (a stream nobody reads) before it loses its place to requests waiting for one; reading
+    it afterwards raises :class:`StreamIdle`. None: never.
     """
 
     max_batch_size: int = 8
     max_tokens_in_flight: int | None = None
     prefill_chunk: int = 512
     batch_wait: float = 0.01
+    idle_timeout: float | None = 30.0
 
     def __post_init__(self) -> None:
         check_int("max_batch_size", self.max_batch_size, 1)
@@ -95,6 +106,8 @@ class ServingLimits:
             check_int("max_tokens_in_flight", self.max_tokens_in_flight, 1)
         check_int("prefill_chunk", self.prefill_chunk, 1)
         check_real("batch_wait", self.batch_wait, lambda w: 0 <= w <= 1, "a number of seconds in [0, 1]")
+        if self.idle_timeout is not None:
+            check_real("idle_timeout", self.idle_timeout, lambda t: t > 0, "a number of seconds > 0, or None")
 
 
 class Scheduler:
@@ -120,7 +133,7 @@ class Scheduler:
         with self._cond:
             self._queue.append(ticket)
             while self._queue[0] is not ticket or not self._fits(ticket):
-                self._cond.wait()
+                self._cond.wait(self._evict_idle())
             self._queue.popleft()
             self._active.add(ticket)
             self._cond.notify_all()  # the next in line may fit too
@@ -131,6 +144,22 @@ class Scheduler:
             with self._cond:
                 self._active.discard(ticket)
                 self._cond.notify_all()
+
+    def _evict_idle(self) -> float | None:
+        """Free the places of admitted requests idle for ``idle_timeout`` (called holding the lock); how long until
+        the next one could be (None: no limit)."""
+        limit = self.limits.idle_timeout
+        if limit is None:
+            return None
+        now, soonest = time.monotonic(), limit
+        for t in [t for t in self._active if t.job is None]:
+            if now - t.active >= limit:
+                t.evicted = True
+                self._active.discard(t)
+                self._cond.notify_all()
+            else:
+                soonest = min(soonest, limit - (now - t.active))
+        return soonest + 1e-3
 
     def _fits(self, ticket: Ticket) -> bool:
         if not self._active:
@@ -154,6 +183,11 @@ class Scheduler:
         logits of its last ``logits_to_keep`` tokens (0 = all), (keep, vocab)."""
         job, me = _Job(ticket, ids, position, cache, plan, phase, probes, logits_to_keep), threading.get_ident()
         with self._cond:
+            if ticket.evicted:
+                raise StreamIdle(
+                    f"this request was not read for {self.limits.idle_timeout} s (ServingLimits.idle_timeout) and "
+                    "lost its place to waiting requests: start it again"
+                )
             self._pending.append(job)
             ticket.job = job
             self._waiting.add(me)
@@ -167,7 +201,7 @@ class Scheduler:
                         self._cond.wait(self._patience())
             finally:
                 self._waiting.discard(me)
-            ticket.job = None
+            ticket.job, ticket.active = None, time.monotonic()
         if job.error is not None:
             raise job.error
         return torch.cat(job.logits)
@@ -176,6 +210,7 @@ class Scheduler:
         """Whether to start a step now: every admitted request has a forward waiting, or the oldest waited enough."""
         if not self._pending:
             return False
+        self._evict_idle()  # an unread stream would hold every step up by batch_wait
         if all(t.job is not None and not t.job.done for t in self._active):
             return True
         return time.monotonic() - self._waited_from() >= self.limits.batch_wait

@@ -42,6 +42,7 @@ class SkipStats:
     budget_reason: str | None = None
     skip_set_changed: bool = False
     fidelity: float | None = None  # teacher-forced top-1 agreement of the plan with the full answer (refresh)
+    store_error: str | None = None  # the profile store failed or did not answer: this request did not learn
     max_new_tokens: int | None = None  # the answer's token limit: the request's, or less where the window ends
     skipped_every_sublayer: bool = False  # prefill ran no sublayer; its estimated speedup is unbounded (None)
     waited_seconds: float = 0.0  # before the engine admitted the request (its serving limits were full)

@@ -11,7 +11,14 @@ from ..profiles import Profile, check_collection, load_json, merged
 
 
 class ProfileStore(ABC):
-    """Where profiles live. ``add`` must be atomic: concurrent adders never lose an update."""
+    """Where profiles live. ``add`` must be atomic: concurrent adders never lose an update.
+
+    The learner gives every call ``timeout`` seconds; a call that fails or runs late leaves the requests of that
+    time answered without learning, and the store is tried again every ``retry_seconds`` (see ``bounded.py``).
+    """
+
+    timeout: float = 2.0
+    retry_seconds: float = 1.0
 
     @abstractmethod
     def get(self, model: str, collection: str) -> Profile | None: ...

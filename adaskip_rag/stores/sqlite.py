@@ -15,7 +15,9 @@ from .base import ProfileStore
 
 
 class SQLiteProfileStore(ProfileStore):
-    """Profiles in one SQLite file (WAL). Each :meth:`add` is one ``BEGIN IMMEDIATE`` transaction.
+    """Profiles in one SQLite file (WAL). Each :meth:`add` is one ``BEGIN IMMEDIATE`` transaction; a call waits at
+    most ``timeout`` seconds for another connection's lock (then ``sqlite3.OperationalError``). A file removed while
+    serving is created anew (with a warning) by the next call.
 
     A row that does not validate is never used: the first read that meets it warns once, naming the collection
     and the field, and moves it to the ``corrupt_profiles`` table (kept for inspection); the collection starts
@@ -23,9 +25,12 @@ class SQLiteProfileStore(ProfileStore):
     with a warning and a fresh store is created: profiles are relearned, serving goes on.
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, *, timeout: float = ProfileStore.timeout):
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        self.path, self.timeout = Path(path), float(timeout)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._made = False  # whether a file this store made has been seen (a later missing file was removed)
         try:
             self._create()
         except sqlite3.DatabaseError as exc:
@@ -39,24 +44,31 @@ class SQLiteProfileStore(ProfileStore):
                 stacklevel=2,
             )
             self._create()
+        self._made = True
 
     def _create(self) -> None:
         with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS profiles (model TEXT, collection TEXT, data TEXT NOT NULL, "
-                "updated REAL NOT NULL, PRIMARY KEY (model, collection))"
-            )
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS corrupt_profiles (model TEXT, collection TEXT, data TEXT, moved REAL)"
-            )
-            db.execute("SELECT count(*) FROM profiles").fetchone()
+            self._tables(db)
+
+    @staticmethod
+    def _tables(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS profiles (model TEXT, collection TEXT, data TEXT NOT NULL, "
+            "updated REAL NOT NULL, PRIMARY KEY (model, collection))"
+        )
+        db.execute("CREATE TABLE IF NOT EXISTS corrupt_profiles (model TEXT, collection TEXT, data TEXT, moved REAL)")
+        db.execute("SELECT count(*) FROM profiles").fetchone()
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)  # autocommit; add() opens its own
+        gone = not self.path.exists()
+        db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)  # autocommit; add() opens its own
         try:
-            db.execute("PRAGMA busy_timeout=60000")
+            db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+            if gone and self._made:
+                warnings.warn(f"profile store {self.path} was removed: starting a new one", stacklevel=4)
+                self._tables(db)
             yield db
         finally:
             db.close()
