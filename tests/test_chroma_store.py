@@ -2,8 +2,10 @@
 
 import json
 import logging
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 chromadb = pytest.importorskip("chromadb")
 
 from conftest import ChromaServer  # noqa: E402
-from replica_worker import replica_engine, skip_set  # noqa: E402
+from replica_worker import CACHE_SECONDS, replica_engine, skip_set  # noqa: E402
 from test_history import delta  # noqa: E402
 
 from adaskip_rag.stores import SQLiteProfileStore, open_store  # noqa: E402
@@ -106,6 +108,27 @@ def test_requests_survive_an_outage_and_buffered_updates_arrive(server, caplog):
     assert engine.learner.store.flush()
     assert not engine.learner.store.degraded
     assert store(server, "observer").get(engine.fingerprint, "shared").queries == 36  # nothing lost
+
+
+def test_a_server_that_stops_answering_costs_one_timeout_and_learning_resumes(server):
+    engine = replica_engine(server.port, "r1")
+    engine.learner.calls.timeout = 1.0
+    ask = lambda i: engine.generate(f"request {i}: what is {i} plus {i}?", collection="shared", max_new_tokens=2)  # noqa: E731
+    for i in range(3):
+        ask(i)
+    server.process.send_signal(signal.SIGSTOP)  # the server stops answering; its connections stay open
+    try:
+        time.sleep(CACHE_SECONDS + 0.1)  # the cached read has expired: the next one goes to the server
+        start = time.monotonic()
+        during = [ask(10 + i).stats for i in range(4)]
+        assert time.monotonic() - start < 1.0 + 4  # one call waited for the timeout, the others not at all
+        assert all(s.store_error for s in during)
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while (after := ask(20).stats).store_error and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert after.store_error is None  # answering again: learning resumes
 
 
 def test_a_replica_that_starts_while_the_server_is_down_runs_in_full(tmp_path, caplog):
