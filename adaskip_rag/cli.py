@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -71,9 +72,10 @@ def build_default_profile(engine: AdaSkipEngine, questions: int, out: Path) -> P
         )
         for document, question in squad_questions(questions):
             engine.generate(rag_messages(document, question), collection=DEFAULT_PROFILE_CORPUS, max_new_tokens=16)
-        profile = engine.learner.store.get(engine.fingerprint, DEFAULT_PROFILE_CORPUS)
-    assert profile is not None  # the requests above were recorded
-    profile.state = {}
+        own = engine.learner.store.get(engine.fingerprint, DEFAULT_PROFILE_CORPUS)
+        model = engine.learner.store.global_profile(engine.fingerprint)  # the same requests, with the moments
+    assert own is not None and model is not None  # the requests above were recorded
+    profile = dataclasses.replace(model, collection=own.collection)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
     return profile

@@ -18,6 +18,7 @@ are planned from the shipped default profile (else run in full) and answered wit
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import math
 import os
@@ -174,13 +175,16 @@ class Learner:
         )
 
     def _profile(self, own: Profile | None, warmup: int) -> tuple[Profile | None, str]:
-        """The profile to plan from: the collection's own once warmed up, else the cold-start fallbacks."""
+        """The profile to plan from: the collection's own once warmed up (with the model's compensation moments,
+        which the global profile keeps), else the cold-start fallbacks."""
         warm = lambda p: p is not None and p.queries >= warmup  # noqa: E731
+        model = self._usable(self.calls(self.store.global_profile, self.model_id))
         if warm(own):
-            return own, "collection"
-        merged_all = self.calls(self.store.global_profile, self.model_id, self._usable)
-        if warm(merged_all):
-            return merged_all, "global"
+            assert own is not None
+            moments = model.moments if model is not None and model.moments is not None else own.moments
+            return dataclasses.replace(own, moments=moments), "collection"
+        if warm(model):
+            return model, "global"
         if warm(self.default_profile):
             return self.default_profile, "default"
         return None, "none"

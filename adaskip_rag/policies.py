@@ -159,18 +159,20 @@ class AdaSkipPolicy:
             return SkipPlan()  # the whole prompt is protected
         scales = profile.mean("scale_no_sink" if self.robust_scale else "scale")
         has_moments = profile.moments is not None and profile.moments.shape[-1] == moments_width(costs.hidden)
-        compensations: dict[Sublayer, Compensation] = {
-            sub: fit(profile.sublayer_moments(sub), self.compensation, s) if has_moments else s  # type: ignore[arg-type]
-            for sub, s in scales.items()
-        }
+        compensation = lambda sub: (  # noqa: E731
+            fit(profile.sublayer_moments(sub), self.compensation, scales[sub]) if has_moments else scales[sub]  # type: ignore[arg-type]
+        )
         if self.rank_by == "error" and has_moments:
+            fitted = {sub: compensation(sub) for sub in scales}
             score = {
                 sub: 1.0 - residual_error(profile.sublayer_moments(sub), c)  # type: ignore[arg-type]
-                for sub, c in compensations.items()
+                for sub, c in fitted.items()
             }
         else:
             score = profile.mean("similarity")
-        plan = top_k_plan(score, compensations, budget, costs if self.cost_aware else None, n)
+        ranking = costs if self.cost_aware else None
+        chosen = rank(score, ranking, n)[:budget]  # only the chosen sublayers are fitted
+        plan = top_k_plan(score, {sub: compensation(sub) for sub in chosen}, budget, ranking, n)
         if self.keep_kv:
             plan = SkipPlan(prefill_attn=plan.attn, ffn=plan.ffn)
         return dataclasses.replace(plan, tail=self.tail, head=self.head) if not plan.is_empty else plan

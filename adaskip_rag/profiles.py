@@ -9,6 +9,7 @@ and order-free. Where profiles are kept is ``stores/``.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import re
@@ -26,6 +27,7 @@ FORMAT = 1
 KINDS = ("attn", "ffn")
 METRICS = ("similarity", "scale", "scale_no_sink")
 MAX_COLLECTION_KEY = 256
+GLOBAL = "*"  # the collection key of a model's global profile: every collection's sums, and the moments
 
 
 def check_collection(key: str) -> str:
@@ -33,6 +35,8 @@ def check_collection(key: str) -> str:
         raise ValueError(f"collection key must be a non-empty string, got {key!r}")
     if len(key) > MAX_COLLECTION_KEY:
         raise ValueError(f"collection key is {len(key)} characters long; the limit is {MAX_COLLECTION_KEY}")
+    if key == GLOBAL:
+        raise ValueError(f"collection key {GLOBAL!r} is reserved for the model's global profile")
     return key
 
 
@@ -95,6 +99,12 @@ class Profile:
             state={**self.state, **other.state},
             moments=_add(self.moments, other.moments),
         )
+
+    def split(self) -> tuple[Profile, Profile]:
+        """This profile as stored: its collection's part without the moments (a few KB), and its part of the model's
+        global profile (``collection`` :data:`GLOBAL`), which keeps the moments (~1 MB for a 30-layer model with
+        d = 576). Compensations are fitted from the model's moments; collections differ in their importance."""
+        return dataclasses.replace(self, moments=None), dataclasses.replace(self, collection=GLOBAL, state={})
 
     def mean(self, metric: str = "similarity") -> dict[Sublayer, float]:
         """Mean of ``metric`` for every sublayer measured at least once."""

@@ -167,7 +167,7 @@ def test_corrupt_records_are_ignored_and_kept(server):
         metadatas=[{"model": "m", "collection": "docs", "replica": "a2", "updated": 2.0}],
     )
     a2 = store(server, "a2", cache_seconds=0)
-    a2._record_id = lambda m, c: own_id
+    a2._record_id = lambda m, c: own_id if c == "docs" else json.dumps([m, c, "a2"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a2.add(delta(1))
@@ -228,5 +228,7 @@ def test_compensation_moments_of_a_full_size_model_round_trip_and_merge_exactly(
     a, b = store(server, "a", cache_seconds=0), store(server, "b", cache_seconds=0)
     a.add(with_moments(1))
     b.add(with_moments(2))
-    got = store(server, "reader").get("m", "docs")
+    reader = store(server, "reader")
+    assert reader.get("m", "docs").queries == 2 and reader.get("m", "docs").moments is None
+    got = reader.global_profile("m")
     assert got.queries == 2 and torch.equal(got.moments, with_moments(1).moments + with_moments(2).moments)

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaskip_rag import Sublayer
 from adaskip_rag.profiles import Profile, check_collection
@@ -154,3 +155,55 @@ def test_collection_keys_are_checked(tmp_path):
     store.add(delta(0, "a"))
     store.add(delta(0, "b"))
     assert store.delete("m", "a") == 1 and [p.collection for p in store.profiles()] == ["b"]
+
+
+def with_moments(i: int, collection: str, layers: int = 4, d: int = 8) -> Profile:
+    p = delta(i, collection) if layers == 4 else Profile("m", collection, layers, queries=1)
+    p.moments = torch.rand(2, layers, 4 * d + 2, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+    return p
+
+
+def test_the_global_profile_is_the_running_sum_of_every_update(tmp_path):
+    store = SQLiteProfileStore(tmp_path / "p.sqlite")
+    updates = [with_moments(i, f"c{i % 3}") for i in range(7)]
+    for u in updates:
+        store.add(u)
+    model = store.global_profile("m")
+    expected = Profile("m", "*", 4)
+    for u in updates:
+        expected = expected.merge(u)
+    assert model.queries == 7 and model.collection == "*"
+    assert model.sums == expected.sums and model.counts == expected.counts
+    assert torch.equal(model.moments, expected.moments)  # exact: sums add
+    assert all(p.moments is None for p in store.profiles("m")) and len(store.profiles("m")) == 3
+    store.delete("m", "c0")  # a collection's reset: what the model learned from it stays
+    assert store.global_profile("m").queries == 7
+    store.delete("m")
+    assert store.global_profile("m") is None
+    with pytest.raises(ValueError, match="reserved for the model's global profile"):
+        store.add(delta(0, "*"))
+
+
+def test_a_store_written_before_global_profiles_adds_them_up_once(tmp_path):
+    path = tmp_path / "p.sqlite"
+    store = SQLiteProfileStore(path)
+    old = [with_moments(i, f"c{i}") for i in range(3)]
+    with sqlite3.connect(path) as db:  # rows as they were written: a collection's record with its moments
+        for p in old:
+            db.execute("INSERT INTO profiles VALUES (?, ?, ?, 0)", (p.model, p.collection, json.dumps(p.to_dict())))
+    model = store.global_profile("m")
+    assert model.queries == 3 and torch.equal(model.moments, old[0].moments + old[1].moments + old[2].moments)
+    store.add(with_moments(3, "c0"))
+    model = store.global_profile("m")
+    assert model.queries == 4 and torch.equal(model.moments, sum(p.moments for p in old) + with_moments(3, "c").moments)
+    assert store.get("m", "c0").queries == 2 and store.get("m", "c0").moments is None
+
+
+def test_a_collection_record_of_a_full_size_model_is_small(tmp_path):
+    path = tmp_path / "p.sqlite"
+    store = SQLiteProfileStore(path)
+    for i in range(3):
+        store.add(with_moments(i, "docs", layers=30, d=576))
+    with sqlite3.connect(path) as db:
+        sizes = dict(db.execute("SELECT collection, length(data) FROM profiles").fetchall())
+    assert sizes["docs"] < 200_000 and sizes["*"] > 1_000_000  # the moments live once per model

@@ -341,13 +341,15 @@ def test_learned_plans_use_affine_compensations_fitted_from_the_full_requests(to
     for q in QUESTIONS[:3]:
         engine.generate(q, collection="docs", max_new_tokens=2)
     profile = engine.learner.store.get(engine.fingerprint, "docs")
+    assert profile.moments is None  # a collection's record is small: the model's global profile keeps the moments
+    moments = engine.learner.store.global_profile(engine.fingerprint)
     full_tokens = sum(len(engine.encode(q)) - 1 for q in QUESTIONS[:2])  # the warm-up requests, token 0 left out
-    assert profile.moments is not None and profile.moments[0, :, -1].tolist() == [full_tokens] * 6
+    assert moments.moments is not None and moments.moments[0, :, -1].tolist() == [full_tokens] * 6
     plan = engine.learner.decide("docs", 20).plan
     assert len(plan.prefill_attn) + len(plan.ffn) == 3 and not plan.attn
     for kind, skips in (("attn", plan.prefill_attn), ("ffn", plan.ffn)):
         for layer, compensation in skips.items():
             sub = Sublayer(kind, layer)
-            expected = fit(profile.sublayer_moments(sub), "affine", profile.mean("scale_no_sink")[sub])
+            expected = fit(moments.sublayer_moments(sub), "affine", profile.mean("scale_no_sink")[sub])
             torch.testing.assert_close(compensation.scale, expected.scale)
             torch.testing.assert_close(compensation.bias, expected.bias)

@@ -72,7 +72,7 @@ def valid(tokenizer, tmp_path_factory):
         policy=AdaSkipPolicy(warmup=10**9, refresh_every=0, tail=0),
     )
     engine.generate(PROMPT, collection="seed", max_new_tokens=2)
-    data = engine.learner.store.get(engine.fingerprint, "seed").to_dict()
+    data = {**engine.learner.store.global_profile(engine.fingerprint).to_dict(), "collection": "seed"}
     assert data["moments"] is not None
     return data
 

@@ -1,13 +1,17 @@
-"""The interface of a profile store, and what every store gets from it (global profile, JSON export and
-import)."""
+"""The interface of a profile store, and what every store gets from it (JSON export and import).
+
+A store keeps, for every model, one small record per collection (sums and counts, no moments) and the model's
+global profile (collection ``"*"``): the running sum of every collection's updates, with the compensation moments,
+updated by every :meth:`ProfileStore.add` in the same write. So planning reads two records at any number of
+collections. Removing a collection's profile leaves what the model learned from it in the global profile.
+"""
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 
-from ..profiles import Profile, check_collection, load_json, merged
+from ..profiles import Profile, check_collection, load_json
 
 
 class ProfileStore(ABC):
@@ -21,23 +25,25 @@ class ProfileStore(ABC):
     retry_seconds: float = 1.0
 
     @abstractmethod
-    def get(self, model: str, collection: str) -> Profile | None: ...
+    def get(self, model: str, collection: str) -> Profile | None:
+        """The collection's stored profile (without moments)."""
+
+    @abstractmethod
+    def global_profile(self, model: str) -> Profile | None:
+        """The model's global profile: every collection's updates added up, with the compensation moments."""
 
     @abstractmethod
     def add(self, delta: Profile) -> Profile:
-        """Merge ``delta`` into the stored profile of its (model, collection) and return the result."""
+        """Merge ``delta`` into the stored profile of its (model, collection) and into the model's global profile;
+        return the collection's."""
 
     @abstractmethod
     def profiles(self, model: str | None = None) -> list[Profile]:
-        """Every valid stored profile (of one model, if given)."""
+        """Every valid stored collection profile (of one model, if given); not the global profiles."""
 
     @abstractmethod
     def delete(self, model: str, collection: str | None = None) -> int:
         """Remove one collection's profile (or all of a model's); returns how many were removed."""
-
-    def global_profile(self, model: str, usable: Callable[[Profile], Profile | None] = lambda p: p) -> Profile | None:
-        """All collections of ``model`` merged (exact: sums add); ``usable`` may leave a profile out (None)."""
-        return merged((p for p in map(usable, self.profiles(model)) if p is not None), "*")
 
     def export_json(self, model: str | None = None) -> str:
         return json.dumps([p.to_dict() for p in self.profiles(model)], indent=1)

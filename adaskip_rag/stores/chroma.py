@@ -1,10 +1,11 @@
 """Profiles shared by the replicas of a service through the Chroma server they already run.
 
-Each replica keeps its own running totals (sums and counts) for every (model, collection) it served and
-writes only its own record; a read merges every replica's record. Sums add, so merging is exact and no
-update can be lost to a concurrent writer. Reads are cached for ``cache_seconds``, so a request does not
-wait on the network. When the server cannot be reached, requests go on with the last profiles read (or
-none, so no skipping), one warning is logged, and the unsent totals are written once it is back.
+Each replica keeps its own running totals (sums and counts) for every (model, collection) it served, and for
+the model's global profile, and writes only its own records; a read merges every replica's records of the
+collection and of the global profile. Sums add, so merging is exact and no update can be lost to a concurrent
+writer. Reads are cached for ``cache_seconds``, so a request does not wait on the network. When the server cannot
+be reached, requests go on with the last profiles read (or none, so no skipping), one warning is logged, and the
+unsent totals are written once it is back.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import warnings
 from collections import OrderedDict
 from typing import Any
 
-from ..profiles import Profile, check_collection, parse_profile
+from ..profiles import GLOBAL, Profile, check_collection, parse_profile
 from .base import ProfileStore
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ class ChromaProfileStore(ProfileStore):
         self._client, self._records = client, None
         self._own: dict[tuple[str, str], tuple[float, Profile]] = {}  # this replica's totals and update times
         self._pending: OrderedDict[tuple[str, str], None] = OrderedDict()  # own totals not yet on the server
-        self._others: dict[str | None, tuple[float, dict[tuple[str, str], list[tuple[float, Profile]]]]] = {}
-        self._seeded_models: set[str | None] = set()
+        self._others: dict[tuple[str, str], tuple[float, list[tuple[float, Profile]]]] = {}  # read at, records
+        self._seeded_models: set[str | None] = set()  # models (None: all) whose records were all read
+        self._seeded_keys: set[tuple[str, str]] = set()  # keys whose records were read
         self._link = _Link(f"{host}:{port}", retry_seconds)
         self._lock = threading.RLock()
         self._warned: set[tuple[str, str]] = set()
@@ -91,7 +93,11 @@ class ChromaProfileStore(ProfileStore):
 
     def get(self, model: str, collection: str) -> Profile | None:
         with self._lock:
-            return self._merged(model, collection, self._read(model))
+            return self._merged(model, collection, self._read(model, collection))
+
+    def global_profile(self, model: str) -> Profile | None:
+        with self._lock:
+            return self._merged(model, GLOBAL, self._read(model, GLOBAL))
 
     def add(self, delta: Profile) -> Profile:
         return self.add_all([delta])[0]
@@ -101,16 +107,17 @@ class ChromaProfileStore(ProfileStore):
         for delta in deltas:
             check_collection(delta.collection)
         with self._lock:
-            results, read = [], {}
+            results = []
             for delta in deltas:
                 key = (delta.model, delta.collection)
-                if delta.model not in read:  # also adopts this replica's record from an earlier run
-                    read[delta.model] = self._read(delta.model)
-                others = read[delta.model]
-                _, own = self._own.get(key, (0.0, Profile(delta.model, delta.collection, delta.num_layers)))
-                self._own[key] = (time.time(), own.merge(delta))
-                self._pending[key] = None
-                self._pending.move_to_end(key)
+                others = self._read(*key)  # also adopts this replica's records from an earlier run
+                for part in delta.split():
+                    at = (part.model, part.collection)
+                    _, own = self._own.get(at, (0.0, Profile(*at, delta.num_layers)))
+                    total = own.merge(part)
+                    self._own[at] = (time.time(), total if at[1] == GLOBAL else total.split()[0])
+                    self._pending[at] = None
+                    self._pending.move_to_end(at)
                 results.append((key, others))
             while len(self._pending) > self.max_pending:
                 lost, _ = self._pending.popitem(last=False)
@@ -124,7 +131,7 @@ class ChromaProfileStore(ProfileStore):
         with self._lock:
             others = self._read(model)
             keys = sorted({k for k in others} | {k for k in self._own if model is None or k[0] == model})
-            return [p for p in (self._merged(m, c, others) for m, c in keys) if p is not None]
+            return [p for p in (self._merged(m, c, others) for m, c in keys if c != GLOBAL) if p is not None]
 
     def delete(self, model: str, collection: str | None = None) -> int:
         """Remove every replica's records (running replicas write their own totals again on their next
@@ -140,7 +147,7 @@ class ChromaProfileStore(ProfileStore):
                 self._own.pop(key)
                 self._pending.pop(key, None)
             self._others.clear()
-            return len({(m["model"], m["collection"]) for m in found["metadatas"]})
+            return len({(m["model"], m["collection"]) for m in found["metadatas"] if m["collection"] != GLOBAL})
 
     def flush(self) -> bool:
         """Write this replica's unsent totals; False (and the totals kept) if the server is unreachable."""
@@ -149,9 +156,9 @@ class ChromaProfileStore(ProfileStore):
                 return True
             if self._link.waiting():
                 return False
-            for model in {k[0] for k in self._pending if not self._seeded(k[0])}:
-                self._read(model)  # first continue this replica's earlier record, never overwrite it
-            keys = [k for k in self._pending if self._seeded(k[0])]
+            for key in [k for k in self._pending if not self._seeded(k)]:
+                self._read(*key)  # first continue this replica's earlier record, never overwrite it
+            keys = [k for k in self._pending if self._seeded(k)]
             if not keys:
                 return not self._pending
             records = [self._own[k] for k in keys]
@@ -191,44 +198,55 @@ class ChromaProfileStore(ProfileStore):
             self._records = self._client.get_or_create_collection(self.profiles_collection, embedding_function=None)
         return self._records
 
-    def _read(self, model: str | None) -> dict[tuple[str, str], list[tuple[float, Profile]]]:
-        """Other replicas' records of ``model`` (all models if None), from the cache while it is fresh, and
-        the last ones read while the server is unreachable."""
-        cached = self._others.get(model)
+    def _read(
+        self, model: str | None, collection: str | None = None
+    ) -> dict[tuple[str, str], list[tuple[float, Profile]]]:
+        """Other replicas' records of one collection and of its model's global profile (or, without ``collection``,
+        of every collection of ``model``, or of all models), from the cache while it is fresh, and the last ones
+        read while the server is unreachable."""
+        keys = None if collection is None or model is None else [(model, collection), (model, GLOBAL)]
         now = time.monotonic()
-        if cached and now - cached[0] < self.cache_seconds:
-            return cached[1]
-        if self._link.waiting():
-            return cached[1] if cached else {}
+        last = {
+            k: records for k, (_, records) in self._others.items() if (k in keys if keys else model in (None, k[0]))
+        }
+        stale = keys and [k for k in keys if k not in self._others or now - self._others[k][0] >= self.cache_seconds]
+        if (keys and not stale) or self._link.waiting():
+            return last
+        where: dict[str, Any] | None = {"model": model} if model else None
+        if stale:  # only what is not fresh: a new collection's record, not the model's global profile again
+            where = {"$and": [{"model": model}, {"collection": {"$in": sorted({c for _, c in stale})}}]}
         try:
             remote = self._remote()
-            found = remote.get(where={"model": model} if model else None, include=["documents", "metadatas"])
+            found = remote.get(where=where, include=["documents", "metadatas"])
             records = [
                 (meta, _parse_record(remote, self.replica, i, doc, meta, self._warned))
                 for i, doc, meta in zip(found["ids"], found["documents"], found["metadatas"])
             ]
         except _UNREACHABLE as exc:
             self._link.failed(exc)
-            return cached[1] if cached else {}
+            return last
         self._link.succeeded()
-        others: dict[tuple[str, str], list[tuple[float, Profile]]] = {}
+        others: dict[tuple[str, str], list[tuple[float, Profile]]] = {k: [] for k in stale or ()}
         for meta, profile in records:
             if profile is None:
                 continue
             key = (profile.model, profile.collection)
             if meta["replica"] != self.replica:
                 others.setdefault(key, []).append((meta["updated"], profile))
-            elif not self._seeded(profile.model):  # this replica's record from an earlier run: continue it
+            elif not self._seeded(key):  # this replica's record from an earlier run: continue it
                 _, own = self._own.get(key, (0.0, Profile(*key, profile.num_layers)))
                 self._own[key] = (time.time(), profile.merge(own))
-        self._seeded_models.add(model)
-        self._others[model] = (now, others)
+        if stale:
+            self._seeded_keys.update(stale)
+        else:
+            self._seeded_models.add(model)
+        self._others.update({k: (now, v) for k, v in others.items()})
         self.flush()  # back after an outage: write what waited
-        return others
+        return {**last, **others} if keys else others
 
-    def _seeded(self, model: str) -> bool:
-        """Whether this replica's earlier record of ``model``, if any, is already in its totals."""
-        return None in self._seeded_models or model in self._seeded_models
+    def _seeded(self, key: tuple[str, str]) -> bool:
+        """Whether this replica's earlier record of ``key``, if any, is already in its totals."""
+        return None in self._seeded_models or key[0] in self._seeded_models or key in self._seeded_keys
 
     def _merged(self, model: str, collection: str, others: dict) -> Profile | None:
         """Every replica's totals of one collection added up; the newest record's state wins."""

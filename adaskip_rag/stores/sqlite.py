@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..profiles import Profile, check_collection, parse_profile
+from ..profiles import GLOBAL, Profile, check_collection, merged, parse_profile
 from .base import ProfileStore
 
 
@@ -98,10 +98,45 @@ class SQLiteProfileStore(ProfileStore):
 
     def get(self, model: str, collection: str) -> Profile | None:
         with self._connect() as db:
-            row = db.execute(
-                "SELECT data FROM profiles WHERE model = ? AND collection = ?", (model, collection)
-            ).fetchone()
-            return self._read(db, model, collection, row[0]) if row else None
+            return self._row(db, model, collection)
+
+    def _row(self, db: sqlite3.Connection, model: str, collection: str) -> Profile | None:
+        row = db.execute("SELECT data FROM profiles WHERE model = ? AND collection = ?", (model, collection)).fetchone()
+        return self._read(db, model, collection, row[0]) if row else None
+
+    def global_profile(self, model: str) -> Profile | None:
+        with self._connect() as db:
+            found = self._row(db, model, GLOBAL)
+        if found is not None:
+            return found
+        with self._connect() as db:  # a store written before global profiles were kept: add it up once
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                found = self._global(db, model)
+                if found is not None:
+                    self._write(db, found)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        return found
+
+    def _global(self, db: sqlite3.Connection, model: str) -> Profile | None:
+        """The stored global profile of ``model``, else its collections added up (None if it has none)."""
+        found = self._row(db, model, GLOBAL)
+        if found is not None:
+            return found
+        rows = db.execute(
+            "SELECT collection, data FROM profiles WHERE model = ? AND collection != ?", (model, GLOBAL)
+        ).fetchall()
+        return merged((p for p in (self._read(db, model, c, d) for c, d in rows) if p is not None), GLOBAL)
+
+    @staticmethod
+    def _write(db: sqlite3.Connection, profile: Profile) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?)",
+            (profile.model, profile.collection, json.dumps(profile.to_dict()), time.time()),
+        )
 
     def add(self, delta: Profile) -> Profile:
         return self.add_all([delta])[0]
@@ -123,33 +158,43 @@ class SQLiteProfileStore(ProfileStore):
         return results
 
     def _add(self, db: sqlite3.Connection, delta: Profile) -> Profile:
-        row = db.execute(
-            "SELECT data FROM profiles WHERE model = ? AND collection = ?", (delta.model, delta.collection)
-        ).fetchone()
-        current = self._read(db, delta.model, delta.collection, row[0]) if row else None
-        try:
-            result = (current or Profile(delta.model, delta.collection, delta.num_layers)).merge(delta)
-        except ValueError as exc:  # a stored profile this model's updates cannot add to (layers, moment widths)
-            self._move_aside(db, delta.model, delta.collection, row[0], exc)
-            result = Profile(delta.model, delta.collection, delta.num_layers).merge(delta)
-        db.execute(
-            "INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?)",
-            (delta.model, delta.collection, json.dumps(result.to_dict()), time.time()),
-        )
+        """Merge ``delta`` into the model's global row (made first where it is missing, so that it also holds what
+        came before) and into its collection's row, which keeps no moments."""
+        own, total = delta.split()
+        self._write(db, self._merged(db, self._global(db, delta.model), total))
+        result = self._merged(db, self._row(db, delta.model, delta.collection), own).split()[0]
+        self._write(db, result)
         return result
+
+    def _merged(self, db: sqlite3.Connection, current: Profile | None, delta: Profile) -> Profile:
+        """``delta`` added to the stored ``current`` of its key; a stored profile it cannot add to (layers, moment
+        widths) is moved aside."""
+        empty = Profile(delta.model, delta.collection, delta.num_layers)
+        try:
+            return (current or empty).merge(delta)
+        except ValueError as exc:
+            (data,) = db.execute(
+                "SELECT data FROM profiles WHERE model = ? AND collection = ?", (delta.model, delta.collection)
+            ).fetchone()
+            self._move_aside(db, delta.model, delta.collection, data, exc)
+            return empty.merge(delta)
 
     def profiles(self, model: str | None = None) -> list[Profile]:
         with self._connect() as db:
             rows = db.execute(
-                "SELECT model, collection, data FROM profiles WHERE ? IS NULL OR model = ? ORDER BY model, collection",
-                (model, model),
+                "SELECT model, collection, data FROM profiles WHERE (? IS NULL OR model = ?) AND collection != ? "
+                "ORDER BY model, collection",
+                (model, model, GLOBAL),
             ).fetchall()
             return [p for p in (self._read(db, *row) for row in rows) if p is not None]
 
     def delete(self, model: str, collection: str | None = None) -> int:
+        """Remove one collection's profile (the global profile keeps what it added), or all of a model's."""
         with self._connect() as db:
             cur = db.execute(
-                "DELETE FROM profiles WHERE model = ? AND (? IS NULL OR collection = ?)",
-                (model, collection, collection),
+                "DELETE FROM profiles WHERE model = ? AND (? IS NULL AND collection != ? OR collection = ?)",
+                (model, collection, GLOBAL, collection),
             )
+            if collection is None:
+                db.execute("DELETE FROM profiles WHERE model = ? AND collection = ?", (model, GLOBAL))
             return cur.rowcount
