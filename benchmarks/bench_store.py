@@ -76,8 +76,9 @@ def measure(learner: Learner, reads: int) -> tuple[float, ...]:
     """Milliseconds of a warming read, a warm read and a warm decision; KB a collection and the global profile
     store."""
     store, fresh = learner.store, iter(range(10**9))
+    tag = time.monotonic_ns()  # names no read has cached
     read = lambda collection: (store.get(MODEL, collection), store.global_profile(MODEL))  # noqa: E731
-    warming = median_ms(lambda: read(f"new-{next(fresh)}"), reads)
+    warming = median_ms(lambda: read(f"new-{tag}-{next(fresh)}"), reads)
     warm = median_ms(lambda: read("c0"), reads)
     plan = median_ms(lambda: learner.decide("c0", 2000), reads)
     own, total = stored_bytes(store)
@@ -117,8 +118,8 @@ def stored_bytes(store: ProfileStore) -> tuple[float, int]:
             rows = db.execute("SELECT collection, length(data) FROM profiles WHERE model = ?", (MODEL,)).fetchall()
     else:
         remote = store._remote()  # type: ignore[attr-defined]
-        found = remote.get(where={"model": MODEL}, include=["documents", "metadatas"])
-        rows = [(m["collection"], len(d)) for d, m in zip(found["documents"], found["metadatas"])]
+        found = remote.get(where={"model": MODEL}, include=["metadatas"])
+        rows = [(m["collection"], len(m["profile"])) for m in found["metadatas"]]
     own = [n for c, n in rows if c != "*"]
     return statistics.mean(own), sum(n for c, n in rows if c == "*")
 

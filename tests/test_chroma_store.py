@@ -162,9 +162,8 @@ def test_corrupt_records_are_ignored_and_kept(server):
     own_id = a._record_id("m", "docs")
     raw.upsert(
         ids=[own_id],
-        documents=["[]"],
         embeddings=[[0.0]],
-        metadatas=[{"model": "m", "collection": "docs", "replica": "a2", "updated": 2.0}],
+        metadatas=[{"model": "m", "collection": "docs", "replica": "a2", "updated": 2.0, "profile": "[]"}],
     )
     a2 = store(server, "a2", cache_seconds=0)
     a2._record_id = lambda m, c: own_id if c == "docs" else json.dumps([m, c, "a2"])
@@ -174,6 +173,19 @@ def test_corrupt_records_are_ignored_and_kept(server):
     assert raw.get(ids=["junk-b"])["documents"] == ["{not json"]
     kept = raw.get(where={"model": "__corrupt__"})["documents"]
     assert kept == ["[]"]
+
+
+def test_records_of_older_versions_with_the_profile_as_document_are_read(server):
+    raw = chromadb.HttpClient(host="127.0.0.1", port=server.port).get_or_create_collection("adaskip_profiles")
+    raw.upsert(
+        ids=["old-b"],
+        documents=[json.dumps(delta(0).to_dict())],
+        embeddings=[[0.0]],
+        metadatas=[{"model": "m", "collection": "docs", "replica": "b", "updated": 1.0}],
+    )
+    a = store(server, "a", cache_seconds=0)
+    a.add(delta(1))
+    assert a.get("m", "docs").queries == 2
 
 
 @pytest.mark.parametrize(

@@ -163,12 +163,17 @@ class ChromaProfileStore(ProfileStore):
                 return not self._pending
             records = [self._own[k] for k in keys]
             try:
-                self._remote().upsert(
+                self._remote().upsert(  # the profile in the metadata: a document is text-indexed (20x slower)
                     ids=[self._record_id(*k) for k in keys],
-                    documents=[json.dumps(p.to_dict()) for _, p in records],
                     metadatas=[
-                        {"model": k[0], "collection": k[1], "replica": self.replica, "updated": t}
-                        for k, (t, _) in zip(keys, records)
+                        {
+                            "model": k[0],
+                            "collection": k[1],
+                            "replica": self.replica,
+                            "updated": t,
+                            "profile": json.dumps(p.to_dict()),
+                        }
+                        for k, (t, p) in zip(keys, records)
                     ],
                     embeddings=[[0.0]] * len(keys),
                 )
@@ -225,7 +230,7 @@ class ChromaProfileStore(ProfileStore):
         except _UNREACHABLE as exc:
             self._link.failed(exc)
             return last
-        self._link.succeeded()
+        back = self._link.succeeded()
         others: dict[tuple[str, str], list[tuple[float, Profile]]] = {k: [] for k in stale or ()}
         for meta, profile in records:
             if profile is None:
@@ -241,7 +246,8 @@ class ChromaProfileStore(ProfileStore):
         else:
             self._seeded_models.add(model)
         self._others.update({k: (now, v) for k, v in others.items()})
-        self.flush()  # back after an outage: write what waited
+        if back:  # after an outage: write what waited
+            self.flush()
         return {**last, **others} if keys else others
 
     def _seeded(self, key: tuple[str, str]) -> bool:
@@ -280,19 +286,24 @@ class _Link:
                 exc,
             )
 
-    def succeeded(self) -> None:
-        if self.down_since is not None:
-            log.warning("profile server %s reachable again after %.0f s", self.where, time.time() - self.down_since)
-            self.down_since = None
+    def succeeded(self) -> bool:
+        """Note a call that reached the server; True if it had been away."""
+        if self.down_since is None:
+            return False
+        log.warning("profile server %s reachable again after %.0f s", self.where, time.time() - self.down_since)
+        self.down_since = None
+        return True
 
 
 def _parse_record(
     records: Any, replica: str, record_id: str, doc: str, meta: dict[str, Any], warned: set[tuple[str, str]]
 ) -> Profile | None:
-    """The profile of a record in ``records``, or None if it is damaged: then a warning (once per record content,
-    kept in ``warned``) and, for a record of this ``replica`` (about to be overwritten), a copy kept aside."""
+    """The profile of a record in ``records`` (in its metadata, or its document where older versions wrote it), or
+    None if it is damaged: then a warning (once per record content, kept in ``warned``) and, for a record of this
+    ``replica`` (about to be overwritten), a copy kept aside."""
     if meta.get("model") == _CORRUPT_MODEL:
         return None
+    doc = meta.get("profile", doc)
     try:
         profile = parse_profile(doc)
         if (profile.model, profile.collection) != (meta.get("model"), meta.get("collection")):
@@ -309,7 +320,7 @@ def _parse_record(
         if meta.get("replica") == replica:
             records.upsert(
                 ids=[f"{record_id}#corrupt-{time.time()}"],
-                documents=[doc],
+                documents=[str(doc)],
                 metadatas=[{"model": _CORRUPT_MODEL}],
                 embeddings=[[0.0]],
             )
