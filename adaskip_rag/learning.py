@@ -5,7 +5,8 @@ Every request of a collection is one of:
 * ``warmup``: the collection (and its cold-start fallbacks) has too few queries; the full model runs and
   every sublayer is measured;
 * ``skip``: the policy's plan from the best profile available (the collection's own, else the model's global
-  profile of all collections, else the shipped default profile); the sublayers that run are measured;
+  profile of all collections, else the shipped default profile); the sublayers that run are measured while
+  the plan comes from a fallback, then on every ``probe_every``-th query;
 * ``refresh``: every ``refresh_every``-th query runs in full to measure every sublayer and to time the full
   prefill; the current plan is then timed and scored against the full answer (teacher-forced top-1
   agreement), which gives a measured speedup and drives the quality guard (at budget 0 it scores the plan
@@ -168,7 +169,9 @@ class Learner:
             mode, schedule = "refresh", full
             plan = policy.prefill_plan(profile, n, self.costs, scored)
         else:
-            mode, schedule = "skip", policy.schedule(profile, n, self.costs, budget)
+            # a collection warming up on a fallback profile measures every request; then a sample does
+            probe = source != "collection" or (seen + 1) % policy.probe_every == 0
+            mode, schedule = "skip", policy.schedule(profile, n, self.costs, budget, probe)
             plan = schedule.plan
         return Decision(
             collection, mode, schedule, plan, source, seen, budget, scored, reason, policy, state, store_error

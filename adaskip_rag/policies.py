@@ -73,15 +73,16 @@ def plan_from_probes(probes: Mapping[Sublayer, Probe], budget: int, robust_scale
 
 class OnlineSchedule:
     """AdaSkip's decode phase: probe the FFNs still running for the first ``window`` tokens, then also skip
-    every FFN whose window-mean similarity is at least ``beta``, with the scale measured in the window."""
+    every FFN whose window-mean similarity is at least ``beta``, with the scale measured in the window. The
+    prefill runs ``plan``, probed if ``probe_prefill``."""
 
-    def __init__(self, plan: SkipPlan, beta: float, window: int):
-        self.plan, self.beta, self.window = plan, beta, window
+    def __init__(self, plan: SkipPlan, beta: float, window: int, probe_prefill: bool = True):
+        self.plan, self.beta, self.window, self.probe_prefill = plan, beta, window, probe_prefill
         self._sums: dict[int, list[float]] = {}  # FFN layer -> [similarity sum, scale sum, count]
         self.decode_plan = plan
 
     def prefill(self) -> tuple[SkipPlan, bool]:
-        return self.plan, True
+        return self.plan, self.probe_prefill
 
     def decode(self, step: int, probes: Mapping[Sublayer, Probe] | None) -> tuple[SkipPlan, bool]:
         for sub, p in (probes or {}).items():
@@ -109,6 +110,9 @@ class AdaSkipPolicy:
     ``budget``: sublayers to skip in prefill (count, or fraction of all 2L). ``warmup``: queries a collection
     runs in full before skipping. ``window``: decoded tokens probed before the online decode skips (0 = none).
     ``refresh_every``: every n-th query of a collection runs in full to re-measure and time it (0 = never).
+    ``probe_every``: once a collection plans from its own profile, a skip request's prefill is probed (the
+    sublayers it runs measured for the profile) on every n-th query only (1 = every one): probes cost 3-10 % of a
+    prefill, and the profile's means need few samples. Warm-up and refresh requests are always probed.
     ``cost_aware``: rank by importance per FLOP at the request's context length. ``robust_scale``: scales
     without the attention-sink token 0 (else the paper's whole-prompt ratio). ``quality_target``: if set, a
     teacher-forced top-1 agreement with the full model (0..1) that the quality guard keeps the budget above.
@@ -127,6 +131,7 @@ class AdaSkipPolicy:
     warmup: int = 20
     window: int = 20
     refresh_every: int = 10
+    probe_every: int = 4
     cost_aware: bool = False
     robust_scale: bool = True
     quality_target: float | None = None
@@ -149,6 +154,7 @@ class AdaSkipPolicy:
         budget_count(self.budget, 10**6)  # type and range of the value itself
         for name in ("warmup", "window", "refresh_every"):
             check_int(name, getattr(self, name), 0)
+        check_int("probe_every", self.probe_every, 1)
         if self.quality_target is not None:
             check_real("quality_target", self.quality_target, lambda q: 0 < q <= 1, "a number in (0, 1]")
         check_int("guard_step", self.guard_step, 1)
@@ -183,9 +189,10 @@ class AdaSkipPolicy:
         ranked = sorted(profile.mean("similarity").values(), reverse=True)
         return ranked[budget - 1] if 0 < budget <= len(ranked) else math.inf
 
-    def schedule(self, profile: Profile, n: int, costs: CostModel, budget: int) -> OnlineSchedule:
+    def schedule(self, profile: Profile, n: int, costs: CostModel, budget: int, probe: bool = True) -> OnlineSchedule:
+        """The schedule of a skip request: the prefill plan (probed if ``probe``), then the online decode skips."""
         plan = self.prefill_plan(profile, n, costs, budget)
-        return OnlineSchedule(plan, self.beta(profile, budget), self.window)
+        return OnlineSchedule(plan, self.beta(profile, budget), self.window, probe)
 
 
 # ----------------------------------------------------------------- baselines (whole layers, scale 1)

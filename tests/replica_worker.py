@@ -29,7 +29,7 @@ def replica_engine(port: int, name: str) -> AdaSkipEngine:
         AutoTokenizer.from_pretrained(default_model_path()),
         "tiny",
         store=store,
-        policy=AdaSkipPolicy(budget=2, warmup=20, refresh_every=0, tail=0),
+        policy=AdaSkipPolicy(budget=2, warmup=20, refresh_every=0, probe_every=1, tail=0),  # every query measured
     )
 
 

@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 from adaskip_rag import AdaSkipEngine, CostModel, SkipPlan, Sublayer
 from adaskip_rag.compensation import fit
-from adaskip_rag.learning import Learner
+from adaskip_rag.learning import Learner, _skip_set
 from adaskip_rag.policies import (
     AdaSkipPolicy,
     OnlineSchedule,
@@ -165,8 +165,8 @@ def test_switch_from_full_to_skipping_happens_exactly_at_warmup(tokenizer, tmp_p
     assert modes == ["warmup"] * 3 + ["skip"] * 2
     profile = engine.learner.store.get(engine.fingerprint, "docs")
     assert profile.queries == 5
-    # warm-up queries measured all 12 sublayers; skipping ones measured the 9 that ran
-    assert sum(profile.counts["attn"]) + sum(profile.counts["ffn"]) == 3 * 12 + 2 * 9
+    # warm-up queries measured all 12 sublayers; of the skipping ones the 4th (probe_every = 4) the 9 that ran
+    assert sum(profile.counts["attn"]) + sum(profile.counts["ffn"]) == 3 * 12 + 1 * 9
 
 
 def test_online_decode_skips_in_the_engine(tokenizer, tmp_path):
@@ -238,7 +238,7 @@ def test_profile_of_another_model_is_not_used(tokenizer, tmp_path):
 
 
 def test_refresh_measures_speedup_and_fidelity(tokenizer, tmp_path):
-    engine = learning_engine(tokenizer, tmp_path, budget=4, warmup=2, window=0, refresh_every=4)
+    engine = learning_engine(tokenizer, tmp_path, budget=4, warmup=2, window=0, refresh_every=4, probe_every=1)
     runs = [engine.generate(QUESTIONS[i % 3], collection="docs", max_new_tokens=6).stats for i in range(6)]
     assert [s.mode for s in runs] == ["warmup", "warmup", "skip", "refresh", "skip", "skip"]
     refresh = runs[3]
@@ -353,3 +353,21 @@ def test_learned_plans_use_affine_compensations_fitted_from_the_full_requests(to
             expected = fit(moments.sublayer_moments(sub), "affine", profile.mean("scale_no_sink")[sub])
             torch.testing.assert_close(compensation.scale, expected.scale)
             torch.testing.assert_close(compensation.bias, expected.bias)
+
+
+def test_skip_requests_probe_every_nth_query_and_learn_the_same_plan(tokenizer, tmp_path):
+    skip_sets = {}
+    for every in (1, 4):
+        engine = learning_engine(
+            tokenizer, tmp_path / str(every), budget=3, warmup=3, window=0, refresh_every=0, probe_every=every
+        )
+        results = [engine.generate(QUESTIONS[i % 3], collection="docs", max_new_tokens=2) for i in range(15)]
+        probed = [r.prefill_probes is not None for r in results]
+        assert probed == [True] * 3 + [every == 1 or (i + 1) % every == 0 for i in range(3, 15)]
+        assert [r.stats.mode for r in results] == ["warmup"] * 3 + ["skip"] * 12
+        profile = engine.learner.store.get(engine.fingerprint, "docs")
+        assert profile.queries == 15 and max(profile.counts["ffn"]) == 3 + sum(probed[3:])
+        skip_sets[every] = _skip_set(engine.learner.decide("docs", 20).plan)
+    assert skip_sets[1] == skip_sets[4]
+    with pytest.raises(ValueError, match="probe_every"):
+        AdaSkipPolicy(probe_every=0)
