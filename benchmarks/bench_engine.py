@@ -5,7 +5,10 @@ For each context length n it prints, as medians of interleaved repeats after a w
   (b) probes on vs off: prefill overhead (of a full prefill, which also records compensation moments);
   (c) a plan skipping the 16 attention sublayers with the highest IO similarity at this n (the paper's skip:
       no KV cache): measured prefill speedup vs its FLOP bound;
-  (d) the same 16 skipped in the default policy's way: KV cache kept, first token and last 64 tokens in full.
+  (d) the same 16 skipped in the default policy's way: KV cache kept, first token and last 64 tokens in full;
+  (e) the learned plan as served: the default policy's schedule from a profile of this prompt's full run (what a
+      collection's skip request runs), unprobed (as 3 in 4 of them are) and probed: measured prefill speedup vs
+      the FLOP estimate its stats report.
 
     python benchmarks/bench_engine.py [--quick] [--threads 2] [--lengths 1024 2048 4096] [--repeats 5]
 """
@@ -13,6 +16,7 @@ For each context length n it prints, as medians of interleaved repeats after a w
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import sys
@@ -23,7 +27,8 @@ import torch
 
 from adaskip_rag import AdaSkipEngine, SkipPlan
 from adaskip_rag.corpora import squad_article
-from adaskip_rag.policies import plan_from_probes
+from adaskip_rag.policies import AdaSkipPolicy, plan_from_probes
+from adaskip_rag.profiles import Profile
 
 DECODE_TOKENS = 32
 
@@ -71,7 +76,8 @@ def main() -> None:
     header = (
         f"{'n':>5} | {'prefill engine/HF':>17} | {'decode tok/s engine/HF':>22} | {'probe overhead':>14} | "
         f"{'skip-16-attn prefill':>20} | {'FLOP bound':>10} | {'of bound':>8} | "
-        f"{'kv+head+tail prefill':>20} | {'FLOP bound':>10} | {'of bound':>8}"
+        f"{'kv+head+tail prefill':>20} | {'FLOP bound':>10} | {'of bound':>8} | "
+        f"{'learned, as served':>18} | {'estimated':>9} | {'of estimate':>11} | {'probed: of estimate':>19}"
     )
     print(header)
     print("-" * len(header))
@@ -82,17 +88,20 @@ def main() -> None:
         attn_probes = {s: p for s, p in calibration.prefill_probes.items() if s.kind == "attn"}
         plan16 = plan_from_probes(attn_probes, 16)
         faithful16 = SkipPlan(prefill_attn=plan16.attn, head=1, tail=64)
+        profile = Profile.from_probes(engine.fingerprint, "bench", engine.num_layers, calibration.prefill_probes, n)
+        served = functools.partial(AdaSkipPolicy().schedule, profile, n, engine.costs, 8)  # (probe) -> schedule
+        estimated = engine.generate(ids, served(False), max_new_tokens=1).stats.estimated_prefill_speedup
 
         def hf(tokens: int, prompt: torch.Tensor = prompt) -> Callable[[], float]:
             kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=2)
             return lambda: timed(lambda: model.generate(prompt, **kwargs))
 
-        def ours(
-            tokens: int, plan: SkipPlan | None = None, probe: bool = False, ids: list[int] = ids
-        ) -> Callable[[], float]:
-            return lambda: timed(
-                lambda: engine.generate(ids, plan, max_new_tokens=tokens, ignore_eos=True, probe=probe)
-            )
+        def ours(tokens: int, plan: object = None, probe: bool = False, ids: list[int] = ids) -> Callable[[], float]:
+            def run() -> object:
+                schedule = plan() if callable(plan) else plan  # a learned schedule is new for every request
+                return engine.generate(ids, schedule, max_new_tokens=tokens, ignore_eos=True, probe=probe)
+
+            return lambda: timed(run)
 
         t = measure(
             {
@@ -103,6 +112,8 @@ def main() -> None:
                 "probe_prefill": ours(1, probe=True),
                 "skip_prefill": ours(1, plan16),
                 "faithful_prefill": ours(1, faithful16),
+                "served_prefill": ours(1, functools.partial(served, False)),
+                "served_probed_prefill": ours(1, functools.partial(served, True)),
             },
             args.repeats,
         )
@@ -113,10 +124,13 @@ def main() -> None:
         bound = engine.costs.speedup(n, 16, 0, "prefill")
         faithful = t["engine_prefill"] / t["faithful_prefill"]
         faithful_bound = engine.costs.speedup(n, 16, 0, "prefill", kept_kv=16, tail=64, head=1)
+        learned = t["engine_prefill"] / t["served_prefill"]
+        probed = t["engine_prefill"] / t["served_probed_prefill"]
         print(
             f"{n:>5} | {prefill_ratio:>17.3f} | {decode_ratio:>22.3f} | {probe_overhead:>13.1%} | "
             f"{speedup:>19.2f}x | {bound:>9.2f}x | {speedup / bound:>8.2f} | "
-            f"{faithful:>19.2f}x | {faithful_bound:>9.2f}x | {faithful / faithful_bound:>8.2f}"
+            f"{faithful:>19.2f}x | {faithful_bound:>9.2f}x | {faithful / faithful_bound:>8.2f} | "
+            f"{learned:>17.2f}x | {estimated:>8.2f}x | {learned / estimated:>11.2f} | {probed / estimated:>19.2f}"
         )
         sys.stdout.flush()
     print("\nprefill engine/HF < 1 and decode tok/s engine/HF > 1 mean the engine is faster than model.generate")
