@@ -309,45 +309,55 @@ def test_one_model_serves_many_architectures(tokenizer):
         assert result.stats.generated_tokens >= 1 and result.stats.skipped_attention == [0]
 
 
-def test_teacher_forcing_reproduces_greedy_decoding_in_one_chunk_and_step_by_step(tiny_engine):
+@pytest.fixture(scope="module")
+def exact_engine(tokenizer):
+    """The tiny model in float64: one chunk and step by step agree to ~1e-13 on any CPU."""
+    return AdaSkipEngine(tiny_model("llama", dtype=torch.float64), tokenizer, name="tiny-float64")
+
+
+def test_teacher_forcing_reproduces_greedy_decoding_in_one_chunk_and_step_by_step(exact_engine):
     from adaskip_rag.skipping import StaticSchedule
 
     plan = SkipPlan(attn={0: 1.0, 3: 0.9}, ffn={5: 1.1})
-    prompt = tiny_engine.encode(PROMPT)
-    answer = tiny_engine.generate(prompt, plan, max_new_tokens=12, ignore_eos=True).token_ids
-    chunk, seconds = tiny_engine.teacher_forced(prompt, answer, plan)
-    steps, _ = tiny_engine.teacher_forced(prompt, answer, StaticSchedule(plan))
-    assert chunk.shape == steps.shape == (12, tiny_engine.config.vocab_size) and seconds > 0
-    torch.testing.assert_close(chunk, steps, atol=1e-5, rtol=1e-6)
+    prompt = exact_engine.encode(PROMPT)
+    answer = exact_engine.generate(prompt, plan, max_new_tokens=12, ignore_eos=True).token_ids
+    chunk, seconds = exact_engine.teacher_forced(prompt, answer, plan)
+    steps, _ = exact_engine.teacher_forced(prompt, answer, StaticSchedule(plan))
+    assert chunk.shape == steps.shape == (12, exact_engine.config.vocab_size) and seconds > 0
+    torch.testing.assert_close(chunk, steps, atol=1e-9, rtol=1e-9)
     assert chunk.argmax(-1).tolist() == answer == steps.argmax(-1).tolist()
 
 
-def test_generation_scores_a_given_answer_from_its_own_prefill(tiny_engine):
+def test_generation_scores_a_given_answer_from_its_own_prefill(exact_engine):
     from adaskip_rag.policies import OnlineSchedule, SkipDecode
 
-    prompt = tiny_engine.encode(PROMPT)
-    answer = torch.randint(0, tiny_engine.config.vocab_size, (10,), generator=torch.Generator().manual_seed(0)).tolist()
-    probed = tiny_engine.generate(prompt, max_new_tokens=4, probe=True, ignore_eos=True).decode_probes
+    prompt = exact_engine.encode(PROMPT)
+    answer = torch.randint(
+        0, exact_engine.config.vocab_size, (10,), generator=torch.Generator().manual_seed(0)
+    ).tolist()
+    probed = exact_engine.generate(prompt, max_new_tokens=4, probe=True, ignore_eos=True).decode_probes
     ffn = sorted(p.similarity for step in probed for s, p in step.items() if s.kind == "ffn")
     plans = {
         "static": lambda: SkipPlan(attn={0: 1.0, 3: 0.9}, ffn={5: 1.1}),
         # from step 3 skips the FFNs above the median similarity: which ones depends on the tokens it saw
         "online": lambda: OnlineSchedule(SkipPlan(attn={2: 1.0}), beta=ffn[len(ffn) // 2], window=3),
-        "skipdecode": lambda: SkipDecode(tiny_engine.num_layers, 2, 10),
+        "skipdecode": lambda: SkipDecode(exact_engine.num_layers, 2, 10),
     }
     for name, make in plans.items():
         schedules = make(), make()
-        alone = tiny_engine.generate(prompt, schedules[0], max_new_tokens=10, ignore_eos=True)
-        both = tiny_engine.generate(prompt, schedules[1], max_new_tokens=10, ignore_eos=True, teacher_forced_ids=answer)
-        expected, _ = tiny_engine.teacher_forced(prompt, answer, make())
+        alone = exact_engine.generate(prompt, schedules[0], max_new_tokens=10, ignore_eos=True)
+        both = exact_engine.generate(
+            prompt, schedules[1], max_new_tokens=10, ignore_eos=True, teacher_forced_ids=answer
+        )
+        expected, _ = exact_engine.teacher_forced(prompt, answer, make())
         # scoring works on copies: the generation, and what the online schedule learned in it, are as they were
         assert both.token_ids == alone.token_ids, name
         if name == "online":
             assert schedules[1].decode_plan == schedules[0].decode_plan and schedules[0].decode_plan.decode_ffn
         assert alone.teacher_forced_logits is None
-        torch.testing.assert_close(both.teacher_forced_logits, expected, atol=1e-5, rtol=1e-6, msg=name)
+        torch.testing.assert_close(both.teacher_forced_logits, expected, atol=1e-9, rtol=1e-9, msg=name)
     with pytest.raises(ValueError, match="teacher_forced_ids"):
-        tiny_engine.generate(prompt, max_new_tokens=2, teacher_forced_ids=[tiny_engine.config.vocab_size])
+        exact_engine.generate(prompt, max_new_tokens=2, teacher_forced_ids=[exact_engine.config.vocab_size])
 
 
 def test_a_cancelled_agenerate_stops_its_worker_within_one_decode_step(tiny_engine, monkeypatch):
