@@ -128,7 +128,7 @@ def test_a_store_that_stops_answering_costs_one_timeout_and_learning_resumes(tok
 
 def test_a_locked_sqlite_store_answers_without_learning_and_frees_the_place_first(tokenizer, tmp_path):
     path = tmp_path / "p.sqlite"
-    store = SQLiteProfileStore(path, timeout=0.5)
+    store = SQLiteProfileStore(path, timeout=1.0)
     store.retry_seconds = 0.1
     engine = engine_with(tokenizer, store, AdaSkipPolicy(budget=2, warmup=2, refresh_every=0, tail=4), max_batch_size=1)
     for i in range(3):
@@ -140,8 +140,8 @@ def test_a_locked_sqlite_store_answers_without_learning_and_frees_the_place_firs
         blocked, plain = in_threads([lambda: ask(engine, 3), lambda: engine.generate("plain", max_new_tokens=3)])
         assert time.monotonic() - start < 5
         error = blocked.stats.store_error  # SQLite's own timeout or the learner's, whichever came first
-        assert error and ("locked" in error or "no answer within 0.5 s" in error) and blocked.stats.generated_tokens
-        assert plain.stats.waited_seconds < 0.4  # the learning request's place was free before its write
+        assert error and ("locked" in error or "no answer within 1.0 s" in error) and blocked.stats.generated_tokens
+        assert plain.stats.waited_seconds < 0.8  # the learning request's place was free before its 1 s write
     finally:
         lock.execute("ROLLBACK")
         lock.close()
@@ -176,8 +176,10 @@ def test_an_unread_stream_loses_its_place_after_the_idle_timeout(tokenizer, tmp_
             break
         for _ in second:
             break
+    left = time.monotonic()
     (third,) = in_threads([lambda: engine.generate("a third request", max_new_tokens=3)], timeout=20)
-    assert third is not None and 0.4 < third.stats.waited_seconds < 5
+    assert third is not None and time.monotonic() - left >= 0.5  # admitted once the idle timeout had passed
+    assert third.stats.waited_seconds < 5
     with pytest.raises(StreamIdle, match="idle_timeout"):
         list(first)
     with pytest.raises(StreamIdle, match="not read for 0.5 s"):
