@@ -141,12 +141,12 @@ class Learner:
         policy = self.policy_for(collection)
         try:
             own = self._usable(self.calls(self.store.get, self.model_id, collection))
-            profile, source = self._profile(own, policy.warmup)
+            model = self._usable(self.calls(self.store.global_profile, self.model_id))
             store_error = None
-        except StoreUnavailable as exc:
-            own, store_error = None, str(exc)
-            warm = self.default_profile is not None and self.default_profile.queries >= policy.warmup
-            profile, source = (self.default_profile, "default") if warm else (None, "none")
+        except StoreUnavailable as exc:  # planned from the shipped profile, or in full
+            own = model = None
+            store_error = str(exc)
+        profile, source = self._profile(own, model, policy.warmup)
         state = own.state if own else {}
         seen = own.queries if own else 0
         max_budget = budget_count(policy.budget, self.num_layers)
@@ -177,11 +177,10 @@ class Learner:
             collection, mode, schedule, plan, source, seen, budget, scored, reason, policy, state, store_error
         )
 
-    def _profile(self, own: Profile | None, warmup: int) -> tuple[Profile | None, str]:
-        """The profile to plan from: the collection's own once warmed up (with the model's compensation moments,
-        which the global profile keeps), else the cold-start fallbacks."""
+    def _profile(self, own: Profile | None, model: Profile | None, warmup: int) -> tuple[Profile | None, str]:
+        """The profile to plan from: the collection's ``own`` once warmed up (with the compensation moments of the
+        ``model``'s global profile), else the cold-start fallbacks."""
         warm = lambda p: p is not None and p.queries >= warmup  # noqa: E731
-        model = self._usable(self.calls(self.store.global_profile, self.model_id))
         if warm(own):
             assert own is not None
             moments = model.moments if model is not None and model.moments is not None else own.moments

@@ -32,11 +32,6 @@ class BoundedCalls:
         self._down_since: float | None = None  # wall clock, for the messages
         self._failed_at = 0.0
 
-    @property
-    def degraded(self) -> bool:
-        """True from a failed call until one succeeds."""
-        return self._down_since is not None
-
     def __call__(self, fn: Callable[..., T], *args: Any) -> T:
         with self._lock:
             if self._late is not None and self._late.is_alive():

@@ -107,8 +107,11 @@ class SQLiteProfileStore(ProfileStore):
     def global_profile(self, model: str) -> Profile | None:
         with self._connect() as db:
             found = self._row(db, model, GLOBAL)
-        if found is not None:
-            return found
+            if (
+                found is not None
+                or not db.execute("SELECT 1 FROM profiles WHERE model = ? LIMIT 1", (model,)).fetchone()
+            ):
+                return found  # stored, or nothing to add up: no write lock taken
         with self._connect() as db:  # a store written before global profiles were kept: add it up once
             db.execute("BEGIN IMMEDIATE")
             try:
