@@ -10,6 +10,7 @@ An attention sublayer skipped in prefill that keeps its KV cache still pays its 
 4 d^2 g. Decode also pays the LM head, 2 d V per token; prefill computes logits for the last token only, so the
 head is left out there. A protected tail of m prompt tokens runs every sublayer that has a cache, each of its
 tokens seeing about n keys; a protected head runs them too (counted at the average prefill cost per token).
+Evidence recompute runs the tail once more (looking) and its recomputed prompt tokens like head tokens.
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ class CostModel:
         tail: int = 0,
         head: int = 0,
         protected_skipped_attn: int = 0,
+        recomputed: int = 0,
     ) -> float:
         """Full-model FLOPs divided by the FLOPs left after skipping the given numbers of sublayers; in prefill the
         first ``head`` and last ``tail`` of the n tokens run every sublayer but ``protected_skipped_attn``
-        attention sublayers (those without a cache). Infinite when nothing is left to compute."""
+        attention sublayers (those without a cache), and so do ``recomputed`` tokens (after the tail looked once).
+        Infinite when nothing is left to compute."""
         full = self.flops(n, 0, 0, phase)
         left = self.flops(n, skipped_attn, skipped_ffn, phase, kept_kv)
         if phase == "prefill" and (tail or head):
@@ -87,5 +90,6 @@ class CostModel:
             # a tail token sees about n keys, twice a prefill token's average
             tail_flops = self.flops(n, protected_skipped_attn, 0, "decode") - self.head("decode")
             head_flops = self.flops(n, protected_skipped_attn, 0, "prefill")
-            left = (left * (n - tail - head) + tail_flops * tail + head_flops * head) / n
+            looks = tail if recomputed else 0
+            left = (left * (n - tail - head) + tail_flops * (tail + looks) + head_flops * (head + recomputed)) / n
         return full / left if left > 0 else math.inf

@@ -165,13 +165,19 @@ class AdaSkipEngine:
         probe: bool = False,
         logits_to_keep: int = 1,
         ticket: Ticket | None = None,
+        positions: torch.Tensor | None = None,
+        attention: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
         """:func:`~adaskip_rag.forward.skip_forward` of one sequence's ``input_ids`` (1, q), run in a step together
-        with the other requests' (``scheduler.py``); ``ticket``: the request's admission (None: this call's own)."""
+        with the other requests' (``scheduler.py``); ``ticket``: the request's admission (None: this call's own).
+        ``positions`` and ``attention``: a row that recomputes cached tokens or only looks (see
+        :class:`~adaskip_rag.forward.Row`)."""
         probes = Probes.of(plan, phase) if probe else None
         ids = input_ids.reshape(-1)
         with contextlib.nullcontext(ticket) if ticket else self.scheduler.admitted(len(ids)) as admitted:
-            logits = self.scheduler.forward(admitted, ids, position, cache, plan, phase, probes, logits_to_keep)
+            logits = self.scheduler.forward(
+                admitted, ids, position, cache, plan, phase, probes, logits_to_keep, positions, attention
+            )
         return logits[None], probes.result() if probes else None
 
     def generate(

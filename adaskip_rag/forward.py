@@ -16,6 +16,7 @@ transformers does. Nothing request-specific is stored on the model, so one model
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -133,6 +134,13 @@ class Row:
     Returns the logits of the last ``logits_to_keep`` of them (0 = all); ``probes`` (if given) records every
     sublayer the row runs. In a prefill from position 0 the first ``plan.head`` tokens run every sublayer that
     has a cache (they attend only to each other, so this costs little and keeps the prompt in one pass).
+
+    Two kinds of rows serve evidence recompute (``generation.recompute_evidence``): with ``positions`` (q,) (on
+    the host, ascending, ``position`` the first), the tokens are already cached there and are computed again,
+    their keys and values overwriting the cached ones, each attending to every cached token up to its own
+    position; with ``attention`` (a float tensor of k entries), the row only looks: its keys and values are not
+    cached, and the attention its tokens pay to the first k cached tokens (summed over heads, tokens and the
+    layers it runs attention in) is added to ``attention``.
     """
 
     ids: torch.Tensor
@@ -142,11 +150,18 @@ class Row:
     phase: Phase
     probes: Probes | None = None
     logits_to_keep: int = 1
+    positions: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
     head: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.head = min(self.plan.head, len(self.ids)) if self.phase == "prefill" and self.position == 0 else 0
         self.attn, self.ffn, self.keep_kv = self.plan.skips(self.phase)
+
+    @property
+    def appends(self) -> bool:
+        """Whether the row's tokens follow its cache and are added to it (the common case)."""
+        return self.positions is None and self.attention is None
 
 
 def skip_forward(
@@ -198,7 +213,9 @@ class _Step:
         for r in rows:
             starts.append(starts[-1] + len(r.ids))
         self.slices = [slice(a, b) for a, b in zip(starts, starts[1:])]
-        positions = torch.cat([torch.arange(r.position, r.position + len(r.ids)) for r in rows]).to(self.device)
+        positions = torch.cat(
+            [torch.arange(r.position, r.position + len(r.ids)) if r.positions is None else r.positions for r in rows]
+        ).to(self.device)
         dummy = torch.empty(0, device=self.device, dtype=model.dtype)
         cos, sin = model.model.rotary_emb(dummy, position_ids=positions[None])
         self.rotary = [(cos[:, s], sin[:, s]) for s in self.slices]
@@ -259,7 +276,7 @@ class _Step:
     def _attention(self, i: int, layer: Any, x: torch.Tensor, running: list[int]) -> torch.Tensor:
         """Attention output of layer ``i`` for the tokens ``x`` of the ``running`` rows (packed in that order),
         each row's keys and values added to its cache."""
-        if len(running) == 1:
+        if len(running) == 1 and self.rows[running[0]].appends:
             return self._module_attention(i, layer, x, running[0])
         attn = layer.self_attn
         normed = layer.input_layernorm(x)[0]
@@ -275,8 +292,8 @@ class _Step:
             part = slice(start, start + n)
             start += n
             qr = q[:, :, part]
-            keys, values = row.cache.update(k[:, :, part], v[:, :, part], i)
-            mask = self._row_mask(i, n, keys.shape[-2])
+            keys, values = self._keys_values(i, r, k[:, :, part], v[:, :, part])
+            mask = self._row_mask(i, r, keys.shape[-2])
             if mask is True:  # a prompt without a past: the plain causal mask
                 out = F.scaled_dot_product_attention(
                     qr, keys, values, is_causal=True, scale=attn.scaling, enable_gqa=qr.shape[1] != keys.shape[1]
@@ -284,8 +301,14 @@ class _Step:
             else:  # the query heads that share a KV head become queries of that head: keys and values are not copied
                 groups = qr.shape[1] // keys.shape[1]
                 folded = qr.reshape(1, keys.shape[1], groups * n, qr.shape[-1])
-                fold_mask = None if mask is False else mask.repeat(1, 1, groups, 1)
-                out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=fold_mask, scale=attn.scaling)
+                fold_mask = None if isinstance(mask, bool) else mask.repeat(1, 1, groups, 1)
+                if row.attention is None or fold_mask is None:
+                    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=fold_mask, scale=attn.scaling)
+                else:  # the weights themselves, to add up what the row attends to
+                    scores = (folded @ keys.transpose(-1, -2)) * attn.scaling
+                    weights = scores.masked_fill(~fold_mask, -math.inf).softmax(-1, dtype=torch.float32)
+                    row.attention += weights.sum((0, 1, 2))[: len(row.attention)]
+                    out = weights.to(values.dtype) @ values
                 out = out.view(qr.shape)
             outs.append(out[0].transpose(0, 1).reshape(n, -1))
         return attn.o_proj(torch.cat(outs))[None]
@@ -297,17 +320,37 @@ class _Step:
             self.packed_rotary[running] = (torch.cat([c for c, _ in parts], 1), torch.cat([s for _, s in parts], 1))
         return self.packed_rotary[running]
 
-    def _row_mask(self, i: int, q: int, kv: int) -> torch.Tensor | bool:
-        """Which of ``kv`` cached keys each of a row's ``q`` new tokens (the last ``q`` of them) may see: all
-        earlier ones, within the window on a sliding-window layer. False when that is every key, True when it is
-        the plain causal mask of a sequence without a past (both without a mask tensor)."""
+    def _keys_values(self, i: int, r: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Row ``r``'s keys and values at layer ``i`` with its new ``keys`` and ``values``: added to its cache,
+        written over the cached ones at the row's ``positions``, or (a row that only looks) not kept."""
+        row = self.rows[r]
+        if row.appends:
+            return row.cache.update(keys, values, i)
+        layer = row.cache.layers[i]
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+        if row.positions is not None:
+            at = row.positions.to(self.device)
+            layer.keys[:, :, at], layer.values[:, :, at] = keys, values
+            return layer.keys, layer.values
+        return torch.cat([layer.keys, keys], -2), torch.cat([layer.values, values], -2)
+
+    def _row_mask(self, i: int, r: int, kv: int) -> torch.Tensor | bool:
+        """Which of ``kv`` cached keys each token of row ``r`` may see: those up to its own position, within the
+        window on a sliding-window layer. False when that is every key, True when it is the plain causal mask of a
+        sequence without a past (both without a mask tensor)."""
+        row, q = self.rows[r], len(self.rows[r].ids)
         window = self.config.sliding_window if self.types[i] == "sliding_attention" else None
-        if window is None or kv <= window:
+        if row.appends and (window is None or kv <= window):
             if q == 1:
                 return False
             if q == kv:
                 return True
-        query = torch.arange(kv - q, kv, device=self.device)[:, None]
+        # positions relative to the keys at hand (a sliding-window cache holds only the last ones)
+        query = (
+            self.position_ids[r][0, :, None]
+            if row.positions is not None
+            else torch.arange(kv - q, kv, device=self.device)[:, None]
+        )
         key = torch.arange(kv, device=self.device)[None]
         allowed = key <= query
         if window is not None:

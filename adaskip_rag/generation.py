@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .constrained import TOOL_CALL_OPEN, Constraint, parse_tool_calls
 from .costs import CostModel
-from .forward import new_cache
+from .forward import layer_types, new_cache
 from .requests import Request, sampler
 from .skipping import PlanSchedule, Probe, SkipPlan, StaticSchedule, Sublayer
 from .stats import SkipStats
@@ -54,15 +54,45 @@ def prefill(
     """Prefill the prompt ``ids`` (1, n) under ``plan``: all but the last ``tail`` tokens with its skips (the
     protected head inside, see :class:`~adaskip_rag.forward.Row`; probed if ``probe``), then the protected tail
     with every sublayer that has a cache. The logits of the last ``logits_to_keep`` tokens (at most the tail's
-    when there is one; 0 = all of them) and the probes of the first part. ``ticket``: the request's admission."""
+    when there is one; 0 = all of them) and the probes of the first part. With ``plan.recompute`` the body tokens
+    the tail attends to most are recomputed in between (:func:`recompute_evidence`). ``ticket``: the request's
+    admission."""
     n = ids.shape[1]
     if plan.is_empty or not tail:
         return engine.forward(ids, 0, cache, plan, "prefill", probe, logits_to_keep, ticket)
-    _, probes = engine.forward(ids[:, : n - tail], 0, cache, plan, "prefill", probe, ticket=ticket)
+    body = n - tail
+    _, probes = engine.forward(ids[:, :body], 0, cache, plan, "prefill", probe, ticket=ticket)
+    if plan.recompute:
+        recompute_evidence(engine, ids, body, cache, plan, ticket)
     logits, _ = engine.forward(
-        ids[:, n - tail :], n - tail, cache, plan.protected_plan(), "prefill", False, logits_to_keep, ticket
+        ids[:, body:], body, cache, plan.protected_plan(), "prefill", False, logits_to_keep, ticket
     )
     return logits, probes
+
+
+def evidence_count(plan: SkipPlan, body: int) -> int:
+    """How many of a ``body`` of prompt tokens (the protected head among them) ``plan`` recomputes."""
+    return round(plan.recompute * max(body - plan.head, 0))
+
+
+def recompute_evidence(
+    engine: AdaSkipEngine, ids: torch.Tensor, body: int, cache: Any, plan: SkipPlan, ticket: Ticket | None = None
+) -> list[int]:
+    """Question-aware evidence recompute, after the skipped prefill of the first ``body`` tokens of ``ids`` into
+    ``cache``: the tail (the rest of ``ids``) looks at the cache once (every sublayer that has a cache, nothing
+    stored), and the ``plan.recompute`` fraction of body tokens past the head that it attends to most (summed over
+    its tokens, heads and layers) are computed again through the same sublayers, their keys and values replacing
+    the skipped prefill's. The positions recomputed."""
+    count = evidence_count(plan, body)
+    if not count:
+        return []
+    protected = plan.protected_plan()
+    attention = torch.zeros(body, device=engine.device)
+    engine.forward(ids[:, body:], body, cache, protected, "prefill", attention=attention, ticket=ticket)
+    chosen = (attention[plan.head :].topk(count).indices + plan.head).sort().values
+    positions = chosen.cpu()
+    engine.forward(ids[:, chosen], int(positions[0]), cache, protected, "prefill", ticket=ticket, positions=positions)
+    return positions.tolist()
 
 
 def decode_one_token(
@@ -76,6 +106,8 @@ def _checked(engine: AdaSkipEngine, answer: tuple[SkipPlan, bool]) -> tuple[Skip
     """A schedule's (plan, probe) for one step, its plan checked against the engine's model."""
     plan, probe = answer
     plan.check(engine.num_layers, engine.config.hidden_size)
+    if plan.recompute and "sliding_attention" in layer_types(engine.model):
+        raise ValueError("SkipPlan.recompute rewrites cached tokens: it needs a model without sliding-window layers")
     return plan, probe
 
 
@@ -289,7 +321,7 @@ class PlanRecord:
         self.attn: list[int] = []
         self.kept_kv: list[int] = []
         self.ffn: list[int] = []
-        self.tail = self.head = 0
+        self.tail = self.head = self.recomputed = 0
         self.decode_attn: set[int] = set()
         self.decode_ffn: set[int] = set()
         self.decode_flops: list[float] = []
@@ -299,6 +331,7 @@ class PlanRecord:
         attn, ffn, kept_kv = plan.skips("prefill")
         self.attn, self.ffn, self.kept_kv, self.last = sorted(attn), sorted(ffn), sorted(kept_kv), plan
         self.tail, self.head = (tail, plan.head) if not plan.is_empty else (0, 0)
+        self.recomputed = evidence_count(plan, self.n - tail) if self.tail else 0
 
     def decode(self, plan: SkipPlan) -> None:
         attn, ffn, _ = plan.skips("decode")
@@ -318,6 +351,7 @@ class PlanRecord:
             attention_kv_kept=self.kept_kv,
             protected_tail=self.tail,
             protected_head=self.head,
+            recomputed_tokens=self.recomputed,
             skipped_ffn_prefill=self.ffn,
             skipped_attention_decode=sorted(self.decode_attn),
             skipped_ffn_decode=sorted(self.decode_ffn),
@@ -333,6 +367,7 @@ class PlanRecord:
                 tail=self.tail,
                 head=self.head,
                 protected_skipped_attn=len(self.attn) - len(self.kept_kv),
+                recomputed=self.recomputed,
             ),
             estimated_decode_speedup=full * len(self.decode_flops) / sum(self.decode_flops),
             finish_reason=finish,

@@ -122,7 +122,9 @@ class AdaSkipPolicy:
     moments fall back to scalar). ``keep_kv``: skipped attention sublayers still cache their keys and values and
     run in decode (else the paper: no cache, skipped in decode too). ``tail``: the last prompt tokens that run
     every sublayer (a count, or ``"last_user_turn"``); ``head``: the first prompt tokens that do (token 0 is the
-    attention sink); no skipping for prompts not longer than head and integer tail together.
+    attention sink); no skipping for prompts not longer than head and integer tail together. ``recompute``: the
+    fraction of the other prompt tokens that the tail attends to most, recomputed through every sublayer before the
+    tail runs (question-aware evidence recompute, ``SkipPlan.recompute``; 0 = off).
     ``rank_by``: ``"similarity"`` (the paper's IO similarity) or ``"error"`` (the residual error of the
     sublayer's compensation, where the profile has moments).
     """
@@ -140,6 +142,7 @@ class AdaSkipPolicy:
     keep_kv: bool = True
     tail: Tail = 64
     head: int = 1
+    recompute: float = 0.0
     rank_by: Literal["similarity", "error"] = "similarity"
 
     def __post_init__(self) -> None:
@@ -150,7 +153,7 @@ class AdaSkipPolicy:
         for name in ("keep_kv", "cost_aware", "robust_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        SkipPlan(tail=self.tail, head=self.head)  # their types and ranges
+        SkipPlan(tail=self.tail, head=self.head, recompute=self.recompute)  # their types and ranges
         budget_count(self.budget, 10**6)  # type and range of the value itself
         for name in ("warmup", "window", "refresh_every"):
             check_int(name, getattr(self, name), 0)
@@ -181,7 +184,9 @@ class AdaSkipPolicy:
         plan = top_k_plan(score, {sub: compensation(sub) for sub in chosen}, budget, ranking, n)
         if self.keep_kv:
             plan = SkipPlan(prefill_attn=plan.attn, ffn=plan.ffn)
-        return dataclasses.replace(plan, tail=self.tail, head=self.head) if not plan.is_empty else plan
+        if plan.is_empty:
+            return plan
+        return dataclasses.replace(plan, tail=self.tail, head=self.head, recompute=self.recompute)
 
     @staticmethod
     def beta(profile: Profile, budget: int) -> float:

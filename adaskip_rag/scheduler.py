@@ -60,6 +60,8 @@ class _Job:
     phase: Phase
     probes: Probes | None
     logits_to_keep: int
+    positions: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
     fed: int = 0
     logits: list[torch.Tensor] = field(default_factory=list)
     done: bool = False
@@ -74,10 +76,24 @@ class _Job:
         """The row of the next ``budget`` tokens (at least the plan's protected head in a first chunk), and how
         many of its logits the forward's caller wants (the rest are dropped)."""
         take = min(self.remaining, max(budget, self.plan.head if self.fed == 0 else 0))
+        if self.attention is not None:  # a row that only looks sees its own keys only within one chunk
+            take = self.remaining
         after = self.remaining - take
         wanted = take if self.logits_to_keep == 0 else max(0, min(take, self.logits_to_keep - after))
-        ids = self.ids[self.fed : self.fed + take]
-        row = Row(ids, self.position + self.fed, self.cache, self.plan, self.phase, self.probes, max(wanted, 1))
+        part = slice(self.fed, self.fed + take)
+        positions = None if self.positions is None else self.positions[part]
+        position = self.position + self.fed if positions is None else int(positions[0])
+        row = Row(
+            self.ids[part],
+            position,
+            self.cache,
+            self.plan,
+            self.phase,
+            self.probes,
+            max(wanted, 1),
+            positions,
+            self.attention,
+        )
         return row, wanted
 
 
@@ -178,10 +194,13 @@ class Scheduler:
         phase: Phase,
         probes: Probes | None,
         logits_to_keep: int,
+        positions: torch.Tensor | None = None,
+        attention: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``ids`` (q,) of an admitted request in the coming steps (see :class:`~adaskip_rag.forward.Row`); the
         logits of its last ``logits_to_keep`` tokens (0 = all), (keep, vocab)."""
-        job, me = _Job(ticket, ids, position, cache, plan, phase, probes, logits_to_keep), threading.get_ident()
+        job = _Job(ticket, ids, position, cache, plan, phase, probes, logits_to_keep, positions, attention)
+        me = threading.get_ident()
         with self._cond:
             if ticket.evicted:
                 raise StreamIdle(

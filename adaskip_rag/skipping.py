@@ -22,6 +22,7 @@ class Sublayer(NamedTuple):
 
 
 SKIP_FIELDS = ("attn", "prefill_attn", "ffn", "decode_ffn")
+PROTECTION = ("tail", "head", "recompute")
 Tail = int | Literal["last_user_turn"]
 
 
@@ -67,6 +68,7 @@ class SkipPlan:
     prefill_attn: Mapping[int, Compensation] = field(default_factory=dict)
     tail: Tail = 0
     head: int = 0
+    recompute: float = 0.0
 
     def __post_init__(self) -> None:
         for name in SKIP_FIELDS:
@@ -80,6 +82,11 @@ class SkipPlan:
             raise ValueError(f"SkipPlan.tail must be a token count >= 0 or 'last_user_turn', got {tail!r}")
         if isinstance(self.head, bool) or not isinstance(self.head, int) or self.head < 0:
             raise ValueError(f"SkipPlan.head must be a token count >= 0, got {self.head!r}")
+        r = self.recompute
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise ValueError(f"SkipPlan.recompute must be a fraction in [0, 1), got {r!r}")
+        if r and not self.tail:
+            raise ValueError("SkipPlan.recompute picks the tokens the protected tail attends to: it needs a tail")
 
     @property
     def is_empty(self) -> bool:
@@ -125,14 +132,14 @@ class SkipPlan:
             return {"scale": c.scale.tolist(), "bias": c.bias.tolist()} if isinstance(c, Affine) else c
 
         out: dict[str, Any] = {name: {str(k): value(v) for k, v in getattr(self, name).items()} for name in SKIP_FIELDS}
-        return {**out, "tail": self.tail, "head": self.head}
+        return {**out, "tail": self.tail, "head": self.head, "recompute": self.recompute}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SkipPlan:
-        unknown = set(data) - {*SKIP_FIELDS, "tail", "head"}
+        unknown = set(data) - {*SKIP_FIELDS, *PROTECTION}
         if unknown:
             raise ValueError(f"SkipPlan: unknown fields {sorted(unknown)}")
-        fields: dict[str, Any] = {k: v if k in ("tail", "head") else dict(v) for k, v in data.items()}
+        fields: dict[str, Any] = {k: v if k in PROTECTION else dict(v) for k, v in data.items()}
         return cls(**fields)
 
 

@@ -30,6 +30,7 @@ class SkipStats:
     estimated_prefill_speedup: float
     estimated_decode_speedup: float
     finish_reason: str
+    recomputed_tokens: int = 0  # prompt tokens the tail attended to most, run again in full (evidence recompute)
     measured_prefill_speedup: float | None = None
     measured_in_this_request: bool = False
     # set when the request was served for a collection (learned plan); None for explicit plans
@@ -78,6 +79,8 @@ class SkipStats:
         where = f"[{self.collection}: {self.mode}] " if self.collection else ""
         kept = f" (KV kept: {self.attention_kv_kept})" if self.attention_kv_kept else ""
         tail = f"; last {self.protected_tail} prompt tokens in full" if self.protected_tail else ""
+        if self.recomputed_tokens:
+            tail += f", {self.recomputed_tokens} they attend to most recomputed"
         if self.skipped_every_sublayer:
             tail += "; every sublayer skipped in prefill"
         return where + (

@@ -221,6 +221,12 @@ def test_cost_model_matches_hand_computation():
     decode_attn = 4 * d * d * (1 + 3 / 9) + 4 * n * d
     decode_full = 30 * (decode_attn + 6 * d * dff) + 2 * d * 49152
     assert costs.speedup(n, 0, 4, "decode") == pytest.approx(decode_full / (decode_full - 4 * 6 * d * dff))
+    # 16 attention sublayers skipped keeping K/V, a head of 1 and a tail of 64 in full, 100 tokens recomputed after
+    # the tail looked once: per-token FLOPs of each part, weighted by its tokens
+    body = full - 16 * attn + 16 * 4 * d * d * (3 / 9)
+    tail = 30 * (decode_attn + 6 * d * dff)  # a tail token sees about n keys
+    left = (body * (n - 65) + tail * 2 * 64 + full * (1 + 100)) / n
+    assert costs.speedup(n, 16, 0, kept_kv=16, tail=64, head=1, recomputed=100) == pytest.approx(full / left)
 
 
 @pytest.mark.parametrize(
