@@ -15,8 +15,13 @@ Configurations, each at budgets 4, 8, 12, 16 and 24 sublayers (cumulative: each 
   +sink       so does the first token (the attention sink)
   +error      ranked by the residual error of the compensation instead of IO similarity
   tail 256    +sink with the last 256 prompt tokens protected (only with --configs)
+  +evidence r +error, and the r % (5, 10, 20) of the other prompt tokens the tail attends to most recomputed
+              through every sublayer before the tail runs (only with --configs)
+  +error tail t  +error with the last t (128, 256) prompt tokens protected (only with --configs)
 
-(AdaSkipPolicy()'s defaults are +sink.)
+(AdaSkipPolicy()'s defaults are +sink.) "served (default policy)" is a collection served as users get it: an engine
+with the default policy warms up on the calibration questions through ``collection=``, then answers the evaluation
+questions with the plan it learned (refreshes off).
 and the baselines Early Exit, SkipDecode and Unified Skipping at 4 and 8 layers (8 and 16 sublayers;
 --baseline-layers), the guarded budget (default configuration) and the full model. Per mode:
 
@@ -41,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
+import random
 import re
 import statistics
 import string
@@ -69,6 +76,7 @@ SETTINGS = {  # name: (dataset, context tokens)
 DEFAULT_SETTINGS = ("hotpotqa 4k", "squad 4k", "hotpotqa 2k", "squad 2k")
 QUICK_SETTINGS = ("hotpotqa 2k",)
 GUARD_TARGET = 0.95
+SERVED = "served (default policy)"
 PAPER = dict(compensation="scalar", keep_kv=False, tail=0, head=0)
 CONFIGS: dict[str, dict] = {  # cumulative
     "paper": PAPER,
@@ -80,6 +88,11 @@ CONFIGS: dict[str, dict] = {  # cumulative
     "+error": {"compensation": "affine", "keep_kv": True, "tail": 64, "head": 1, "rank_by": "error"},
     "tail 256": {"compensation": "affine", "keep_kv": True, "tail": 256, "head": 1},
 }
+ERROR = CONFIGS["+error"]
+for _r in (5, 10, 20):  # question-aware evidence recompute of r % of the body, over +error
+    CONFIGS[f"+evidence {_r}"] = {**ERROR, "recompute": _r / 100}
+for _t in (128, 256):
+    CONFIGS[f"+error tail {_t}"] = {**ERROR, "tail": _t}
 DEFAULT_CONFIGS = ("paper", "+bias", "+affine", "+kv", "+tail", "+sink", "+error")
 BUDGETS = (4, 8, 12, 16, 24)
 
@@ -124,6 +137,23 @@ def guarded_budget(engine: AdaSkipEngine, calibration: list[Item], tmp: str, sta
     return trail[-1], f"not settled after {len(trail) - 1} refreshes ({_trail(trail)})"
 
 
+def served_engine(engine: AdaSkipEngine, calibration: list[Item], collection: str, tmp: str) -> AdaSkipEngine:
+    """An engine with the default policy that has served the ``calibration`` questions for ``collection`` (its
+    warm-up: the full model, learning; no shipped profile to start from): its later requests are skip requests
+    with the collection's learned plan, as users get them (no refreshes, to compare like with like)."""
+    os.environ["ADASKIP_PROFILES"] = tmp  # no shipped profile: the collection learns from its own queries only
+    served = AdaSkipEngine(
+        engine.model,
+        engine.tokenizer,
+        engine.name,
+        policy=AdaSkipPolicy(warmup=len(calibration), refresh_every=0),
+        store=SQLiteProfileStore(Path(tmp) / f"served-{collection}.sqlite"),
+    )
+    for item in calibration:
+        served.generate(rag_messages(item.document, item.question), collection=collection, max_new_tokens=1)
+    return served
+
+
 def _trail(budgets: list[int]) -> str:
     return " -> ".join(map(str, budgets))
 
@@ -139,7 +169,9 @@ def main() -> None:
         default=[4, 8],
         help="layer counts of the baselines (Early Exit, SkipDecode, Unified Skipping)",
     )
-    parser.add_argument("--guard-budget", type=int, default=24, help="the budget the quality guard starts from")
+    parser.add_argument(
+        "--guard-budget", type=int, default=24, help="the budget the quality guard starts from (0: no guard)"
+    )
     parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
     parser.add_argument("--calibration", type=int, default=8, help="questions per setting the profile is learned from")
     parser.add_argument("--questions", type=int, default=8, help="evaluation questions per setting")
@@ -175,17 +207,22 @@ def main() -> None:
                 profile = profile.merge(
                     Profile.from_probes(engine.fingerprint, setting, L, r.prefill_probes, r.stats.prompt_tokens)
                 )
-            guard_budget, guard_reason = guarded_budget(engine, calibration, tmp, args.guard_budget)
+            guard_budget, guard_reason = (
+                guarded_budget(engine, calibration, tmp, args.guard_budget) if args.guard_budget else (0, "not run")
+            )
 
             def adaskip(budget: int, profile: Profile = profile, **policy) -> Callable[[int], PlanSchedule]:
                 p = AdaSkipPolicy(budget=budget, **policy)
                 return lambda n: p.schedule(profile, n, engine.costs, budget)
 
+            served = served_engine(engine, calibration, setting, tmp)
             modes: dict[str, Callable[[int], PlanSchedule]] = {"full": lambda n: StaticSchedule(SkipPlan())}
             for config in args.configs:
                 for budget in args.budgets:
                     modes[f"{config} {budget}"] = adaskip(budget, **CONFIGS[config])
-            modes[f"guarded (budget {guard_budget})"] = adaskip(guard_budget)
+            modes[SERVED] = modes["full"]  # served by ``served`` for the collection
+            if args.guard_budget:
+                modes[f"guarded (budget {guard_budget})"] = adaskip(guard_budget)
             for k in args.baseline_layers:
                 modes[f"Early Exit {k}L"] = lambda n, k=k: early_exit(L, k)
                 modes[f"SkipDecode {k}L"] = lambda n, k=k: SkipDecode(L, k, args.max_new_tokens)
@@ -201,14 +238,12 @@ def main() -> None:
                 full_prefill = min(full.stats.prefill_seconds, again)  # the less disturbed of two full prefills
                 for name, make in modes.items():
                     # one prefill per mode: the greedy answer and the teacher forcing along the full answer
+                    how = {"collection": setting} if name == SERVED else {"plan": make(len(prompt))}
                     out = (
                         full
                         if name == "full"
-                        else engine.generate(
-                            messages,
-                            make(len(prompt)),
-                            max_new_tokens=args.max_new_tokens,
-                            teacher_forced_ids=full.token_ids,
+                        else (served if name == SERVED else engine).generate(
+                            messages, max_new_tokens=args.max_new_tokens, teacher_forced_ids=full.token_ids, **how
                         )
                     )
                     logits = full_logits if name == "full" else out.teacher_forced_logits
@@ -238,37 +273,45 @@ def main() -> None:
     print(f"plot: {args.plot}")
 
 
+def interval(values: list[float], statistic: Callable[[list[float]], float], level: float = 0.9) -> str:
+    """``statistic`` of ``values`` with its bootstrap ``level`` interval over the questions (2,000 resamples)."""
+    rng, rounds = random.Random(0), 2000
+    resampled = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(rounds))
+    low, high = resampled[int((1 - level) / 2 * rounds)], resampled[int((1 + level) / 2 * rounds) - 1]
+    return f"{statistic(values):.3f} [{low:.2f}, {high:.2f}]"
+
+
 def print_table(setting: str, metrics: dict[str, dict[str, list[float]]], guard_reason: str) -> None:
     mean_tokens = statistics.fmean(metrics["full"]["tokens"])
     print(f"{setting} (mean {mean_tokens:.0f} prompt tokens); quality guard (target {GUARD_TARGET}): {guard_reason}")
+    print("agreement: mean [90 % bootstrap interval]; prefill, e2e: median speedup [90 % interval]")
     header = (
-        f"{'mode':<22} | {'skips':>5} | {'F1':>5} | {'agreement':>9} | {'first':>5} | {'identical':>9} | "
-        f"{'KL':>7} | {'prefill':>7} | {'e2e':>6}"
+        f"{'mode':<22} | {'skips':>5} | {'F1':>5} | {'agreement':>19} | {'first':>5} | {'identical':>9} | "
+        f"{'KL':>7} | {'prefill':>19} | {'e2e':>19}"
     )
     print(header)
     print("-" * len(header))
     for name, m in metrics.items():
         mean = lambda key, m=m: statistics.fmean(m[key])
         print(
-            f"{name:<22} | {mean('skipped'):>5.1f} | {mean('f1'):>5.2f} | {mean('agreement'):>9.3f} | "
-            f"{mean('first'):>5.2f} | {mean('identical'):>9.2f} | {mean('kl'):>7.3f} | "
-            f"{statistics.median(m['prefill']):>6.2f}x | {statistics.median(m['e2e']):>5.2f}x"
+            f"{name:<22} | {mean('skipped'):>5.1f} | {mean('f1'):>5.2f} | "
+            f"{interval(m['agreement'], statistics.fmean):>19} | {mean('first'):>5.2f} | {mean('identical'):>9.2f} | "
+            f"{mean('kl'):>7.3f} | {interval(m['prefill'], statistics.median):>19} | "
+            f"{interval(m['e2e'], statistics.median):>19}"
         )
     print()
 
 
 def print_frontier(metrics: dict[str, dict[str, list[float]]], configs: list[str], budgets: list[int]) -> None:
-    """One line per configuration: agreement / KL / measured prefill speedup at each budget."""
-    print(f"{'frontier':<9} | " + " | ".join(f"{f'budget {b}: agree / KL / prefill':>30}" for b in budgets))
+    """Per configuration and budget: agreement, KL and measured prefill speedup, with 90 % intervals."""
+    print(f"{'frontier':<15} | {'budget':>6} | {'agreement':>19} | {'KL':>6} | {'prefill speedup':>19}")
     for config in configs:
-        cells = []
         for b in budgets:
             m = metrics[f"{config} {b}"]
-            cells.append(
-                f"{statistics.fmean(m['agreement']):>11.3f} / {statistics.fmean(m['kl']):>6.3f} / "
-                f"{statistics.median(m['prefill']):>6.2f}x"
+            print(
+                f"{config:<15} | {b:>6} | {interval(m['agreement'], statistics.fmean):>19} | "
+                f"{statistics.fmean(m['kl']):>6.3f} | {interval(m['prefill'], statistics.median):>19}"
             )
-        print(f"{config:<9} | " + " | ".join(cells))
     print()
 
 
