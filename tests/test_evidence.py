@@ -14,6 +14,7 @@ from adaskip_rag import AdaSkipEngine, SkipPlan
 from adaskip_rag.compensation import apply
 from adaskip_rag.forward import new_cache
 from adaskip_rag.generation import evidence_count, prefill, recompute_evidence
+from adaskip_rag.policies import AdaSkipPolicy
 
 
 def rotated(model, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -163,6 +164,10 @@ def test_recompute_is_checked():
             SkipPlan(ffn={1: 1.0}, tail=4, recompute=bad)
     plan = SkipPlan(ffn={1: 1.0}, tail=4, recompute=0.1)
     assert SkipPlan.from_dict(plan.to_dict()) == plan
+    with pytest.raises(ValueError, match="needs a tail"):
+        AdaSkipPolicy(tail=0, recompute=0.1)
+    with pytest.raises(ValueError, match="recompute must be a fraction"):
+        AdaSkipPolicy(recompute=1.5)
 
 
 def test_stats_count_the_recomputed_tokens_and_their_cost(tokenizer):
