@@ -329,7 +329,7 @@ class _Step:
         layer = row.cache.layers[i]
         assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
         if row.positions is not None:
-            at = row.positions.to(self.device)
+            at = self.position_ids[r][0]  # the row's positions, already on the device
             layer.keys[:, :, at], layer.values[:, :, at] = keys, values
             return layer.keys, layer.values
         return torch.cat([layer.keys, keys], -2), torch.cat([layer.values, values], -2)

@@ -60,6 +60,8 @@ def prefill(
     n = ids.shape[1]
     if plan.is_empty or not tail:
         return engine.forward(ids, 0, cache, plan, "prefill", probe, logits_to_keep, ticket)
+    if plan.recompute and "sliding_attention" in layer_types(engine.model):
+        raise ValueError("SkipPlan.recompute rewrites cached tokens: it needs a model without sliding-window layers")
     body = n - tail
     _, probes = engine.forward(ids[:, :body], 0, cache, plan, "prefill", probe, ticket=ticket)
     if plan.recompute:
@@ -106,8 +108,6 @@ def _checked(engine: AdaSkipEngine, answer: tuple[SkipPlan, bool]) -> tuple[Skip
     """A schedule's (plan, probe) for one step, its plan checked against the engine's model."""
     plan, probe = answer
     plan.check(engine.num_layers, engine.config.hidden_size)
-    if plan.recompute and "sliding_attention" in layer_types(engine.model):
-        raise ValueError("SkipPlan.recompute rewrites cached tokens: it needs a model without sliding-window layers")
     return plan, probe
 
 

@@ -75,9 +75,12 @@ class _Job:
     def chunk(self, budget: int) -> tuple[Row, int]:
         """The row of the next ``budget`` tokens (at least the plan's protected head in a first chunk), and how
         many of its logits the forward's caller wants (the rest are dropped)."""
-        take = min(self.remaining, max(budget, self.plan.head if self.fed == 0 else 0))
-        if self.attention is not None:  # a row that only looks sees its own keys only within one chunk
-            take = self.remaining
+        # a row that only looks sees its own keys only within one chunk: it is never split
+        take = (
+            self.remaining
+            if self.attention is not None
+            else min(self.remaining, max(budget, self.plan.head if self.fed == 0 else 0))
+        )
         after = self.remaining - take
         wanted = take if self.logits_to_keep == 0 else max(0, min(take, self.logits_to_keep - after))
         part = slice(self.fed, self.fed + take)

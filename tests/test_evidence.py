@@ -182,3 +182,11 @@ def test_stats_count_the_recomputed_tokens_and_their_cost(tokenizer):
     assert plain.estimated_prefill_speedup == c.speedup(*args)
     assert stats.estimated_prefill_speedup == c.speedup(*args, recomputed=4) < plain.estimated_prefill_speedup
     assert "4 they attend to most recomputed" in stats.summary()
+
+
+def test_recompute_is_refused_on_a_model_with_sliding_window_layers(tokenizer):
+    engine = AdaSkipEngine(tiny_model("mistral"), tokenizer)
+    with pytest.raises(ValueError, match="without sliding-window layers"):
+        engine.generate(prompt(40)[0].tolist(), evidence_plan(engine.model, 0.1), max_new_tokens=2)
+    # without recompute the same plan serves
+    assert engine.generate(prompt(40)[0].tolist(), evidence_plan(engine.model, 0.0), max_new_tokens=2).token_ids
