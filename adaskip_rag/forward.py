@@ -32,6 +32,7 @@ from .compensation import apply, moments
 from .skipping import Probe, SkipPlan, Sublayer
 
 Phase = Literal["prefill", "decode"]
+REWRITE_BLOCK = 64  # tokens of a rewriting row (evidence recompute) attended together, see _rewriting_attention
 
 
 def layer_types(model: PreTrainedModel) -> list[str]:
@@ -293,23 +294,16 @@ class _Step:
             start += n
             qr = q[:, :, part]
             keys, values = self._keys_values(i, r, k[:, :, part], v[:, :, part])
-            mask = self._row_mask(i, r, keys.shape[-2])
-            if mask is True:  # a prompt without a past: the plain causal mask
-                out = F.scaled_dot_product_attention(
-                    qr, keys, values, is_causal=True, scale=attn.scaling, enable_gqa=qr.shape[1] != keys.shape[1]
-                )
-            else:  # the query heads that share a KV head become queries of that head: keys and values are not copied
-                groups = qr.shape[1] // keys.shape[1]
-                folded = qr.reshape(1, keys.shape[1], groups * n, qr.shape[-1])
-                fold_mask = None if isinstance(mask, bool) else mask.repeat(1, 1, groups, 1)
-                if row.attention is None or fold_mask is None:
-                    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=fold_mask, scale=attn.scaling)
-                else:  # the weights themselves, to add up what the row attends to
-                    scores = (folded @ keys.transpose(-1, -2)) * attn.scaling
-                    weights = scores.masked_fill(~fold_mask, -math.inf).softmax(-1, dtype=torch.float32)
-                    row.attention += weights.sum((0, 1, 2))[: len(row.attention)]
-                    out = weights.to(values.dtype) @ values
-                out = out.view(qr.shape)
+            if row.positions is not None:
+                out = _rewriting_attention(qr, keys, values, self.position_ids[r][0], row.positions, attn.scaling)
+            else:
+                mask = self._row_mask(i, r, keys.shape[-2])
+                if mask is True:  # a prompt without a past: the plain causal mask
+                    out = F.scaled_dot_product_attention(
+                        qr, keys, values, is_causal=True, scale=attn.scaling, enable_gqa=qr.shape[1] != keys.shape[1]
+                    )
+                else:
+                    out = _folded_attention(qr, keys, values, mask, attn.scaling, row.attention)
             outs.append(out[0].transpose(0, 1).reshape(n, -1))
         return attn.o_proj(torch.cat(outs))[None]
 
@@ -335,9 +329,9 @@ class _Step:
         return torch.cat([layer.keys, keys], -2), torch.cat([layer.values, values], -2)
 
     def _row_mask(self, i: int, r: int, kv: int) -> torch.Tensor | bool:
-        """Which of ``kv`` cached keys each token of row ``r`` may see: those up to its own position, within the
-        window on a sliding-window layer. False when that is every key, True when it is the plain causal mask of a
-        sequence without a past (both without a mask tensor)."""
+        """Which of ``kv`` keys each token of row ``r`` (a row that follows them) may see: those up to its own
+        position, within the window on a sliding-window layer. False when that is every key, True when it is the
+        plain causal mask of a sequence without a past (both without a mask tensor)."""
         row, q = self.rows[r], len(self.rows[r].ids)
         window = self.config.sliding_window if self.types[i] == "sliding_attention" else None
         if row.appends and (window is None or kv <= window):
@@ -346,11 +340,7 @@ class _Step:
             if q == kv:
                 return True
         # positions relative to the keys at hand (a sliding-window cache holds only the last ones)
-        query = (
-            self.position_ids[r][0, :, None]
-            if row.positions is not None
-            else torch.arange(kv - q, kv, device=self.device)[:, None]
-        )
+        query = torch.arange(kv - q, kv, device=self.device)[:, None]
         key = torch.arange(kv, device=self.device)[None]
         allowed = key <= query
         if window is not None:
@@ -380,6 +370,46 @@ class _Step:
             position_embeddings=self.rotary[r],
         )
         return out
+
+
+def _folded_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | bool,
+    scale: float,
+    attention: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of queries ``q`` (1, heads, n, head_dim) over ``keys`` and ``values`` (1, kv_heads, kv, head_dim)
+    under ``mask`` (1, 1, n, kv; False: none). The query heads that share a KV head become queries of that head, so
+    keys and values are not copied. With ``attention``, the weights are computed explicitly and their sums over
+    heads and queries added to it (its entries: the first keys)."""
+    n, groups = q.shape[2], q.shape[1] // keys.shape[1]
+    folded = q.reshape(1, keys.shape[1], groups * n, q.shape[-1])
+    fold_mask = None if isinstance(mask, bool) else mask.repeat(1, 1, groups, 1)
+    if attention is None or fold_mask is None:
+        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=fold_mask, scale=scale)
+    else:
+        scores = (folded @ keys.transpose(-1, -2)) * scale
+        weights = scores.masked_fill(~fold_mask, -math.inf).softmax(-1, dtype=torch.float32)
+        attention += weights.sum((0, 1, 2))[: len(attention)]
+        out = weights.to(values.dtype) @ values
+    return out.view(q.shape)
+
+
+def _rewriting_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: torch.Tensor, positions: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of a rewriting row's queries ``q`` (1, heads, n, head_dim) at the ascending ``positions`` (``at``:
+    the same on the device), each over the cached keys up to its own position: in blocks of :data:`REWRITE_BLOCK`
+    tokens, each over the keys its last token sees (a masked attention scores every query against every key)."""
+    outs = []
+    for a in range(0, len(positions), REWRITE_BLOCK):
+        block = slice(a, a + REWRITE_BLOCK)
+        kv = int(positions[block][-1]) + 1
+        mask = (torch.arange(kv, device=at.device)[None] <= at[block, None])[None, None]
+        outs.append(_folded_attention(q[:, :, block], keys[:, :, :kv], values[:, :, :kv], mask, scale))
+    return torch.cat(outs, 2)
 
 
 def _ffn(layer: Any, x: torch.Tensor) -> torch.Tensor:

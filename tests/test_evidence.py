@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 from test_fidelity import ATOL, RTOL, plan_for, prompt, reference, rotate_half
 
-from adaskip_rag import AdaSkipEngine, SkipPlan
+from adaskip_rag import AdaSkipEngine, SkipPlan, forward
 from adaskip_rag.compensation import apply
 from adaskip_rag.forward import new_cache
 from adaskip_rag.generation import evidence_count, prefill, recompute_evidence
@@ -91,8 +91,9 @@ def evidence_plan(model, recompute: float, head: int = 1) -> SkipPlan:
     return SkipPlan(**{**vars(plan_for(model)), "tail": 6, "head": head, "recompute": recompute})
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_recompute_chooses_the_tokens_the_tail_attends_to_and_equals_the_reference(tokenizer, arch):
+@pytest.mark.parametrize("arch, block", [("llama", 64), ("qwen3", 64), ("llama", 3)])
+def test_recompute_chooses_the_tokens_the_tail_attends_to_and_equals_the_reference(tokenizer, arch, block, monkeypatch):
+    monkeypatch.setattr(forward, "REWRITE_BLOCK", block)  # 3: the 8 recomputed tokens attend in blocks of 3, 3, 2
     model = tiny_model(arch, dtype=torch.float64)
     engine = AdaSkipEngine(model, tokenizer)
     n, tail, plan = 40, 6, evidence_plan(model, 0.25)
