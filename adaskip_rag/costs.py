@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
+from .skipping import SkipPlan
+
 
 @dataclass(frozen=True)
 class CostModel:
@@ -49,6 +51,13 @@ class CostModel:
 
     def ffn(self) -> float:
         return 6 * self.hidden * self.ffn_hidden
+
+    def saving(self, kind: str, n: int, keep_kv: bool = False) -> float:
+        """Prefill FLOPs per token that skipping one ``kind`` ("attn" or "ffn") sublayer saves at context length n
+        (a skipped attention sublayer that keeps its cache still pays its K and V projections)."""
+        if kind == "ffn":
+            return self.ffn()
+        return self.attention(n, "prefill") - (self.keys_values() if keep_kv else 0.0)
 
     def head(self, phase: str) -> float:
         return 2 * self.hidden * self.vocab if phase == "decode" else 0.0
@@ -93,3 +102,21 @@ class CostModel:
             looks = tail if recomputed else 0
             left = (left * (n - tail - head) + tail_flops * (tail + looks) + head_flops * (head + recomputed)) / n
         return full / left if left > 0 else math.inf
+
+    def prefill_speedup(self, plan: SkipPlan, n: int, tail: int) -> float:
+        """:meth:`speedup` of the prefill of an n-token prompt under ``plan``, its last ``tail`` tokens protected (the
+        plan's tail resolved)."""
+        if plan.is_empty:
+            return 1.0
+        attn, ffn, kept_kv = plan.skips("prefill")
+        return self.speedup(
+            n,
+            len(attn),
+            len(ffn),
+            "prefill",
+            kept_kv=len(kept_kv),
+            tail=tail,
+            head=plan.head,
+            protected_skipped_attn=len(attn) - len(kept_kv),
+            recomputed=plan.recomputed_tokens(n - tail) if tail else 0,
+        )

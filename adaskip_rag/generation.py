@@ -72,11 +72,6 @@ def prefill(
     return logits, probes
 
 
-def evidence_count(plan: SkipPlan, body: int) -> int:
-    """How many of a ``body`` of prompt tokens (the protected head among them) ``plan`` recomputes."""
-    return round(plan.recompute * max(body - plan.head, 0))
-
-
 def recompute_evidence(
     engine: AdaSkipEngine, ids: torch.Tensor, body: int, cache: Any, plan: SkipPlan, ticket: Ticket | None = None
 ) -> list[int]:
@@ -85,7 +80,7 @@ def recompute_evidence(
     stored), and the ``plan.recompute`` fraction of body tokens past the head that it attends to most (summed over
     its tokens, heads and layers) are computed again through the same sublayers, their keys and values replacing
     the skipped prefill's. The positions recomputed."""
-    count = evidence_count(plan, body)
+    count = plan.recomputed_tokens(body)
     if not count:
         return []
     protected = plan.protected_plan()
@@ -322,6 +317,7 @@ class PlanRecord:
         self.kept_kv: list[int] = []
         self.ffn: list[int] = []
         self.tail = self.head = self.recomputed = 0
+        self.prefill_plan, self.prefill_tail = SkipPlan(), 0
         self.decode_attn: set[int] = set()
         self.decode_ffn: set[int] = set()
         self.decode_flops: list[float] = []
@@ -331,7 +327,8 @@ class PlanRecord:
         attn, ffn, kept_kv = plan.skips("prefill")
         self.attn, self.ffn, self.kept_kv, self.last = sorted(attn), sorted(ffn), sorted(kept_kv), plan
         self.tail, self.head = (tail, plan.head) if not plan.is_empty else (0, 0)
-        self.recomputed = evidence_count(plan, self.n - tail) if self.tail else 0
+        self.recomputed = plan.recomputed_tokens(self.n - tail) if self.tail else 0
+        self.prefill_plan, self.prefill_tail = plan, tail
 
     def decode(self, plan: SkipPlan) -> None:
         attn, ffn, _ = plan.skips("decode")
@@ -358,17 +355,7 @@ class PlanRecord:
             prefill_seconds=prefill_s,
             decode_seconds=decode_s,
             kv_bytes_saved=0,
-            estimated_prefill_speedup=self.costs.speedup(
-                self.n,
-                len(self.attn),
-                len(self.ffn),
-                "prefill",
-                kept_kv=len(self.kept_kv),
-                tail=self.tail,
-                head=self.head,
-                protected_skipped_attn=len(self.attn) - len(self.kept_kv),
-                recomputed=self.recomputed,
-            ),
+            estimated_prefill_speedup=self.costs.prefill_speedup(self.prefill_plan, self.n, self.prefill_tail),
             estimated_decode_speedup=full * len(self.decode_flops) / sum(self.decode_flops),
             finish_reason=finish,
             skipped_every_sublayer=len(self.attn) == len(self.ffn) == self.costs.layers,

@@ -33,20 +33,19 @@ def budget_count(budget: int | float, num_layers: int) -> int:
     return budget
 
 
-def rank(similarity: Mapping[Sublayer, float], costs: CostModel | None = None, n: int = 0) -> list[Sublayer]:
+def rank(
+    similarity: Mapping[Sublayer, float], costs: CostModel | None = None, n: int = 0, keep_kv: bool = False
+) -> list[Sublayer]:
     """Sublayers, most skippable first.
 
     AdaSkip: by IO similarity, highest first (attention and FFN pooled). Cost-aware (``costs`` given): by
-    importance per FLOP at context length ``n``, lowest first, where importance = 1 - similarity, so among
-    equally redundant sublayers the expensive ones go first.
+    importance per FLOP saved at context length ``n`` (``keep_kv``: skipped attention still computes its keys and
+    values), lowest first, where importance = 1 - similarity, so among equally redundant sublayers the ones that
+    save more go first.
     """
     if costs is None:
         return sorted(similarity, key=lambda s: (-similarity[s], s))
-
-    def per_flop(s: Sublayer) -> float:
-        cost = costs.attention(n, "prefill") if s.kind == "attn" else costs.ffn()
-        return (1.0 - similarity[s]) / cost
-
+    per_flop = lambda s: (1.0 - similarity[s]) / costs.saving(s.kind, n, keep_kv)  # noqa: E731
     return sorted(similarity, key=lambda s: (per_flop(s), s))
 
 
@@ -56,10 +55,11 @@ def top_k_plan(
     budget: int,
     costs: CostModel | None = None,
     n: int = 0,
+    keep_kv: bool = False,
 ) -> SkipPlan:
     """Skip the first ``budget`` sublayers of :func:`rank`, each replaced by its compensation in ``scales``."""
     chosen: dict[str, dict[int, Compensation]] = {"attn": {}, "ffn": {}}
-    for sub in rank(similarity, costs, n)[:budget]:
+    for sub in rank(similarity, costs, n, keep_kv)[:budget]:
         chosen[sub.kind][sub.layer] = scales[sub]
     return SkipPlan(attn=chosen["attn"], ffn=chosen["ffn"])
 
@@ -113,7 +113,7 @@ class AdaSkipPolicy:
     ``probe_every``: once a collection plans from its own profile, a skip request's prefill is probed (the
     sublayers it runs measured for the profile) on every n-th query only (1 = every one): probes cost 3-10 % of a
     prefill, and the profile's means need few samples. Warm-up and refresh requests are always probed.
-    ``cost_aware``: rank by importance per FLOP at the request's context length. ``robust_scale``: scales
+    ``cost_aware``: rank by importance per FLOP saved at the request's context length. ``robust_scale``: scales
     without the attention-sink token 0 (else the paper's whole-prompt ratio). ``quality_target``: if set, a
     teacher-forced top-1 agreement with the full model (0..1) that the quality guard keeps the budget above.
 
@@ -127,6 +127,11 @@ class AdaSkipPolicy:
     tail runs (question-aware evidence recompute, ``SkipPlan.recompute``; 0 = off).
     ``rank_by``: ``"similarity"`` (the paper's IO similarity) or ``"error"`` (the residual error of the
     sublayer's compensation, where the profile has moments).
+
+    ``min_gain``: a prompt is skipped in only where the cost model estimates at least this prefill speedup for its
+    plan at the prompt's length (the protected head and integer tail, the K/V projections of skipped attention and
+    any recompute counted); shorter prompts, where these cost more than the skips save, run in full (1 = always
+    skip, as planned).
     """
 
     budget: int | float = 8
@@ -144,6 +149,7 @@ class AdaSkipPolicy:
     head: int = 1
     recompute: float = 0.0
     rank_by: Literal["similarity", "error"] = "similarity"
+    min_gain: float = 1.05
 
     def __post_init__(self) -> None:
         if self.compensation not in MODES:
@@ -161,9 +167,11 @@ class AdaSkipPolicy:
         if self.quality_target is not None:
             check_real("quality_target", self.quality_target, lambda q: 0 < q <= 1, "a number in (0, 1]")
         check_int("guard_step", self.guard_step, 1)
+        check_real("min_gain", self.min_gain, lambda g: 1 <= g < 10, "a number in [1, 10)")
 
     def prefill_plan(self, profile: Profile, n: int, costs: CostModel, budget: int) -> SkipPlan:
-        """The prefill plan for a prompt of ``n`` tokens: the ``budget`` most skippable sublayers, compensated."""
+        """The prefill plan for a prompt of ``n`` tokens: the ``budget`` most skippable sublayers, compensated, where
+        that pays (``min_gain``)."""
         if n <= self.head + (self.tail if isinstance(self.tail, int) else 0):
             return SkipPlan()  # the whole prompt is protected
         scales = profile.mean("scale_no_sink" if self.robust_scale else "scale")
@@ -180,13 +188,15 @@ class AdaSkipPolicy:
         else:
             score = profile.mean("similarity")
         ranking = costs if self.cost_aware else None
-        chosen = rank(score, ranking, n)[:budget]  # only the chosen sublayers are fitted
-        plan = top_k_plan(score, {sub: compensation(sub) for sub in chosen}, budget, ranking, n)
+        chosen = rank(score, ranking, n, self.keep_kv)[:budget]  # only the chosen sublayers are fitted
+        plan = top_k_plan(score, {sub: compensation(sub) for sub in chosen}, budget, ranking, n, self.keep_kv)
         if self.keep_kv:
             plan = SkipPlan(prefill_attn=plan.attn, ffn=plan.ffn)
         if plan.is_empty:
             return plan
-        return dataclasses.replace(plan, tail=self.tail, head=self.head, recompute=self.recompute)
+        plan = dataclasses.replace(plan, tail=self.tail, head=self.head, recompute=self.recompute)
+        tail = self.tail if isinstance(self.tail, int) else 0
+        return plan if costs.prefill_speedup(plan, n, tail) >= self.min_gain else SkipPlan()
 
     @staticmethod
     def beta(profile: Profile, budget: int) -> float:

@@ -123,6 +123,10 @@ class SkipPlan:
             return {**self.attn, **self.prefill_attn}, dict(self.ffn), set(self.prefill_attn)
         return dict(self.attn), {**self.ffn, **self.decode_ffn}, set()
 
+    def recomputed_tokens(self, body: int) -> int:
+        """How many of a ``body`` of prompt tokens (the protected head among them) evidence recompute runs again."""
+        return round(self.recompute * max(body - self.head, 0))
+
     def protected_plan(self) -> SkipPlan:
         """The plan of the protected head and tail: every sublayer runs, except attention that has no cache."""
         return SkipPlan(attn=self.attn)

@@ -21,7 +21,8 @@ Configurations, each at budgets 4, 8, 12, 16 and 24 sublayers (cumulative: each 
 
 (AdaSkipPolicy()'s defaults are +sink.) "served (default policy)" is a collection served as users get it: an engine
 with the default policy warms up on the calibration questions through ``collection=``, then answers the evaluation
-questions with the plan it learned (refreshes off).
+questions with the plan it learned (refreshes off); --served adds engines with other policies over the same profile
+(budget 12, cost-aware ranking).
 and the baselines Early Exit, SkipDecode and Unified Skipping at 4 and 8 layers (8 and 16 sublayers;
 --baseline-layers), the guarded budget (default configuration) and the full model. Per mode:
 
@@ -76,7 +77,12 @@ SETTINGS = {  # name: (dataset, context tokens)
 DEFAULT_SETTINGS = ("hotpotqa 4k", "squad 4k", "hotpotqa 2k", "squad 2k")
 QUICK_SETTINGS = ("hotpotqa 2k",)
 GUARD_TARGET = 0.95
-SERVED = "served (default policy)"
+SERVED: dict[str, dict] = {  # a collection served through ``collection=``, with these changes to the default policy
+    "served (default policy)": {},
+    "served budget 12": {"budget": 12},
+    "served cost-aware": {"cost_aware": True},
+    "served cost-aware 12": {"cost_aware": True, "budget": 12},
+}
 PAPER = dict(compensation="scalar", keep_kv=False, tail=0, head=0)
 CONFIGS: dict[str, dict] = {  # cumulative
     "paper": PAPER,
@@ -137,20 +143,28 @@ def guarded_budget(engine: AdaSkipEngine, calibration: list[Item], tmp: str, sta
     return trail[-1], f"not settled after {len(trail) - 1} refreshes ({_trail(trail)})"
 
 
-def served_engine(engine: AdaSkipEngine, calibration: list[Item], collection: str, tmp: str) -> AdaSkipEngine:
-    """An engine with the default policy that has served the ``calibration`` questions for ``collection`` (its
-    warm-up: the full model, learning; no shipped profile to start from): its later requests are skip requests
-    with the collection's learned plan, as users get them (no refreshes, to compare like with like)."""
+def served_engines(
+    engine: AdaSkipEngine, calibration: list[Item], collection: str, tmp: str, variants: list[str]
+) -> dict[str, AdaSkipEngine]:
+    """Engines with the policies of ``variants`` (of :data:`SERVED`) over one profile store, where the first has
+    served the ``calibration`` questions for ``collection`` (its warm-up: the full model, learning; no shipped
+    profile to start from): their later requests are skip requests with the collection's learned plan, as users
+    get them (no refreshes, to compare like with like)."""
     os.environ["ADASKIP_PROFILES"] = tmp  # no shipped profile: the collection learns from its own queries only
-    served = AdaSkipEngine(
-        engine.model,
-        engine.tokenizer,
-        engine.name,
-        policy=AdaSkipPolicy(warmup=len(calibration), refresh_every=0),
-        store=SQLiteProfileStore(Path(tmp) / f"served-{collection}.sqlite"),
-    )
+    store = SQLiteProfileStore(Path(tmp) / f"served-{collection}.sqlite")
+    served = {
+        name: AdaSkipEngine(
+            engine.model,
+            engine.tokenizer,
+            engine.name,
+            policy=AdaSkipPolicy(warmup=len(calibration), refresh_every=0, **SERVED[name]),
+            store=store,
+        )
+        for name in variants
+    }
     for item in calibration:
-        served.generate(rag_messages(item.document, item.question), collection=collection, max_new_tokens=1)
+        first = served[variants[0]]
+        first.generate(rag_messages(item.document, item.question), collection=collection, max_new_tokens=1)
     return served
 
 
@@ -164,7 +178,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(DEFAULT_CONFIGS))
     parser.add_argument(
         "--baseline-layers",
-        nargs="+",
+        nargs="*",
         type=int,
         default=[4, 8],
         help="layer counts of the baselines (Early Exit, SkipDecode, Unified Skipping)",
@@ -173,6 +187,9 @@ def main() -> None:
         "--guard-budget", type=int, default=24, help="the budget the quality guard starts from (0: no guard)"
     )
     parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
+    parser.add_argument(
+        "--served", nargs="+", choices=list(SERVED), default=list(SERVED)[:1], help="collections served with policies"
+    )
     parser.add_argument("--calibration", type=int, default=8, help="questions per setting the profile is learned from")
     parser.add_argument("--questions", type=int, default=8, help="evaluation questions per setting")
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -215,12 +232,13 @@ def main() -> None:
                 p = AdaSkipPolicy(budget=budget, **policy)
                 return lambda n: p.schedule(profile, n, engine.costs, budget)
 
-            served = served_engine(engine, calibration, setting, tmp)
+            served = served_engines(engine, calibration, setting, tmp, args.served)
             modes: dict[str, Callable[[int], PlanSchedule]] = {"full": lambda n: StaticSchedule(SkipPlan())}
             for config in args.configs:
                 for budget in args.budgets:
                     modes[f"{config} {budget}"] = adaskip(budget, **CONFIGS[config])
-            modes[SERVED] = modes["full"]  # served by ``served`` for the collection
+            for name in served:
+                modes[name] = modes["full"]  # served by ``served[name]`` for the collection
             if args.guard_budget:
                 modes[f"guarded (budget {guard_budget})"] = adaskip(guard_budget)
             for k in args.baseline_layers:
@@ -238,11 +256,11 @@ def main() -> None:
                 full_prefill = min(full.stats.prefill_seconds, again)  # the less disturbed of two full prefills
                 for name, make in modes.items():
                     # one prefill per mode: the greedy answer and the teacher forcing along the full answer
-                    how = {"collection": setting} if name == SERVED else {"plan": make(len(prompt))}
+                    how = {"collection": setting} if name in served else {"plan": make(len(prompt))}
                     out = (
                         full
                         if name == "full"
-                        else (served if name == SERVED else engine).generate(
+                        else served.get(name, engine).generate(
                             messages, max_new_tokens=args.max_new_tokens, teacher_forced_ids=full.token_ids, **how
                         )
                     )

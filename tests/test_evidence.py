@@ -13,7 +13,7 @@ from test_fidelity import ATOL, RTOL, plan_for, prompt, reference, rotate_half
 from adaskip_rag import AdaSkipEngine, SkipPlan, forward
 from adaskip_rag.compensation import apply
 from adaskip_rag.forward import new_cache
-from adaskip_rag.generation import evidence_count, prefill, recompute_evidence
+from adaskip_rag.generation import prefill, recompute_evidence
 from adaskip_rag.policies import AdaSkipPolicy
 
 
@@ -105,7 +105,7 @@ def test_recompute_chooses_the_tokens_the_tail_attends_to_and_equals_the_referen
     with torch.no_grad():
         weights = torch.zeros(body, dtype=torch.float64)
         run_tokens(model, protected, ids[:, body:], torch.arange(body, n), kv, key_pos, True, weights)
-        count = evidence_count(plan, body)
+        count = plan.recomputed_tokens(body)
         assert count == round(0.25 * (body - 1)) == 8
         ranked = weights[1:].sort(descending=True).values
         assert ranked[count - 1] - ranked[count] > 1e-6  # the choice is not a near tie
@@ -137,7 +137,7 @@ def test_recomputing_every_body_token_gives_the_full_model_for_ffn_and_kv_keepin
     engine = AdaSkipEngine(model, tokenizer)
     plan = SkipPlan(prefill_attn={1: 0.9, 3: 1.1}, ffn={2: 0.8, 5: 1.2}, tail=4, head=1, recompute=0.999)
     ids = prompt(30, seed=5)
-    assert evidence_count(plan, 26) == 25
+    assert plan.recomputed_tokens(26) == 25
     logits, _ = prefill(engine, ids, new_cache(model), plan, tail=4, logits_to_keep=0)
     with torch.no_grad():
         full = model(ids).logits

@@ -1,5 +1,6 @@
 """AdaSkip learning: ranking, warm-up, online decode skips, baselines, refresh, cold start, quality guard."""
 
+import dataclasses
 import json
 import math
 
@@ -58,6 +59,27 @@ def test_ranking_and_scales_equal_hand_computation():
     assert AdaSkipPolicy.beta(profile, 7) == math.inf
 
 
+def test_prompts_too_short_for_the_plan_to_pay_run_in_full():
+    costs = CostModel(hidden=8, ffn_hidden=16, kv_ratio=1.0, vocab=10, layers=3)
+    policy = AdaSkipPolicy(budget=2, tail=4, head=1, min_gain=1.2)  # skips attn 1 (keeping K/V) and ffn 1
+
+    def by_hand(n: int) -> float:  # FLOPs per token: attention 512 + 16 n (K/V 256 of it), FFN 768
+        full = 3 * (512 + 16 * n) + 3 * 768
+        body = 2 * (512 + 16 * n) + 256 + 2 * 768
+        tail = 3 * (512 + 32 * n) + 3 * 768  # a tail token sees all n keys
+        return full * n / (body * (n - 5) + tail * 4 + full * 1)
+
+    assert by_hand(16) < 1.2 < by_hand(32)  # 1.176 and 1.258
+    for n in (16, 32):
+        plan = policy.prefill_plan(known_profile(), n, costs, 2)
+        assert costs.prefill_speedup(plan, n, 4) == pytest.approx(by_hand(n) if n == 32 else 1.0)
+    assert policy.prefill_plan(known_profile(), 16, costs, 2).is_empty
+    assert set(policy.prefill_plan(known_profile(), 32, costs, 2).prefill_attn) == {1}
+    assert not dataclasses.replace(policy, min_gain=1.0).prefill_plan(known_profile(), 16, costs, 2).is_empty
+    with pytest.raises(ValueError, match="min_gain"):
+        AdaSkipPolicy(min_gain=0.5)
+
+
 def test_cost_aware_ranking_prefers_expensive_sublayers_per_unit_of_importance():
     costs = CostModel(hidden=64, ffn_hidden=128, kv_ratio=0.5, vocab=100, layers=2)
     sims = {Sublayer("ffn", 0): 0.97, Sublayer("attn", 1): 0.96}
@@ -66,6 +88,10 @@ def test_cost_aware_ranking_prefers_expensive_sublayers_per_unit_of_importance()
     assert (1 - 0.96) / costs.attention(n) < (1 - 0.97) / costs.ffn()
     assert rank(sims, costs, n) == [Sublayer("attn", 1), Sublayer("ffn", 0)]
     assert rank(sims, costs, 1) == [Sublayer("ffn", 0), Sublayer("attn", 1)]  # at short contexts the FFN is dearer
+    # at n = 352 skipping the attention saves 24,576 + 128 * 352 = 69,632 FLOPs, 8,192 less where it keeps K/V:
+    # 0.04 / 69,632 < 0.03 / 49,152 < 0.04 / 61,440
+    assert rank(sims, costs, 352) == [Sublayer("attn", 1), Sublayer("ffn", 0)]
+    assert rank(sims, costs, 352, keep_kv=True) == [Sublayer("ffn", 0), Sublayer("attn", 1)]
 
 
 def test_budget_counts_and_fractions():
