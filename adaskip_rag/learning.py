@@ -165,7 +165,7 @@ class Learner:
             plan = SkipPlan()
         elif policy.refresh_every and (seen + 1) % policy.refresh_every == 0:
             if policy.quality_target is not None and budget == 0:  # else a guard at 0 could never rise again
-                scored = min(policy.guard_step, max_budget)
+                scored = min(policy.guard_budgets(max_budget), default=0)
             mode, schedule = "refresh", full
             plan = policy.prefill_plan(profile, n, self.costs, scored)
         else:
@@ -230,7 +230,8 @@ class Learner:
             }
             delta.state["measured"] = measured
             if decision.policy.quality_target is not None and fidelity is not None:
-                delta.state["guard"] = self._guard(decision.policy, decision.budget, decision.scored_budget, fidelity)
+                guard = decision.state.get("guard") or {}
+                delta.state["guard"] = self._guard(decision, guard.get("history", []), fidelity, measured["speedup"])
                 reason = delta.state["guard"]["reason"]
         stats.store_error = decision.store_error
         if stats.store_error is None:
@@ -253,17 +254,32 @@ class Learner:
         stats.measured_in_this_request = decision.mode == "refresh" and skip_prefill_seconds is not None
         return delta
 
-    def _guard(self, policy: AdaSkipPolicy, budget: int, scored: int, fidelity: float) -> dict:
-        """The guard's next budget: a step down when the scored plan misses the target, else a step up (or, at 0,
-        up to the scored budget)."""
-        target, step = policy.quality_target, policy.guard_step
+    def _guard(self, decision: Decision, history: list, fidelity: float, speedup: float) -> dict:
+        """The guard after a refresh that scored the plan of ``decision.scored_budget`` (its agreement ``fidelity``
+        and measured prefill ``speedup``): the largest of the policy's budgets whose last ``guard_window``
+        refreshes meet the quality target on average with an average speedup above 1, budgets not scored in the
+        last ``4 * guard_window`` refreshes counting as meeting it (so they are tried, from the top down); 0 when
+        none does."""
+        policy = decision.policy
+        target = policy.quality_target
         assert target is not None  # the guard runs only with a quality target
-        top = budget_count(policy.budget, self.num_layers)
-        if fidelity < target:
-            new = max(0, scored - step)
-        else:
-            new = scored if scored > budget else min(top, budget + step)
-        verb = "lowered to" if new < budget else "raised to" if new > budget else "kept at"
-        relation = "<" if fidelity < target else ">="
-        reason = f"quality guard: agreement {fidelity:.3f} {relation} target {target} at budget {scored}, {verb} {new}"
-        return {"budget": new, "reason": reason, "fidelity": fidelity}
+        history = [*history, [decision.scored_budget, fidelity, speedup]][-4 * policy.guard_window :]
+        windows = {b: [h for h in history if h[0] == b][-policy.guard_window :] for b in {h[0] for h in history}}
+        mean = lambda w, k: sum(h[k] for h in w) / len(w)  # noqa: E731
+        meets = lambda b: b not in windows or mean(windows[b], 1) >= target and mean(windows[b], 2) > 1  # noqa: E731
+        budgets = policy.guard_budgets(budget_count(policy.budget, self.num_layers))
+        new = next((b for b in budgets if meets(b)), 0)
+        verb = "lowered to" if new < decision.budget else "raised to" if new > decision.budget else "kept at"
+        judged = [f"budget {b}: {_window_text(windows[b])}" for b in sorted(windows, reverse=True)]
+        reason = f"quality guard (target {target}): {verb} {new}; " + "; ".join(judged)
+        return {"budget": new, "reason": reason, "history": history}
+
+
+def _window_text(window: list) -> str:
+    """A guard window's agreement and measured speedup: mean (least - most) over its refreshes."""
+    spread = lambda k: f"{min(h[k] for h in window):.3f}-{max(h[k] for h in window):.3f}"  # noqa: E731
+    fidelity, speedup = (sum(h[k] for h in window) / len(window) for k in (1, 2))
+    return (
+        f"agreement {fidelity:.3f} ({spread(1)}), prefill {speedup:.2f}x ({spread(2)}) over {len(window)} "
+        f"refresh{'es' if len(window) > 1 else ''}"
+    )

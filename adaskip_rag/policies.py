@@ -115,7 +115,9 @@ class AdaSkipPolicy:
     prefill, and the profile's means need few samples. Warm-up and refresh requests are always probed.
     ``cost_aware``: rank by importance per FLOP saved at the request's context length. ``robust_scale``: scales
     without the attention-sink token 0 (else the paper's whole-prompt ratio). ``quality_target``: if set, a
-    teacher-forced top-1 agreement with the full model (0..1) that the quality guard keeps the budget above.
+    teacher-forced top-1 agreement with the full model (0..1) for the quality guard: each refresh scores a budget,
+    and the guard serves the largest budget (from ``budget`` down in ``guard_step`` s) whose last ``guard_window``
+    refreshes meet the target on average with a measured prefill speedup above 1 (``learning.py``).
 
     Fidelity (see the README for what each costs and keeps): ``compensation``: what replaces a skipped
     sublayer, ``"scalar"`` (the paper), ``"bias"`` or ``"affine"`` (``compensation.py``; profiles without
@@ -143,6 +145,7 @@ class AdaSkipPolicy:
     robust_scale: bool = True
     quality_target: float | None = None
     guard_step: int = 2
+    guard_window: int = 5
     compensation: Mode = "affine"
     keep_kv: bool = True
     tail: Tail = 64
@@ -167,6 +170,7 @@ class AdaSkipPolicy:
         if self.quality_target is not None:
             check_real("quality_target", self.quality_target, lambda q: 0 < q <= 1, "a number in (0, 1]")
         check_int("guard_step", self.guard_step, 1)
+        check_int("guard_window", self.guard_window, 1)
         check_real("min_gain", self.min_gain, lambda g: 1 <= g < 10, "a number in [1, 10)")
 
     def prefill_plan(self, profile: Profile, n: int, costs: CostModel, budget: int) -> SkipPlan:
@@ -197,6 +201,10 @@ class AdaSkipPolicy:
         plan = dataclasses.replace(plan, tail=self.tail, head=self.head, recompute=self.recompute)
         tail = self.tail if isinstance(self.tail, int) else 0
         return plan if costs.prefill_speedup(plan, n, tail) >= self.min_gain else SkipPlan()
+
+    def guard_budgets(self, top: int) -> list[int]:
+        """The budgets the quality guard chooses from, largest first: ``top``, then ``guard_step`` fewer each."""
+        return list(range(top, 0, -self.guard_step))
 
     @staticmethod
     def beta(profile: Profile, budget: int) -> float:

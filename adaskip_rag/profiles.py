@@ -239,13 +239,27 @@ def _check_state(state: Any) -> None:
     guard = state.get("guard")
     if guard is not None and not (
         isinstance(guard, Mapping)
-        and set(guard) == {"budget", "reason", "fidelity"}
+        and {"budget", "reason"} <= set(guard) <= {"budget", "reason", "history", "fidelity"}  # fidelity: older
         and _is_int(guard["budget"])
         and guard["budget"] >= 0
         and isinstance(guard["reason"], str)
-        and fraction(guard["fidelity"])
+        and fraction(guard.get("fidelity"))
+        and isinstance(guard.get("history", []), list)
+        and len(guard.get("history", [])) <= 1000
+        and all(
+            isinstance(h, list)
+            and len(h) == 3
+            and _is_int(h[0])
+            and h[0] >= 0
+            and fraction(h[1])
+            and number(h[2])
+            and h[2] > 0
+            for h in guard.get("history", [])
+        )
     ):
-        raise _field("state.guard", "must hold an integer budget >= 0, a reason and a fidelity in [0, 1]")
+        raise _field(
+            "state.guard", "must hold an integer budget >= 0, a reason and a history of [budget, fidelity, speedup]"
+        )
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

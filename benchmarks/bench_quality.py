@@ -122,10 +122,11 @@ def f1(prediction: str, answers: list[str]) -> float:
 
 
 def guarded_budget(engine: AdaSkipEngine, calibration: list[Item], tmp: str, start: int) -> tuple[int, str]:
-    """The budget the quality guard settles on (default configuration). It starts at ``start`` and moves in steps
-    of 2 while it serves the calibration questions (at most three passes), each a refresh that scores the plan in
-    force. It has settled when its budget first rises again: the budget it scored then met the target."""
-    policy = AdaSkipPolicy(budget=start, warmup=0, refresh_every=1, quality_target=GUARD_TARGET, guard_step=2)
+    """The budget the quality guard serves (default configuration) after two passes over the ``calibration``
+    questions, each a refresh that scores the plan it serves (windows of 3 refreshes), starting from ``start``."""
+    policy = AdaSkipPolicy(
+        budget=start, warmup=0, refresh_every=1, quality_target=GUARD_TARGET, guard_step=2, guard_window=3
+    )
     guard = AdaSkipEngine(
         engine.model,
         engine.tokenizer,
@@ -134,13 +135,11 @@ def guarded_budget(engine: AdaSkipEngine, calibration: list[Item], tmp: str, sta
         store=SQLiteProfileStore(Path(tmp) / f"guard-{len(calibration)}-{id(calibration)}.sqlite"),
     )
     trail = [policy.budget]
-    for item in calibration * 3:
+    for item in calibration * 2:
         guard.generate(rag_messages(item.document, item.question), collection="calibration", max_new_tokens=16)
-        state = guard.learner.store.get(guard.fingerprint, "calibration").state
-        trail.append(state["guard"]["budget"])
-        if trail[-1] > trail[-2]:
-            return state["measured"]["budget"], f"settled at {state['measured']['budget']} ({_trail(trail)})"
-    return trail[-1], f"not settled after {len(trail) - 1} refreshes ({_trail(trail)})"
+        trail.append(guard.learner.store.get(guard.fingerprint, "calibration").state["guard"]["budget"])
+    state = guard.learner.store.get(guard.fingerprint, "calibration").state
+    return trail[-1], f"{' -> '.join(map(str, trail))}; {state['guard']['reason']}"
 
 
 def served_engines(
@@ -166,10 +165,6 @@ def served_engines(
         first = served[variants[0]]
         first.generate(rag_messages(item.document, item.question), collection=collection, max_new_tokens=1)
     return served
-
-
-def _trail(budgets: list[int]) -> str:
-    return " -> ".join(map(str, budgets))
 
 
 def main() -> None:

@@ -286,20 +286,20 @@ def test_stats_say_when_the_skip_set_changes(tokenizer, tmp_path):
 
 
 class FixedFidelity:
-    """Test double of the fidelity measurement of refresh requests."""
+    """Test double of the fidelity and speed measurements of refresh requests (the full prefill takes 1 s)."""
 
     def __init__(self, learner: Learner):
         self.learner = learner
         assert self.serve(None) == "warmup"  # the collection's first query: nothing to plan from yet
 
-    def serve(self, fidelity: float | None) -> str:
+    def serve(self, fidelity: float | None, skip_seconds: float = 0.8) -> str:
         decision = self.learner.decide("docs", 100)
         stats = SkipStats(100, 5, [], [], 0, 0, [], [], [], 1.0, 0.1, 0, 1.0, 1.0, "stop")
-        self.learner.record(decision, stats, probes=_all_probes(), fidelity=fidelity, skip_prefill_seconds=0.8)
+        self.learner.record(decision, stats, _all_probes(), fidelity=fidelity, skip_prefill_seconds=skip_seconds)
         return decision.mode
 
-    def refresh(self, fidelity: float) -> int:
-        assert self.serve(fidelity) == "refresh"
+    def refresh(self, fidelity: float, skip_seconds: float = 0.8) -> int:
+        assert self.serve(fidelity, skip_seconds) == "refresh"
         return self.learner.decide("docs", 100).budget
 
 
@@ -307,34 +307,44 @@ def _all_probes():
     return {Sublayer(k, i): Probe(0.9 + i / 100, 1.0, 1.0) for k in ("attn", "ffn") for i in range(6)}
 
 
-def test_quality_guard_shrinks_and_grows_back(tmp_path):
-    policy = AdaSkipPolicy(budget=8, warmup=1, window=0, refresh_every=1, quality_target=0.9, guard_step=2, tail=0)
+def guarded(tmp_path, **policy) -> tuple[Learner, FixedFidelity]:
+    policy = AdaSkipPolicy(warmup=1, window=0, refresh_every=1, quality_target=0.9, tail=0, **policy)
     learner = Learner("m", 6, CostModel(64, 128, 0.5, 100, 6), SQLiteProfileStore(tmp_path / "p.sqlite"), policy)
-    guard = FixedFidelity(learner)
-    assert learner.decide("docs", 100).budget == 8
+    return learner, FixedFidelity(learner)
+
+
+def test_quality_guard_settles_on_the_largest_budget_whose_window_meets_the_target(tmp_path):
+    learner, guard = guarded(tmp_path, budget=8, guard_step=2, guard_window=2)  # history: the last 8 refreshes
+    assert learner.decide("docs", 100).budget == 8  # budgets not scored yet count as meeting the target
     assert guard.refresh(0.5) == 6
-    assert guard.refresh(0.7) == 4
     assert guard.refresh(0.95) == 6
-    assert guard.refresh(0.99) == 8
-    assert guard.refresh(1.0) == 8  # never above the policy's budget
-    assert "kept at 8" in learner.decide("docs", 100).budget_reason
+    assert [guard.refresh(0.95) for _ in range(7)] == [6] * 6 + [8]  # 8's miss has left the last 8 refreshes
+    assert guard.refresh(0.88) == 6  # a window of one refresh
+    assert guard.refresh(0.8) == 4  # 6's window: 0.95 and 0.8, on average 0.875 < 0.9
+    reason = learner.decide("docs", 100).budget_reason
+    assert reason.startswith("quality guard (target 0.9): lowered to 4; budget 8: agreement 0.880")
+    assert "budget 6: agreement 0.875 (0.800-0.950), prefill 1.25x (1.250-1.250) over 2 refreshes" in reason
+    assert guard.refresh(1.0) == 4  # never above a budget whose window misses the target
 
 
-def test_quality_guard_at_zero_scores_the_next_step_up_and_can_rise_again(tmp_path):
-    policy = AdaSkipPolicy(budget=8, warmup=1, window=0, refresh_every=1, quality_target=0.9, guard_step=2, tail=0)
-    learner = Learner("m", 6, CostModel(64, 128, 0.5, 100, 6), SQLiteProfileStore(tmp_path / "p.sqlite"), policy)
-    guard = FixedFidelity(learner)
-    assert [guard.refresh(0.5) for _ in range(4)] == [6, 4, 2, 0]
+def test_quality_guard_needs_a_measured_speedup_above_one(tmp_path):
+    learner, guard = guarded(tmp_path, budget=4, guard_step=2, guard_window=2)
+    assert guard.refresh(0.95, skip_seconds=1.1) == 2  # faithful, but slower than the full model
+    assert guard.refresh(0.95, skip_seconds=0.9) == 2
+    assert "budget 4: agreement 0.950 (0.950-0.950), prefill 0.91x" in learner.decide("docs", 100).budget_reason
+
+
+def test_quality_guard_at_zero_scores_the_smallest_budget_and_can_rise_again(tmp_path):
+    learner, guard = guarded(tmp_path, budget=7, guard_step=2, guard_window=2)  # budgets 7, 5, 3 and 1
+    assert [guard.refresh(0.5) for _ in range(4)] == [5, 3, 1, 0]
     at_zero = learner.decide("docs", 100)
     skips = len(at_zero.plan.attn) + len(at_zero.plan.prefill_attn) + len(at_zero.plan.ffn)
-    assert (at_zero.budget, at_zero.scored_budget, skips) == (0, 2, 2)  # serves budget 0, scores budget 2
+    assert (at_zero.budget, at_zero.scored_budget, skips) == (0, 1, 1)  # serves budget 0, scores budget 1
     assert guard.refresh(0.5) == 0
-    assert "at budget 2, kept at 0" in learner.decide("docs", 100).budget_reason
-    assert guard.refresh(0.95) == 2
-    assert "at budget 2, raised to 2" in learner.decide("docs", 100).budget_reason
-    assert guard.refresh(0.95) == 4
-    measured = learner.store.get("m", "docs").state["measured"]
-    assert measured["budget"] == 2  # the speedup was measured for the plan scored, at budget 2
+    assert "kept at 0" in learner.decide("docs", 100).budget_reason
+    assert guard.refresh(0.95) == 0  # budget 1's window: 0.5 and 0.95
+    assert guard.refresh(0.95) == 1
+    assert learner.store.get("m", "docs").state["measured"]["budget"] == 1  # measured for the plan scored
 
 
 def test_policies_per_collection(tokenizer, tmp_path):

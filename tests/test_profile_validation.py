@@ -46,6 +46,10 @@ BAD = {
     "state.measured a number": _set(["state"], {"measured": 1}),
     "state unknown key": _set(["state"], {"colour": "red"}),
     "state.guard without budget": _set(["state"], {"guard": {"reason": "x", "fidelity": 0.5}}),
+    "state.guard history of numbers": _set(["state"], {"guard": {"budget": 2, "reason": "x", "history": [1, 2]}}),
+    "state.guard speedup negative": _set(
+        ["state"], {"guard": {"budget": 2, "reason": "x", "history": [[2, 0.9, -1.0]]}}
+    ),
     "sums a string": _set(["sums", "attn.scale"], "1,2,3"),
     "sums NaN": lambda d: d["sums"]["ffn.similarity"].__setitem__(0, float("nan")),
     "counts above queries": lambda d: d["counts"]["attn"].__setitem__(1, 10**6),
