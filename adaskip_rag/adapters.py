@@ -10,10 +10,22 @@ from typing import Any
 
 import torch
 
-from .requests import check_int
+from .policies import budget_count
+from .requests import check_int, check_real
 
 DEFAULT_COLLECTION = "default"  # the profile key of calls that name no collection and retrieved from none
-CALL_SETTINGS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "truncation")
+CALL_SETTINGS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "truncation",
+    "budget",
+    "quality_target",
+    "skip",
+)
 CALL_OPTIONS = ("json_schema", "tools", "tool_choice", "parallel_tool_calls")  # per call only, no setting
 
 
@@ -56,5 +68,21 @@ def check_stop(stop: list[str] | None) -> None:
         raise ValueError("stop strings must be non-empty")
 
 
-SETTING_CHECKS: dict[str, Callable[[Any], None]] = {"model": check_model, "device": check_device, "stop": check_stop}
+def check_budget(budget: int | float | None) -> None:
+    if budget is not None:
+        budget_count(budget, 10**6)  # its type and range; the model's sublayer count is checked per call
+
+
+def check_quality_target(target: float | None) -> None:
+    if target is not None:
+        check_real("quality_target", target, lambda q: 0 < q <= 1, "a number in (0, 1]")
+
+
+SETTING_CHECKS: dict[str, Callable[[Any], None]] = {
+    "model": check_model,
+    "device": check_device,
+    "stop": check_stop,
+    "budget": check_budget,
+    "quality_target": check_quality_target,
+}
 """The checks both adapters run on these settings at construction, before anything loads."""

@@ -26,6 +26,7 @@ from .forward import Phase, Probes, forward_rows
 from .generation import GenerationResult, generate_steps, learning_steps, teacher_forced
 from .learning import Learner, shipped_profile
 from .policies import AdaSkipPolicy
+from .profiles import check_collection
 from .prompts import ChatPrompts, Prompt
 from .requests import build_request
 from .scheduler import Scheduler, ServingLimits, Ticket
@@ -203,7 +204,9 @@ class AdaSkipEngine:
         lets the answer call them, ``tool_choice`` "auto" (default), "none", "any" or a tool's name, one call per
         answer unless ``parallel_tool_calls``: the calls are parsed into ``result.tool_calls``, not streamed.
 
-        ``collection``: instead of a plan, serve the request for this collection with the learned plan.
+        ``collection``: instead of a plan, serve the request for this collection with the learned plan; ``budget``
+        and ``quality_target`` override the collection's policy for this request (see :class:`AdaSkipPolicy`).
+        ``skip=False``: the full model, nothing skipped or learned.
         """
         stream = self.stream(prompt, plan, collection=collection, **kwargs)
         for _ in stream:
@@ -217,18 +220,28 @@ class AdaSkipEngine:
         plan: SkipPlan | PlanSchedule | None = None,
         *,
         collection: str | None = None,
+        skip: bool = True,
+        budget: int | float | None = None,
+        quality_target: float | None = None,
         **kwargs: Any,
     ) -> TextStream:
         """Like :meth:`generate`, as an iterator of text deltas (``.result`` is set at the end).
 
         Invalid arguments raise ValueError here, before any work is done.
         """
-        if collection is None:
+        if not isinstance(skip, bool):
+            raise ValueError(f"skip must be True or False, got {skip!r}")
+        policy = {k: v for k, v in (("budget", budget), ("quality_target", quality_target)) if v is not None}
+        if policy and collection is None:
+            raise ValueError("budget and quality_target set a collection's learned plan: pass collection= too")
+        if plan is not None and (collection is not None or not skip):
+            raise ValueError("pass a plan, or a collection to learn a plan for, or skip=False, not two of them")
+        if collection is None or not skip:
+            if collection is not None:
+                check_collection(collection)
             return TextStream(generate_steps(self, build_request(self, prompt, plan, **kwargs)))
-        if plan is not None:
-            raise ValueError("pass either a plan or a collection to learn a plan for, not both")
         req = build_request(self, prompt, None, **kwargs)
-        decision = self.learner.decide(collection, len(req.input_ids))
+        decision = self.learner.decide(collection, len(req.input_ids), **policy)
         return TextStream(learning_steps(self, dataclasses.replace(req, schedule=decision.schedule), decision))
 
     def teacher_forced(

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -136,9 +136,14 @@ class Learner:
     def policy_for(self, collection: str) -> AdaSkipPolicy:
         return self.policies.get(collection, self.policy)
 
-    def decide(self, collection: str, n: int) -> Decision:
+    def decide(self, collection: str, n: int, **policy_changes: Any) -> Decision:
+        """How the next request of ``collection`` (a prompt of ``n`` tokens) runs; ``policy_changes`` (fields of
+        :class:`AdaSkipPolicy`) change the collection's policy for this request."""
         check_collection(collection)
         policy = self.policy_for(collection)
+        if policy_changes:
+            policy = dataclasses.replace(policy, **policy_changes)
+            budget_count(policy.budget, self.num_layers)
         try:
             own = self._usable(self.calls(self.store.get, self.model_id, collection))
             model = self._usable(self.calls(self.store.global_profile, self.model_id))

@@ -69,6 +69,7 @@ class SkipStats:
         for name in ("estimated_prefill_speedup", "estimated_decode_speedup"):
             if not math.isfinite(data[name]):
                 data[name] = None
+        data["skipped_sublayers"] = self.skipped_sublayers
         data["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         data["decode_tokens_per_s"] = self.decode_tokens_per_s
         return data

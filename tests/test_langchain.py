@@ -319,6 +319,10 @@ def test_importing_the_package_leaves_other_models_callbacks_alone():
         ({"collection": ""}, "collection"),
         ({"device": "gpu9"}, "device"),
         ({"dtype": "float64"}, "dtype"),
+        ({"budget": -1}, "budget"),
+        ({"budget": 1.5}, "budget"),
+        ({"quality_target": 0}, "quality_target"),
+        ({"skip": "no"}, "skip"),
     ],
 )
 def test_bad_constructor_arguments_raise_naming_the_field(cls, kwargs, field):
@@ -344,6 +348,27 @@ def test_responses_name_the_model_and_empty_prompts_raise_in_both_classes(tiny_e
     for llm in (chat, completion):
         with pytest.raises(ValueError, match="prompt is empty"):
             llm.invoke("")
+
+
+def test_budget_quality_target_and_skip_at_construction_and_per_call(tokenizer, tmp_path):
+    from conftest import tiny_model
+
+    from adaskip_rag import AdaSkipEngine
+    from adaskip_rag.policies import AdaSkipPolicy
+    from adaskip_rag.stores import SQLiteProfileStore
+
+    policy = AdaSkipPolicy(budget=2, warmup=1, window=0, refresh_every=0, tail=0)
+    engine = AdaSkipEngine(
+        tiny_model("llama"), tokenizer, "tiny", store=SQLiteProfileStore(tmp_path / "p"), policy=policy
+    )
+    skipped = lambda llm, **kw: llm.invoke(QUESTION, **kw).response_metadata["adaskip"]["skipped_sublayers"]  # noqa: E731
+    chat = ChatAdaSkip(engine=engine, max_tokens=2, budget=4)
+    assert skipped(chat) == 0  # the collection's warm-up
+    assert skipped(chat) == 4 and skipped(chat, budget=3) == 3 and skipped(chat, skip=False) == 0
+    assert skipped(ChatAdaSkip(engine=engine, max_tokens=2, skip=False)) == 0
+    assert skipped(ChatAdaSkip(engine=engine, max_tokens=2)) == 2
+    reason = chat.invoke(QUESTION, quality_target=0.9).response_metadata["adaskip"]["budget_reason"]
+    assert reason.startswith("quality guard")
 
 
 def test_truncation_left_through_field_and_call(tiny_engine):
@@ -483,6 +508,9 @@ BAD_CALLS = [
     ({"truncation": "middle"}, "truncation"),
     ({"stop_token_ids": [1]}, "stop_token_ids"),
     ({"json_schema": 5}, "json_schema"),
+    ({"budget": 999}, "budget"),
+    ({"quality_target": 2}, "quality_target"),
+    ({"skip": "no"}, "skip"),
 ]
 
 

@@ -372,6 +372,37 @@ def test_policies_per_collection(tokenizer, tmp_path):
         _ = AdaSkipEngine(tiny_model("llama"), tokenizer, policy=AdaSkipPolicy(budget=13)).learner
 
 
+def test_budget_quality_target_and_skip_per_request(tokenizer, tmp_path):
+    engine = AdaSkipEngine(
+        tiny_model("llama"),
+        tokenizer,
+        name="tiny",
+        store=SQLiteProfileStore(tmp_path / "p.sqlite"),
+        policy=AdaSkipPolicy(budget=2, warmup=1, window=0, refresh_every=0, tail=0),
+    )
+    engine.generate(QUESTIONS[0], collection="docs", max_new_tokens=2)
+    run = lambda **kw: engine.generate(QUESTIONS[1], collection="docs", max_new_tokens=2, **kw).stats  # noqa: E731
+    assert run().skipped_sublayers == 2 and run(budget=5).skipped_sublayers == 5
+    assert run(budget=0.25).skipped_sublayers == 3  # a quarter of the 12 sublayers
+    guarded = run(quality_target=0.9)
+    assert guarded.budget == 2 and "quality guard" in guarded.budget_reason
+    full = run(skip=False)
+    assert full.skipped_sublayers == 0 and full.mode is None
+    assert engine.learner.store.get(engine.fingerprint, "docs").queries == 5  # the full request learned nothing
+    for kwargs, name in [
+        ({"budget": 13}, "between 0 and 12"),
+        ({"budget": "8"}, "budget"),
+        ({"quality_target": 1.5}, "quality_target"),
+        ({"skip": "no"}, "skip"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            run(**kwargs)
+    with pytest.raises(ValueError, match="collection="):
+        engine.generate(QUESTIONS[1], budget=4)
+    with pytest.raises(ValueError, match="not two of them"):
+        engine.generate(QUESTIONS[1], SkipPlan(ffn={1: 1.0}), skip=False)
+
+
 def test_learned_plans_use_affine_compensations_fitted_from_the_full_requests(tokenizer, tmp_path):
     engine = learning_engine(tokenizer, tmp_path, budget=3, warmup=2, window=0, refresh_every=0)
     for q in QUESTIONS[:3]:

@@ -125,6 +125,23 @@ def test_per_call_arguments(tiny):
     assert len(sampled) > 1  # temperature is honoured per call
 
 
+def test_budget_quality_target_and_skip_at_construction_and_per_call(tokenizer, tmp_path):
+    policy = AdaSkipPolicy(budget=2, warmup=1, window=0, refresh_every=0, tail=0)
+    engine = AdaSkipEngine(
+        tiny_model("llama"), tokenizer, "tiny", store=SQLiteProfileStore(tmp_path / "p"), policy=policy
+    )
+    stats = lambda llm, **kw: llm.complete("The capital of France is", **kw).additional_kwargs["adaskip"]  # noqa: E731
+    llm = AdaSkipLLM(engine=engine, max_tokens=2, budget=4)
+    assert stats(llm)["skipped_sublayers"] == 0  # the collection's warm-up
+    assert stats(llm)["skipped_sublayers"] == 4 and stats(llm, budget=3)["skipped_sublayers"] == 3
+    assert stats(llm, skip=False)["skipped_sublayers"] == 0
+    assert stats(AdaSkipLLM(engine=engine, max_tokens=2, skip=False))["skipped_sublayers"] == 0
+    assert stats(AdaSkipLLM(engine=engine, max_tokens=2))["skipped_sublayers"] == 2
+    assert stats(llm, quality_target=0.9)["budget_reason"].startswith("quality guard")
+    chat = llm.chat(MESSAGES, budget=1).additional_kwargs["adaskip"]
+    assert chat["skipped_sublayers"] == 1
+
+
 @pytest.mark.slow
 def test_acomplete_leaves_the_event_loop_free(full_engine):
     llm = AdaSkipLLM(engine=full_engine, max_tokens=24)
@@ -211,6 +228,9 @@ def test_query_engines_over_two_chroma_collections_build_two_profiles_automatica
         ({"collection": ""}, "collection"),
         ({"device": "gpu9"}, "device"),
         ({"dtype": "half"}, "dtype"),
+        ({"budget": -2}, "budget"),
+        ({"quality_target": 1.5}, "quality_target"),
+        ({"skip": 1}, "skip"),
     ],
 )
 def test_bad_constructor_arguments_raise_naming_the_field(kwargs, field):
@@ -313,6 +333,9 @@ BAD_CALLS = [
     ({"collection": 5}, "collection"),
     ({"truncation": "middle"}, "truncation"),
     ({"frobnicate": 1}, "frobnicate"),
+    ({"budget": 999}, "budget"),
+    ({"quality_target": 0}, "quality_target"),
+    ({"skip": "no"}, "skip"),
 ]
 
 

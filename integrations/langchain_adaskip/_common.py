@@ -54,6 +54,13 @@ class AdaSkipParams(BaseModel):
     stop: list[str] | None = None
     truncation: Literal["error", "left"] = "error"
     """``"left"``: keep the last tokens of a prompt longer than the context window instead of raising."""
+    budget: int | float | None = None
+    """Sublayers to skip in prefill, a count or a fraction of all sublayers; default: the engine's policy (8)."""
+    quality_target: float | None = None
+    """Teacher-forced agreement with the full model that the collection's quality guard keeps; default: the
+    engine's policy (no guard)."""
+    skip: bool = Field(default=True, strict=True)
+    """False: the full model, nothing skipped or learned."""
     engine: AdaSkipEngine | None = Field(default=None, exclude=True)
     """An engine to use instead of the shared one of ``model``."""
     ls_model_type: ClassVar[Literal["chat", "llm"]]

@@ -127,6 +127,17 @@ class AdaSkipLLM(FunctionCallingLLM):
     truncation: Literal["error", "left"] = Field(
         default="error", description='"left": keep the last tokens of a prompt longer than the context window.'
     )
+    budget: int | float | None = Field(
+        default=None,
+        description="Sublayers to skip in prefill, a count or a fraction of all sublayers; default: the engine's "
+        "policy (8).",
+    )
+    quality_target: float | None = Field(
+        default=None,
+        description="Teacher-forced agreement with the full model that the collection's quality guard keeps; "
+        "default: the engine's policy (no guard).",
+    )
+    skip: bool = Field(default=True, strict=True, description="False: the full model, nothing skipped or learned.")
     _engine: AdaSkipEngine | None = PrivateAttr(default=None)
 
     @field_validator(*SETTING_CHECKS)
