@@ -1,10 +1,18 @@
-"""Prompts as token ids: plain text, chat messages through the model's chat template (with tools), or ids."""
+"""Prompts as token ids: plain text, chat messages through the model's chat template (with tools), or ids.
+
+Chat messages and tools are untrusted text (retrieved documents, tool results, specs from other programs): a
+special token's text inside them (``<|im_end|>``) stays text, as the plain-text tokens of its characters, so only
+the template's own special tokens are control tokens. A prompt string is the opt-out: it is tokenized as it is,
+special tokens included, for callers who build raw prompts.
+"""
 
 from __future__ import annotations
 
 import functools
+import re
+import secrets
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
@@ -16,6 +24,14 @@ if TYPE_CHECKING:
 Prompt = str | Sequence[Mapping[str, Any]] | Sequence[int]
 Messages = Sequence[Mapping[str, Any]]
 Tools = Sequence[Mapping[str, Any]]
+
+
+class _Rendered(NamedTuple):
+    """A template's text whose ``sentinels`` stand for the added tokens' texts ``found`` in the content."""
+
+    text: str
+    sentinels: re.Pattern[str]
+    found: list[str]
 
 
 class ChatPrompts:
@@ -101,25 +117,84 @@ class ChatPrompts:
                 raise ValueError("tools need a prompt of chat messages")
             return items
         if all(isinstance(m, Mapping) for m in items):
-            return self.tokenizer(self.render(items, tools), add_special_tokens=False)["input_ids"]
+            return self._tokens(self._render_as_text(items, tools))[0]
         raise ValueError("prompt must be a string, a list of chat messages (dicts) or a list of token ids")
+
+    @functools.cached_property
+    def _added_tokens(self) -> tuple[set[int], re.Pattern[str] | None]:
+        """The ids of the tokenizer's added tokens (special or not: the tokenizer matches them whole, before its
+        model) and a pattern matching their texts, longest first."""
+        added = self.tokenizer.added_tokens_decoder
+        texts = sorted({t.content for t in added.values() if t.content}, key=len, reverse=True)
+        return set(added), re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    def _render_as_text(self, messages: Messages, tools: Tools | None, nonce: str = "") -> _Rendered:
+        """The template's text of ``messages`` and ``tools`` with every added token's text inside any of their strings
+        replaced by a sentinel, ``\ue000<nonce><index>\ue001``, where the nonce (random unless given) is one no
+        content can know."""
+        _, pattern = self._added_tokens
+        nonce = nonce or secrets.token_hex(8)
+        found: list[str] = []
+
+        def sentinel(m: re.Match[str]) -> str:
+            found.append(m.group())
+            return f"\ue000{nonce}{len(found) - 1}\ue001"
+
+        def neutral(value: Any) -> Any:
+            if isinstance(value, str):
+                return pattern.sub(sentinel, value) if pattern else value
+            if isinstance(value, Mapping):
+                return {neutral(k): neutral(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [neutral(v) for v in value]
+            return value
+
+        text = self.render([neutral(m) for m in messages], [neutral(t) for t in tools] if tools else None)
+        return _Rendered(text, re.compile(f"\ue000{nonce}(\\d+)\ue001"), found)
+
+    def _tokens(self, rendered: _Rendered) -> tuple[list[int], list[int]]:
+        """Token ids of a rendered template and the character offset in its text where each ends: the text between
+        sentinels as the tokenizer reads it, each sentinel as the plain-text tokens of the token text it stands
+        for."""
+        ids: list[int] = []
+        ends: list[int] = []
+        start, text = 0, rendered.text
+        for m in [*(rendered.sentinels.finditer(text) if rendered.found else []), None]:
+            piece = text[start : m.start() if m else len(text)]
+            if piece:
+                enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+                ids += enc["input_ids"]
+                ends += [start + end for _, end in enc["offset_mapping"]]
+            if m:
+                plain = self._plain(rendered.found[int(m.group(1))])
+                ids += plain
+                ends += [m.end()] * len(plain)
+                start = m.end()
+        return ids, ends
+
+    def _plain(self, text: str) -> list[int]:
+        """``text`` (an added token's) as plain-text tokens: no added token's id, halved until none is left."""
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if len(text) < 2 or not set(ids) & self._added_tokens[0]:
+            return ids
+        return self._plain(text[: len(text) // 2]) + self._plain(text[len(text) // 2 :])
 
     def user_turn_tokens(self, messages: Messages) -> int:
         """How many prompt tokens of ``messages`` run from the start of the last user message's content to the end
-        (what ``SkipPlan.tail="last_user_turn"`` protects)."""
+        (what ``SkipPlan.tail="last_user_turn"`` protects): found with a marker only this call knows."""
         last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
         if last is None:
             raise ValueError("SkipPlan.tail='last_user_turn': the prompt has no user message")
-        marker = "\u2063adaskip-user-turn\u2063"
+        nonce = secrets.token_hex(8)
+        marker = f"\u2063adaskip-user-turn-{nonce}\u2063"
         marked = [dict(m, content=marker) if i == last else m for i, m in enumerate(messages)]
-        start = self.render(marked).find(marker)  # the template puts the content there, verbatim
-        text = self.render(messages)
-        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        start = self._render_as_text(marked, None, nonce).text.find(marker)  # the content's place, verbatim
         if start < 0:
             raise ValueError(
                 f"SkipPlan.tail='last_user_turn': cannot find the last user turn in {self.name}'s template"
             )
-        return len(offsets) - next((i for i, (_, end) in enumerate(offsets) if end > start), len(offsets))
+        _, ends = self._tokens(self._render_as_text(messages, None, nonce))  # the same text up to ``start``
+        return len(ends) - next((i for i, end in enumerate(ends) if end > start), len(ends))
 
     def protected_tail(self, plan: SkipPlan, n: int, messages: Messages | None = None) -> int:
         """How many of the ``n`` prompt tokens ``plan``'s tail protects (for "last_user_turn", from the chat
