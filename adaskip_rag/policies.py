@@ -132,7 +132,7 @@ class AdaSkipPolicy:
 
     ``min_gain``: a prompt is skipped in only where the cost model estimates at least this prefill speedup for its
     plan at the prompt's length (the protected head and integer tail, the K/V projections of skipped attention and
-    any recompute counted); shorter prompts, where these cost more than the skips save, run in full (1 = always
+    any recompute counted); shorter prompts, where these cost more than the skips save, run in full (0 = always
     skip, as planned).
     """
 
@@ -171,7 +171,7 @@ class AdaSkipPolicy:
             check_real("quality_target", self.quality_target, lambda q: 0 < q <= 1, "a number in (0, 1]")
         check_int("guard_step", self.guard_step, 1)
         check_int("guard_window", self.guard_window, 1)
-        check_real("min_gain", self.min_gain, lambda g: 1 <= g < 10, "a number in [1, 10)")
+        check_real("min_gain", self.min_gain, lambda g: 0 <= g < 10, "a number in [0, 10)")
 
     def prefill_plan(self, profile: Profile, n: int, costs: CostModel, budget: int) -> SkipPlan:
         """The prefill plan for a prompt of ``n`` tokens: the ``budget`` most skippable sublayers, compensated, where

@@ -151,9 +151,9 @@ def test_policy_tail_protects_short_prompts_entirely_and_is_carried_by_the_plan(
     profile = profile_with_moments()
     costs = CostModel(hidden=8, ffn_hidden=16, kv_ratio=0.5, vocab=10, layers=3)
     assert AdaSkipPolicy(budget=2, tail=64, head=1).prefill_plan(profile, 65, costs, 2) == SkipPlan()
-    # one token left to skip in saves less than the protected ones cost: min_gain 1 plans it anyway
+    # one token left to skip in saves less than the protected ones cost: min_gain 0 plans it anyway
     assert AdaSkipPolicy(budget=2, tail=64, head=1).prefill_plan(profile, 66, costs, 2) == SkipPlan()
-    plan = AdaSkipPolicy(budget=2, tail=64, head=1, min_gain=1.0).prefill_plan(profile, 66, costs, 2)
+    plan = AdaSkipPolicy(budget=2, tail=64, head=1, min_gain=0).prefill_plan(profile, 66, costs, 2)
     assert (plan.head, plan.tail) == (1, 64)
     policy = AdaSkipPolicy(budget=2, tail="last_user_turn")
     assert policy.prefill_plan(profile, 65, costs, 2).tail == "last_user_turn"
