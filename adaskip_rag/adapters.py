@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from .checks import check_int, check_real
 from .policies import budget_count
-from .requests import check_int, check_real
 
 DEFAULT_COLLECTION = "default"  # the profile key of calls that name no collection and retrieved from none
 CALL_SETTINGS = (

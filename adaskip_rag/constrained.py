@@ -28,8 +28,11 @@ from xgrammar.structural_tag import (
     TriggeredTagsFormat,
 )
 
+from .checks import check_text
+
 JSONSchema = Mapping[str, Any] | str | type[BaseModel]
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
 _CALL = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)", re.DOTALL)
 
 
@@ -64,16 +67,36 @@ def check_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         raise ValueError("tools must be a non-empty list of function tools")
     checked: list[dict[str, Any]] = []
     for i, tool in enumerate(tools):
+        check_text(f"tools[{i}]", tool)
         function = tool.get("function") if isinstance(tool, Mapping) else None
-        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
             raise ValueError(f"tools[{i}] is not a function tool {{'type': 'function', 'function': {{'name': ...}}}}")
-        if not isinstance(function.get("parameters", {}), Mapping):
-            raise ValueError(f"tools[{i}] ({function['name']}): parameters must be a JSON schema object")
+        if not TOOL_NAME.fullmatch(function["name"]):
+            raise ValueError(
+                f"tools[{i}]: the name {function['name'][:80]!r} is not 1-64 letters, digits, '_' or '-' "
+                f"(as OpenAI requires)"
+            )
+        parameters = function.get("parameters", {"type": "object"})
+        if not isinstance(parameters, Mapping) or parameters.get("type", "object") != "object":
+            raise ValueError(f"tools[{i}] ({function['name']}): parameters must be a JSON schema of type 'object'")
         checked.append({"type": "function", "function": dict(function)})
     names = [str(t["function"]["name"]) for t in checked]
     if len(set(names)) != len(names):
         raise ValueError(f"tool names must be unique, got {names}")
     return checked
+
+
+def tool_choice(choice: Any) -> str | None:
+    """OpenAI's ``tool_choice`` as the engine's: None, "auto", "none", "any" (also "required") or a tool's name
+    (also ``{"type": "function", "function": {"name": ...}}``)."""
+    if isinstance(choice, Mapping):
+        function = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(function, Mapping) or not function.get("name"):
+            raise ValueError("tool_choice as an object must be {'type': 'function', 'function': {'name': ...}}")
+        choice = function["name"]
+    if choice is not None and not isinstance(choice, str):
+        raise ValueError(f"tool_choice must be 'auto', 'none', 'any', 'required' or a tool's name, got {choice!r}")
+    return "any" if choice == "required" else choice
 
 
 def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str = "auto", parallel: bool = False) -> xgr.Grammar:

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from .checks import check_int, check_real
 from .compensation import MODES, Compensation, Mode, fit, moments_width, residual_error
 from .costs import CostModel
 from .profiles import Profile
-from .requests import check_int, check_real
 from .skipping import Probe, SkipPlan, StaticSchedule, Sublayer, Tail
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import check_text
 from .compensation import check_moments
 from .skipping import Probe, Sublayer
 
@@ -37,6 +38,7 @@ def check_collection(key: str) -> str:
         raise ValueError(f"collection key is {len(key)} characters long; the limit is {MAX_COLLECTION_KEY}")
     if key == GLOBAL:
         raise ValueError(f"collection key {GLOBAL!r} is reserved for the model's global profile")
+    check_text("collection key", key)
     return key
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
+from .checks import check_text
 from .constrained import TOOL_CALL_OPEN
 
 if TYPE_CHECKING:
@@ -96,7 +97,9 @@ class ChatPrompts:
         """Token ids of a prompt string, a message list (through the chat template, with ``tools``) or a list of ids."""
         if tools:
             self.check_tool_support()
+        check_text("tools", tools)
         if isinstance(prompt, str):
+            check_text("prompt", prompt)
             if not prompt.strip():
                 raise ValueError("prompt is empty")
             if tools:
@@ -117,6 +120,7 @@ class ChatPrompts:
                 raise ValueError("tools need a prompt of chat messages")
             return items
         if all(isinstance(m, Mapping) for m in items):
+            check_text("messages", items)
             return self._tokens(self._render_as_text(items, tools))[0]
         raise ValueError("prompt must be a string, a list of chat messages (dicts) or a list of token ids")
 

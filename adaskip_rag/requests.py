@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -16,7 +15,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from .checks import check_int, check_real
 from .constrained import Constraint, JSONSchema, check_tools, json_grammar, tool_grammar
+from .constrained import tool_choice as as_tool_choice
 from .skipping import PlanSchedule, SkipPlan, StaticSchedule
 
 if TYPE_CHECKING:
@@ -161,8 +162,7 @@ def _grammar(
     ignore_eos: bool,
 ) -> tuple[Any, list[dict[str, Any]] | None]:
     """The grammar constrained decoding follows (None: free text), and the checked tools."""
-    if tool_choice is not None and not isinstance(tool_choice, str):
-        raise ValueError(f"tool_choice must be 'auto', 'none', 'any' or a tool's name, got {tool_choice!r}")
+    tool_choice = as_tool_choice(tool_choice)
     grammar, checked = None, None
     if tools is not None:
         if json_schema is not None:
@@ -176,17 +176,6 @@ def _grammar(
     if grammar is not None and ignore_eos:
         raise ValueError("ignore_eos cannot be combined with json_schema or tools: a finished answer ends with EOS")
     return grammar, checked
-
-
-def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
-
-
-def check_real(name: str, value: Any, ok: Callable[[float], bool], what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def sequence(name: str, values: Any) -> tuple:

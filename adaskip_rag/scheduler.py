@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from .checks import check_int, check_real
 from .forward import Phase, Probes, Row
-from .requests import check_int, check_real
 from .skipping import SkipPlan
 
 Runner = Callable[[Sequence[Row]], list[torch.Tensor]]
