@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import loading
-from .constrained import Grammars
+from .constrained import Grammars, SchemaLimits
 from .costs import CostModel
 from .forward import Phase, Probes, forward_rows
 from .generation import GenerationResult, generate_steps, learning_steps, teacher_forced
@@ -52,6 +52,7 @@ class AdaSkipEngine:
     together, one batched forward step for all (``serving`` sets the limits, see ``scheduler.py``). With
     ``collection="..."`` instead of a plan, it learns what to skip for that collection (``policy`` or the
     collection's entry in ``collection_policies``) and keeps the profile in ``store``; see ``learning.py``.
+    ``schema_limits`` bounds the JSON schemas of constrained decoding (see :class:`SchemaLimits`).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class AdaSkipEngine:
         store: ProfileStore | None = None,
         collection_policies: Mapping[str, AdaSkipPolicy] | None = None,
         serving: ServingLimits | None = None,
+        schema_limits: SchemaLimits | None = None,
     ):
         loading.check_layers(model)
         self.model = model.eval()
@@ -80,6 +82,7 @@ class AdaSkipEngine:
         self.scheduler = Scheduler(functools.partial(forward_rows, self.model), serving or ServingLimits())
         self.eos_token_ids = loading.eos_token_ids(model, tokenizer)
         self.prompts = ChatPrompts(tokenizer, self.name, self.config.vocab_size)
+        self.schema_limits = schema_limits or SchemaLimits()
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -106,6 +109,7 @@ class AdaSkipEngine:
         store: ProfileStore | None = None,
         collection_policies: Mapping[str, AdaSkipPolicy] | None = None,
         serving: ServingLimits | None = None,
+        schema_limits: SchemaLimits | None = None,
     ) -> AdaSkipEngine:
         """Load ``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder.
 
@@ -114,7 +118,14 @@ class AdaSkipEngine:
         model, tokenizer = loading.load(name_or_path, device=device, dtype=dtype, device_map=device_map)
         name = loading.model_label(name_or_path)
         return cls(
-            model, tokenizer, name, policy=policy, store=store, collection_policies=collection_policies, serving=serving
+            model,
+            tokenizer,
+            name,
+            policy=policy,
+            store=store,
+            collection_policies=collection_policies,
+            serving=serving,
+            schema_limits=schema_limits,
         )
 
     @classmethod
@@ -148,7 +159,7 @@ class AdaSkipEngine:
     @functools.cached_property
     def grammars(self) -> Grammars:
         """Grammar compiler of this tokenizer, for constrained decoding."""
-        return Grammars(self.tokenizer, self.config.vocab_size, sorted(self.eos_token_ids))
+        return Grammars(self.tokenizer, self.config.vocab_size, sorted(self.eos_token_ids), self.schema_limits)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of keys and values one layer caches per token."""

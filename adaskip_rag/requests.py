@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from .checks import check_int, check_real
-from .constrained import Constraint, JSONSchema, check_tools, json_grammar, tool_grammar
+from .constrained import Constraint, JSONSchema, SchemaLimits, check_tools, json_grammar, tool_grammar
 from .constrained import tool_choice as as_tool_choice
 from .skipping import PlanSchedule, SkipPlan, StaticSchedule
 
@@ -82,7 +82,7 @@ def build_request(
         raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     forced = token_ids("teacher_forced_ids", teacher_forced_ids, engine.config.vocab_size)
     stop_ids = token_ids("stop_token_ids", stop_token_ids, engine.config.vocab_size)
-    grammar, tools = _grammar(json_schema, tools, tool_choice, parallel_tool_calls, ignore_eos)
+    grammar, tools = _grammar(json_schema, tools, tool_choice, parallel_tool_calls, ignore_eos, engine.schema_limits)
     ids = _prompt_ids(engine, prompt, tools, truncation, max_new_tokens)
     messages = None if isinstance(prompt, str) else tuple(m for m in prompt if isinstance(m, Mapping)) or None
     if isinstance(schedule, StaticSchedule):
@@ -160,6 +160,7 @@ def _grammar(
     tool_choice: Any,
     parallel: bool,
     ignore_eos: bool,
+    limits: SchemaLimits,
 ) -> tuple[Any, list[dict[str, Any]] | None]:
     """The grammar constrained decoding follows (None: free text), and the checked tools."""
     tool_choice = as_tool_choice(tool_choice)
@@ -167,12 +168,12 @@ def _grammar(
     if tools is not None:
         if json_schema is not None:
             raise ValueError("pass json_schema or tools, not both")
-        checked = check_tools(tools)
+        checked = check_tools(tools, limits)
         grammar = tool_grammar(checked, "auto" if tool_choice is None else tool_choice, parallel)
     elif tool_choice is not None:
         raise ValueError("tool_choice needs tools")
     elif json_schema is not None:
-        grammar = json_grammar(json_schema)
+        grammar = json_grammar(json_schema, limits)
     if grammar is not None and ignore_eos:
         raise ValueError("ignore_eos cannot be combined with json_schema or tools: a finished answer ends with EOS")
     return grammar, checked

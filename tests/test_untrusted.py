@@ -2,12 +2,17 @@
 control tokens, the protected user turn cannot be moved by content, tool specs are checked as OpenAI checks them,
 and text that is not valid Unicode is a ValueError naming the argument."""
 
+import functools
+import re
+import time
+
 import pytest
 from conftest import tiny_model
 from transformers import AutoTokenizer
 
 from adaskip_rag import AdaSkipEngine
 from adaskip_rag.chat_templates import SMOLLM2_TOOLS
+from adaskip_rag.constrained import SchemaLimits
 from adaskip_rag.prompts import ChatPrompts
 from adaskip_rag.stores import SQLiteProfileStore
 
@@ -135,3 +140,59 @@ def test_unencodable_text_is_a_value_error_naming_the_argument(tools_engine, tmp
     engine = AdaSkipEngine(tools_engine.model, tools_engine.tokenizer, store=SQLiteProfileStore(tmp_path / "p"))
     with pytest.raises(ValueError, match="collection key is not valid Unicode"):
         engine.generate("hello", collection="docs\ud800", max_new_tokens=1)
+
+
+def optional_properties(n: int, note: str = "") -> dict:
+    return {"type": "object", "properties": {f"p{i}": {"type": "string", "description": note} for i in range(n)}}
+
+
+@pytest.mark.parametrize(
+    "schema, message",
+    [
+        ({"type": "string", "description": "x" * 70_000}, "SchemaLimits.max_bytes = 65536"),
+        (optional_properties(300), "SchemaLimits.max_properties = 256"),
+        ({"type": "object", "properties": {"a": optional_properties(200), "b": optional_properties(60)}}, "256"),
+        (functools.reduce(lambda s, _: {"type": "array", "items": s}, range(40), {"type": "string"}), "max_depth"),
+        ({"type": "integer", "multipleOf": 3}, "'multipleOf' at #"),
+        ({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}, "'if' at #"),
+        ({"anyOf": [{"type": "string"}, {"not": {"type": "null"}}]}, "'not' at #/anyOf/1"),
+        ({"$ref": "https://example.com/schema.json"}, "only references inside the schema"),
+        ({"type": "object", "properties": {"a": {"$ref": "other.json#/x"}}}, "at #/properties/a"),
+    ],
+)
+def test_schemas_beyond_the_limits_or_with_unenforced_keywords_are_refused(tiny_engine, schema, message):
+    with pytest.raises(ValueError, match=re.escape(message) if "=" in message else message):
+        tiny_engine.generate("Answer in JSON.", json_schema=schema, max_new_tokens=4)
+
+
+def test_schema_keywords_as_property_names_and_local_refs_are_fine(tiny_engine):
+    schema = {
+        "type": "object",
+        "properties": {"multipleOf": {"type": "integer"}, "if": {"$ref": "#/$defs/flag"}},
+        "$defs": {"flag": {"type": "boolean"}},
+    }
+    tiny_engine.generate("Answer in JSON.", json_schema=schema, max_new_tokens=4)
+
+
+def test_tool_parameters_share_the_schema_limits(tools_engine):
+    tool = {"type": "function", "function": {"name": "f", "parameters": optional_properties(300)}}
+    with pytest.raises(ValueError, match=r"tools\[0\] \(f\) parameters has more than SchemaLimits.max_properties"):
+        tools_engine.generate([{"role": "user", "content": "hi"}], tools=[tool], max_new_tokens=4)
+
+
+def test_compile_time_is_bounded_and_compiled_grammars_are_cached(tokenizer):
+    limits = SchemaLimits(max_bytes=10**6, max_properties=2_000, compile_seconds=0.05)
+    engine = AdaSkipEngine(tiny_model("llama"), tokenizer, name="tiny", schema_limits=limits)
+    assert engine.grammars.limits == limits  # the compiler is made before the clock starts
+    small = optional_properties(3, note="cached")
+    engine.generate("Answer in JSON.", json_schema=small, max_new_tokens=2)
+    cached = engine.grammars.compiler.get_cache_size_bytes()
+    engine.generate("Answer in JSON.", json_schema=small, max_new_tokens=2)
+    assert engine.grammars.compiler.get_cache_size_bytes() == cached
+    slow = optional_properties(600, note="unique to this test")  # about 2 s to compile
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"SchemaLimits.compile_seconds = 0.05 s"):
+        engine.generate("Answer in JSON.", json_schema=slow, max_new_tokens=2)
+    assert time.perf_counter() - started < 2.0
+    with pytest.raises(ValueError, match="compile_seconds"):
+        SchemaLimits(compile_seconds=0)
