@@ -300,7 +300,8 @@ class Grammars:
 
     def compile(self, grammar: xgr.Grammar) -> xgr.CompiledGrammar:
         """``grammar`` compiled (from the cache if it was before), or ValueError once that takes longer than
-        ``limits.compile_seconds`` (the compile goes on in its own thread, and is cached when it ends)."""
+        ``limits.compile_seconds`` (the compile goes on in its own thread, and is cached when it ends; the interpreter
+        waits for it at exit, which the other limits bound)."""
         done: concurrent.futures.Future[xgr.CompiledGrammar] = concurrent.futures.Future()
 
         def run() -> None:
@@ -309,7 +310,7 @@ class Grammars:
             except BaseException as exc:  # handed to the waiting request
                 done.set_exception(exc)
 
-        threading.Thread(target=run, name="adaskip-grammar", daemon=True).start()
+        threading.Thread(target=run, name="adaskip-grammar").start()  # not a daemon: C++ must not be cut off
         try:
             return done.result(timeout=self.limits.compile_seconds)
         except concurrent.futures.TimeoutError:
