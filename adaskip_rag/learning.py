@@ -74,7 +74,7 @@ class Decision:
     mode: Mode
     schedule: PlanSchedule
     plan: SkipPlan  # the skip plan in force for the collection (what a refresh scores)
-    source: str  # which profile chose the plan: collection, global, default, or none
+    source: str  # which profile chose the plan: collection, global, shipped, or none
     queries_seen: int
     budget: int
     scored_budget: int  # the budget of ``plan``: ``budget``, or the guard's next step up while it stands at 0
@@ -178,6 +178,8 @@ class Learner:
             probe = source != "collection" or (seen + 1) % policy.probe_every == 0
             mode, schedule = "skip", policy.schedule(profile, n, self.costs, budget, probe)
             plan = schedule.plan
+            if plan.is_empty and budget:
+                reason += f"; {policy.why_full(n)}"
         return Decision(
             collection, mode, schedule, plan, source, seen, budget, scored, reason, policy, state, store_error
         )
@@ -193,7 +195,7 @@ class Learner:
         if warm(model):
             return model, "global"
         if warm(self.default_profile):
-            return self.default_profile, "default"
+            return self.default_profile, "shipped"
         return None, "none"
 
     def learn(

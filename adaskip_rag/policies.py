@@ -202,6 +202,13 @@ class AdaSkipPolicy:
         tail = self.tail if isinstance(self.tail, int) else 0
         return plan if costs.prefill_speedup(plan, n, tail) >= self.min_gain else SkipPlan()
 
+    def why_full(self, n: int) -> str:
+        """Why :meth:`prefill_plan` skips nothing in a prompt of ``n`` tokens at a budget above 0."""
+        protected = self.head + (self.tail if isinstance(self.tail, int) else 0)
+        if n <= protected:
+            return f"nothing skipped: the protected head and tail cover all {n} prompt tokens"
+        return f"nothing skipped: at {n} prompt tokens the plan's estimated prefill speedup is below {self.min_gain}"
+
     def guard_budgets(self, top: int) -> list[int]:
         """The budgets the quality guard chooses from, largest first: ``top``, then ``guard_step`` fewer each."""
         return list(range(top, 0, -self.guard_step))

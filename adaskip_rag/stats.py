@@ -37,7 +37,7 @@ class SkipStats:
     collection: str | None = None
     mode: str | None = None  # warmup (full model, learning), skip, or refresh (full model, re-measuring)
     warming_up: bool = False
-    profile_source: str | None = None  # collection, global, default or none
+    profile_source: str | None = None  # collection, global, shipped or none
     queries_seen: int | None = None  # by the collection, this one included
     budget: int | None = None
     budget_reason: str | None = None

@@ -73,7 +73,7 @@ def test_new_collection_starts_from_the_shipped_profile(default_engine, tmp_path
     )
     ((doc, question),) = squad_questions(1, paragraphs=1)
     stats = engine.generate(rag_messages(doc, question), collection="fresh", max_new_tokens=8).stats
-    assert stats.profile_source == "default" and stats.mode == "skip" and not stats.warming_up
+    assert stats.profile_source == "shipped" and stats.mode == "skip" and not stats.warming_up
     assert stats.skipped_sublayers == engine.policy.budget
     assert (stats.protected_head, stats.protected_tail) == (1, 64) and stats.attention_kv_kept
     plan = engine.learner.decide("fresh", stats.prompt_tokens).plan  # fitted from the shipped profile's moments

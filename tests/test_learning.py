@@ -243,7 +243,7 @@ def test_cold_start_uses_the_shipped_profile_of_the_same_model_only(tokenizer, t
     monkeypatch.setenv("ADASKIP_PROFILES", str(tmp_path))
     (tmp_path / "tiny.json").write_text(json.dumps(profile.to_dict()))
     stats = engine.generate(QUESTIONS[0], collection="c", max_new_tokens=2).stats
-    assert stats.profile_source == "default" and stats.skipped_attention == [2, 3]
+    assert stats.profile_source == "shipped" and stats.skipped_attention == [2, 3]
 
     other = learning_engine(tokenizer, tmp_path / "other", budget=2, warmup=2, window=0, refresh_every=0)
     other.model.model.layers[0].mlp.down_proj.weight.data.mul_(1.01)  # different weights: another model
@@ -370,6 +370,23 @@ def test_policies_per_collection(tokenizer, tmp_path):
     assert fast.skipped_attention == sorted(expected.prefill_attn) and fast.skipped_ffn_prefill == sorted(expected.ffn)
     with pytest.raises(ValueError, match="between 0 and 12"):
         _ = AdaSkipEngine(tiny_model("llama"), tokenizer, policy=AdaSkipPolicy(budget=13)).learner
+
+
+def test_a_skip_request_that_skips_nothing_says_why(tokenizer, tmp_path):
+    engine = AdaSkipEngine(
+        tiny_model("llama"),
+        tokenizer,
+        name="tiny",
+        store=SQLiteProfileStore(tmp_path / "p.sqlite"),
+        policy=AdaSkipPolicy(budget=2, warmup=1, window=0, refresh_every=0, tail=64),
+    )
+    engine.generate(QUESTIONS[0], collection="docs", max_new_tokens=1)
+    stats = engine.generate(QUESTIONS[1], collection="docs", max_new_tokens=1).stats
+    assert stats.mode == "skip" and stats.skipped_sublayers == 0
+    assert stats.budget_reason.endswith(f"the protected head and tail cover all {stats.prompt_tokens} prompt tokens")
+    engine.learner.policy = dataclasses.replace(engine.learner.policy, tail=2, min_gain=5.0)
+    stats = engine.generate(QUESTIONS[1], collection="docs", max_new_tokens=1).stats
+    assert stats.skipped_sublayers == 0 and stats.budget_reason.endswith("estimated prefill speedup is below 5.0")
 
 
 def test_budget_quality_target_and_skip_per_request(tokenizer, tmp_path):
