@@ -495,6 +495,27 @@ def test_bind_tools_needs_a_template_with_tool_support(tiny_engine):
         ChatAdaSkip(engine=tiny_engine).bind_tools([get_weather])
 
 
+def test_tools_and_schemas_the_model_cannot_serve_raise_when_bound(default_path):
+    from conftest import tiny_model
+    from transformers import AutoTokenizer
+
+    from adaskip_rag import AdaSkipEngine
+    from adaskip_rag.chat_templates import SMOLLM2_TOOLS
+
+    tokenizer = AutoTokenizer.from_pretrained(default_path)
+    tokenizer.chat_template = SMOLLM2_TOOLS
+    chat = ChatAdaSkip(engine=AdaSkipEngine(tiny_model("llama"), tokenizer, name="tiny-tools"), max_tokens=8)
+    with pytest.raises(ValueError, match="'<lambda>' is not 1-64 letters"):
+        chat.bind_tools([lambda x: x])
+    for schema in (str, list[int], 5):
+        with pytest.raises(ValueError, match="schema must be a pydantic model class, a TypedDict or a JSON schema"):
+            chat.with_structured_output(schema)
+    untitled = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    with pytest.raises(ValueError, match="needs a 'title'"):
+        chat.with_structured_output(untitled, method="function_calling")
+    assert set(chat.with_structured_output(untitled).invoke("Give a.")) == {"a"}
+
+
 BAD_CALLS = [
     ({"temperature": "0.5"}, "temperature"),
     ({"temperature": float("inf")}, "temperature"),

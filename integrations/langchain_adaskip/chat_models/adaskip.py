@@ -18,8 +18,10 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
+from typing_extensions import is_typeddict
 
 from adaskip_rag import GenerationResult, SkipStats
+from adaskip_rag.constrained import check_tools
 from langchain_adaskip._common import AdaSkipParams, aemit_stats, emit_stats, stream_run_manager, usage
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
@@ -102,8 +104,9 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
         tool's name (must call it). One call per answer unless ``parallel_tool_calls``. Loads the model, to
         raise here if its chat template has no tool support.
         """
-        self.get_engine().prompts.check_tool_support()
-        formatted = [convert_to_openai_tool(t) for t in tools]
+        engine = self.get_engine()
+        engine.prompts.check_tool_support()
+        formatted = check_tools([convert_to_openai_tool(t) for t in tools], engine.schema_limits)
         choice = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
         return self.bind(tools=formatted, tool_choice=choice, parallel_tool_calls=parallel_tool_calls, **kwargs)
 
@@ -127,6 +130,12 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
         if kwargs:
             raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
         pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        if not (pydantic or isinstance(schema, dict) or is_typeddict(schema)):
+            raise ValueError(
+                f"schema must be a pydantic model class, a TypedDict or a JSON schema dict, got {schema!r}"
+            )
+        if method == "function_calling" and isinstance(schema, dict) and not isinstance(schema.get("title"), str):
+            raise ValueError("a JSON schema dict needs a 'title' for method='function_calling': it names the tool")
         if method == "function_calling":
             tool = convert_to_openai_tool(schema)
             name = tool["function"]["name"]
@@ -140,7 +149,7 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
             )
         elif method in ("json_schema", "json_mode"):
             # json_mode decodes under the schema too: a local grammar costs nothing, and the answer then parses
-            json_schema = convert_to_json_schema(schema)
+            json_schema = schema if isinstance(schema, dict) else convert_to_json_schema(schema)
             llm = self.bind(
                 json_schema=json_schema,
                 ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
