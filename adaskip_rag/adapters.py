@@ -4,6 +4,7 @@ settings and the call's keywords, and the model check they run at construction."
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,22 @@ from .checks import check_int, check_real
 from .policies import budget_count
 
 DEFAULT_COLLECTION = "default"  # the profile key of calls that name no collection and retrieved from none
+_warned_stores: set[str] = set()
+
+
+def default_collection(unnamed_store: str | None) -> str:
+    """:data:`DEFAULT_COLLECTION`, for a call that names no collection; if its chain retrieved from a vector store
+    without a collection name (``unnamed_store``: the store's type), say so once per store type."""
+    if unnamed_store is not None and unnamed_store not in _warned_stores:
+        _warned_stores.add(unnamed_store)
+        warnings.warn(
+            f"adaskip-rag cannot read a collection name from the {unnamed_store} this answer's context came from: "
+            f"answers from it are profiled under {DEFAULT_COLLECTION!r}; pass collection= to give them their own",
+            stacklevel=3,
+        )
+    return DEFAULT_COLLECTION
+
+
 CALL_SETTINGS = (
     "temperature",
     "top_p",

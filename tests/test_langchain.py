@@ -1,6 +1,7 @@
 """LangChain integration: the framework's own standard tests, skip metadata, callbacks, streaming."""
 
 import asyncio
+import warnings
 from typing import Any
 
 import pytest
@@ -514,6 +515,35 @@ def test_tools_and_schemas_the_model_cannot_serve_raise_when_bound(default_path)
     with pytest.raises(ValueError, match="needs a 'title'"):
         chat.with_structured_output(untitled, method="function_calling")
     assert set(chat.with_structured_output(untitled).invoke("Give a.")) == {"a"}
+
+
+def test_collections_of_other_vector_stores_and_a_warning_where_a_store_has_none(tiny_engine, monkeypatch):
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+    from langchain_core.runnables import RunnablePassthrough
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    from adaskip_rag import adapters
+
+    class NamedStore(InMemoryVectorStore):
+        collection_name = "manuals"  # as PGVector, Qdrant and Milvus name theirs
+
+    monkeypatch.setattr(adapters, "_warned_stores", set())
+    prompt = ChatPromptTemplate.from_template("Context: {context}\nQuestion: {question}")
+    chat = ChatAdaSkip(engine=tiny_engine, max_tokens=2)
+
+    def ask(store: InMemoryVectorStore) -> str:
+        store.add_texts(["Paris is the capital of France."])
+        context = store.as_retriever(search_kwargs={"k": 1}) | (lambda docs: docs[0].page_content)
+        chain = {"context": context, "question": RunnablePassthrough()} | prompt | chat
+        return chain.invoke("What is the capital?").response_metadata["adaskip"]["collection"]
+
+    embeddings = DeterministicFakeEmbedding(size=8)
+    assert ask(NamedStore(embeddings)) == "manuals"
+    with pytest.warns(UserWarning, match="collection name from the InMemoryVectorStore.*pass collection="):
+        assert ask(InMemoryVectorStore(embeddings)) == "default"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per store type
+        assert ask(InMemoryVectorStore(embeddings)) == "default"
 
 
 BAD_CALLS = [

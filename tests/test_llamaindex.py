@@ -142,6 +142,44 @@ def test_budget_quality_target_and_skip_at_construction_and_per_call(tokenizer, 
     assert chat["skipped_sublayers"] == 1
 
 
+def test_collections_of_other_vector_stores_and_a_warning_where_a_store_has_none(tiny, monkeypatch):
+    from typing import ClassVar
+
+    from llama_index.core import Document, MockEmbedding, VectorStoreIndex
+    from llama_index.core.vector_stores import SimpleVectorStore
+
+    from adaskip_rag import adapters
+
+    class NamedStore(SimpleVectorStore):
+        collection_name: ClassVar[str] = "manuals"  # as PGVector, Qdrant and Milvus name theirs
+
+    monkeypatch.setattr(adapters, "_warned_stores", set())
+    llm = AdaSkipLLM(engine=tiny, max_tokens=2)
+
+    def ask(store: SimpleVectorStore) -> None:
+        from llama_index.core import PromptTemplate, StorageContext
+
+        context = StorageContext.from_defaults(vector_store=store)
+        index = VectorStoreIndex.from_documents(
+            [Document(text="Paris is the capital of France.")], storage_context=context, embed_model=MockEmbedding(8)
+        )
+        template = PromptTemplate("{context_str}\n{query_str}")
+        engine = index.as_query_engine(
+            llm=llm, similarity_top_k=1, text_qa_template=template, response_mode="simple_summarize"
+        )
+        engine.query("Capital?")
+
+    events = StatsEvents(events=[])
+    get_dispatcher().add_event_handler(events)
+    try:
+        ask(NamedStore())
+        with pytest.warns(UserWarning, match="collection name from the SimpleVectorStore.*pass collection="):
+            ask(SimpleVectorStore())
+    finally:
+        get_dispatcher().event_handlers.remove(events)
+    assert [e["collection"] for e in events.events] == ["manuals", "default"]
+
+
 @pytest.mark.slow
 def test_acomplete_leaves_the_event_loop_free(full_engine):
     llm = AdaSkipLLM(engine=full_engine, max_tokens=24)

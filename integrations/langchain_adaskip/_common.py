@@ -17,7 +17,7 @@ from langchain_core.messages.ai import UsageMetadata
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from adaskip_rag import AdaSkipEngine, SkipStats
-from adaskip_rag.adapters import DEFAULT_COLLECTION, SETTING_CHECKS, call_arguments
+from adaskip_rag.adapters import SETTING_CHECKS, call_arguments, default_collection
 from adaskip_rag.loading import model_label
 from langchain_adaskip._retrieval import TRACKER
 
@@ -89,15 +89,17 @@ class AdaSkipParams(BaseModel):
         kwargs = dict(kwargs)
         engine = self.get_engine(kwargs.pop("model", None))
         metadata = getattr(run_manager, "metadata", None) or {}
+        parent = getattr(run_manager, "parent_run_id", None)
         collection = (
             kwargs.pop("collection", None)
             or metadata.get(COLLECTION_METADATA_KEY)
             or self.collection
-            or TRACKER.collection_of(getattr(run_manager, "parent_run_id", None))
+            or TRACKER.collection_of(parent)
+            or default_collection(TRACKER.unnamed_store(parent))
         )
         if stop is not None:
             kwargs["stop"] = stop
-        return engine, {"collection": collection or DEFAULT_COLLECTION, **call_arguments(self, kwargs)}
+        return engine, {"collection": collection, **call_arguments(self, kwargs)}
 
     @property
     def _identifying_params(self) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Automatic collection keys: an answer generated inside a run that retrieved from a ``langchain-chroma``
-collection is profiled under that collection's name.
+"""Automatic collection keys: an answer generated inside a run that retrieved from a vector store is profiled
+under the store's collection name (``runs.store_collection``: Chroma, PGVector, Qdrant, ...).
 
 LangChain's retriever events name no vector store, so a callback handler, added to every run by a configure
 hook, finds the retriever object of each retriever run it is told of (the suspended frames of the callback
@@ -26,17 +26,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.tracers.context import register_configure_hook
 
-from adaskip_rag.runs import RunTree
-
-
-def chroma_collection(retriever: BaseRetriever) -> str | None:
-    """The Chroma collection a ``langchain-chroma`` vector-store retriever reads, else None."""
-    try:
-        from langchain_chroma import Chroma
-    except ImportError:
-        return None
-    store = getattr(retriever, "vectorstore", None)
-    return store._collection.name if isinstance(store, Chroma) else None
+from adaskip_rag.runs import RunTree, store_collection
 
 
 def _stacks() -> Iterator[list[FrameType]]:
@@ -88,6 +78,9 @@ class RetrievalTracker(BaseCallbackHandler):
     def collection_of(self, run_id: UUID | None) -> str | None:
         return self.runs.collection_of(run_id)
 
+    def unnamed_store(self, run_id: UUID | None) -> str | None:
+        return self.runs.unnamed_store(run_id)
+
     def on_chain_start(
         self, serialized: Any, inputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
     ) -> None:
@@ -99,9 +92,9 @@ class RetrievalTracker(BaseCallbackHandler):
         # a coroutine, so that under an AsyncCallbackManager it runs on the event loop, where the retriever's
         # task can be seen, rather than in an executor thread
         retriever = retriever_of(run_id)
-        name = chroma_collection(retriever) if retriever is not None else None
-        if name is not None:
-            self.runs.retrieved(parent_run_id, name)
+        store = getattr(retriever, "vectorstore", None)  # a vector-store retriever's store
+        if store is not None:
+            self.runs.retrieved(parent_run_id, store_collection(store), type(store).__name__)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         self.runs.close(run_id)

@@ -29,7 +29,7 @@ from llama_index.core.prompts import PromptTemplate
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 from adaskip_rag import AdaSkipEngine, GenerationResult, SkipStats
-from adaskip_rag.adapters import DEFAULT_COLLECTION, SETTING_CHECKS, call_arguments
+from adaskip_rag.adapters import SETTING_CHECKS, call_arguments, default_collection
 from llama_index.llms.adaskip.retrieval import TRACKER
 
 if TYPE_CHECKING:
@@ -215,8 +215,14 @@ class AdaSkipLLM(FunctionCallingLLM):
     def _request(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Engine arguments of one call: per-call kwargs over the instance's settings."""
         kwargs = {k: v for k, v in kwargs.items() if not (k in ("tools", "tool_choice") and v is None)}
-        collection = kwargs.pop("collection", None) or self.collection or TRACKER.collection_of(active_span_id.get())
-        return {"collection": collection or DEFAULT_COLLECTION, **call_arguments(self, kwargs)}
+        span = active_span_id.get()
+        collection = (
+            kwargs.pop("collection", None)
+            or self.collection
+            or TRACKER.collection_of(span)
+            or default_collection(TRACKER.unnamed_store(span))
+        )
+        return {"collection": collection, **call_arguments(self, kwargs)}
 
     def _complete(self, prompt: Prompt, kwargs: dict[str, Any]) -> CompletionResponse:
         result = self.engine.generate(prompt, **self._request(kwargs))

@@ -1,5 +1,5 @@
-"""Automatic collection keys: an answer generated inside a span that retrieved from a ``ChromaVectorStore`` is
-profiled under that Chroma collection's name.
+"""Automatic collection keys: an answer generated inside a span that retrieved from a vector store is profiled
+under the store's collection name (``runs.store_collection``: Chroma, PGVector, Qdrant, ...).
 
 A span handler on the root dispatcher (added when this package is imported) sees every retriever span with
 its retriever object, tags the span's ancestors with the collection the retriever reads, and the LLM looks up
@@ -15,24 +15,15 @@ from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
 from typing import Any
 
+from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.span import BaseSpan
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 from pydantic import PrivateAttr
 
-from adaskip_rag.runs import RunTree
+from adaskip_rag.runs import RunTree, store_collection
 
 _reading: ContextVar[str | None] = ContextVar("adaskip_streamed_collection", default=None)
-
-
-def chroma_collection(retriever: Any) -> str | None:
-    """The Chroma collection a vector-index retriever reads through a ``ChromaVectorStore``, else None."""
-    try:
-        from llama_index.vector_stores.chroma import ChromaVectorStore
-    except ImportError:
-        return None
-    store = getattr(retriever, "_vector_store", None)
-    return store._collection.name if isinstance(store, ChromaVectorStore) else None
 
 
 class _Reading(Iterator[str]):
@@ -75,6 +66,9 @@ class RetrievalTracker(BaseSpanHandler[BaseSpan]):
         streaming response being read, if any."""
         return self._runs.collection_of(span_id) or _reading.get()
 
+    def unnamed_store(self, span_id: str | None) -> str | None:
+        return self._runs.unnamed_store(span_id)
+
     def span_enter(
         self,
         id_: str,
@@ -85,9 +79,9 @@ class RetrievalTracker(BaseSpanHandler[BaseSpan]):
         **kwargs: Any,
     ) -> None:
         self._runs.open(id_, parent_id)
-        name = chroma_collection(instance) if instance is not None else None
-        if name is not None:
-            self._runs.retrieved(parent_id, name)
+        store = getattr(instance, "_vector_store", None) if isinstance(instance, BaseRetriever) else None
+        if store is not None:  # a vector-index retriever's store
+            self._runs.retrieved(parent_id, store_collection(store), type(store).__name__)
 
     def span_exit(
         self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None, result: Any = None, **kwargs: Any
