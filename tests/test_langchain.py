@@ -425,7 +425,7 @@ def skipping_engine(tmp_path_factory):
         base.tokenizer,
         base.name,
         store=store,
-        policy=AdaSkipPolicy(warmup=0, refresh_every=0, budget=6, tail=8),
+        policy=AdaSkipPolicy(warmup=0, refresh_every=0, budget=6, tail=8, min_gain=0),
     )
 
 
