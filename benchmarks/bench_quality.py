@@ -22,7 +22,8 @@ Configurations, each at budgets 4, 8, 12, 16 and 24 sublayers (cumulative: each 
 (AdaSkipPolicy()'s defaults are +sink.) "served (default policy)" is a collection served as users get it: an engine
 with the default policy warms up on the calibration questions through ``collection=``, then answers the evaluation
 questions with the plan it learned (refreshes off); --served adds engines with other policies over the same profile
-(budget 12, cost-aware ranking).
+(budget 12, cost-aware ranking). --probe-check also compares the skip set learned probing every 4th skip request
+(the default) with the one probing every request (two engines, each with its own store).
 and the baselines Early Exit, SkipDecode and Unified Skipping at 4 and 8 layers (8 and 16 sublayers;
 --baseline-layers), the guarded budget (default configuration) and the full model. Per mode:
 
@@ -167,6 +168,33 @@ def served_engines(
     return served
 
 
+def probe_sampling_check(
+    engine: AdaSkipEngine, calibration: list[Item], evaluation: list[Item], collection: str, tmp: str
+) -> str:
+    """Whether probing a sample of skip requests (the default, every 4th) learns the skip set that probing every
+    one does: two engines, each with its own store, warm up on ``calibration`` and serve ``evaluation``; then
+    each plans a prompt of the evaluation's mean length."""
+    learned = {}
+    for every in (4, 1):
+        served = AdaSkipEngine(
+            engine.model,
+            engine.tokenizer,
+            engine.name,
+            policy=AdaSkipPolicy(warmup=len(calibration), refresh_every=0, probe_every=every),
+            store=SQLiteProfileStore(Path(tmp) / f"probe-{every}-{collection}.sqlite"),
+        )
+        for item in calibration + evaluation:
+            served.generate(rag_messages(item.document, item.question), collection=collection, max_new_tokens=1)
+        n = round(statistics.mean(len(engine.encode(rag_messages(i.document, i.question))) for i in evaluation))
+        plan = served.learner.decide(collection, n).plan
+        learned[every] = sorted(plan.prefill_attn | plan.attn), sorted(plan.ffn)
+    same = "the same as" if learned[4] == learned[1] else "different from"
+    return (
+        f"probe sampling ({len(calibration)} warm-up and {len(evaluation)} skip requests): the skip set learned "
+        f"probing every 4th skip request is {same} probing every one's: attention, FFN {learned[4]} vs {learned[1]}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(DEFAULT_SETTINGS))
@@ -182,6 +210,9 @@ def main() -> None:
         "--guard-budget", type=int, default=24, help="the budget the quality guard starts from (0: no guard)"
     )
     parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
+    parser.add_argument(
+        "--probe-check", action="store_true", help="also compare the skip sets probe sampling and full probing learn"
+    )
     parser.add_argument(
         "--served", nargs="+", choices=list(SERVED), default=list(SERVED)[:1], help="collections served with policies"
     )
@@ -282,6 +313,8 @@ def main() -> None:
             results[setting] = metrics
             print_table(setting, metrics, guard_reason)
             print_frontier(metrics, args.configs, args.budgets)
+            if args.probe_check:
+                print(probe_sampling_check(engine, calibration, evaluation, setting, tmp))
     plot(results, args.plot)
     print(f"plot: {args.plot}")
 
