@@ -242,7 +242,11 @@ class AdaSkipEngine:
         """
         if not isinstance(skip, bool):
             raise ValueError(f"skip must be True or False, got {skip!r}")
-        policy = {k: v for k, v in (("budget", budget), ("quality_target", quality_target)) if v is not None}
+        policy: dict[str, Any] = {
+            k: v for k, v in (("budget", budget), ("quality_target", quality_target)) if v is not None
+        }
+        if budget is not None:
+            policy["long_budget"] = None  # a request's budget holds at any prompt length
         if policy and collection is None:
             raise ValueError("budget and quality_target set a collection's learned plan: pass collection= too")
         if plan is not None and (collection is not None or not skip):

@@ -33,7 +33,7 @@ import torch
 
 from .costs import CostModel
 from .generation import GenerationResult
-from .policies import AdaSkipPolicy, OnlineSchedule, budget_count
+from .policies import AdaSkipPolicy, OnlineSchedule
 from .profiles import Profile, check_collection, parse_profile
 from .skipping import PlanSchedule, SkipPlan
 from .stats import SkipStats
@@ -78,6 +78,7 @@ class Decision:
     queries_seen: int
     budget: int
     scored_budget: int  # the budget of ``plan``: ``budget``, or the guard's next step up while it stands at 0
+    top_budget: int  # the policy's budget for this prompt's length (the guard's highest)
     budget_reason: str
     policy: AdaSkipPolicy
     state: dict  # the collection's profile state when the request started
@@ -109,7 +110,7 @@ class Learner:
         self.calls = BoundedCalls(type(store).__name__, store.timeout, store.retry_seconds)
         self.policies = dict(policies or {})
         for p in (policy, *self.policies.values()):
-            budget_count(p.budget, num_layers)  # a budget this model cannot meet fails here, not per request
+            p.budget_for(p.long_prompt, num_layers)  # a budget this model cannot meet fails here, not per request
         self._warned: set[str] = set()
         self.default_profile = self._usable(default_profile)
 
@@ -143,7 +144,6 @@ class Learner:
         policy = self.policy_for(collection)
         if policy_changes:
             policy = dataclasses.replace(policy, **policy_changes)
-            budget_count(policy.budget, self.num_layers)
         try:
             own = self._usable(self.calls(self.store.get, self.model_id, collection))
             model = self._usable(self.calls(self.store.global_profile, self.model_id))
@@ -154,7 +154,7 @@ class Learner:
         profile, source = self._profile(own, model, policy.warmup)
         state = own.state if own else {}
         seen = own.queries if own else 0
-        max_budget = budget_count(policy.budget, self.num_layers)
+        max_budget = policy.budget_for(n, self.num_layers)
         guard = state.get("guard") or {}
         if policy.quality_target is None:
             budget, reason = max_budget, f"fixed budget {max_budget}"
@@ -181,7 +181,19 @@ class Learner:
             if plan.is_empty and budget:
                 reason += f"; {policy.why_full(n)}"
         return Decision(
-            collection, mode, schedule, plan, source, seen, budget, scored, reason, policy, state, store_error
+            collection,
+            mode,
+            schedule,
+            plan,
+            source,
+            seen,
+            budget,
+            scored,
+            max_budget,
+            reason,
+            policy,
+            state,
+            store_error,
         )
 
     def _profile(self, own: Profile | None, model: Profile | None, warmup: int) -> tuple[Profile | None, str]:
@@ -274,7 +286,7 @@ class Learner:
         windows = {b: [h for h in history if h[0] == b][-policy.guard_window :] for b in {h[0] for h in history}}
         mean = lambda w, k: sum(h[k] for h in w) / len(w)  # noqa: E731
         meets = lambda b: b not in windows or mean(windows[b], 1) >= target and mean(windows[b], 2) > 1  # noqa: E731
-        budgets = policy.guard_budgets(budget_count(policy.budget, self.num_layers))
+        budgets = policy.guard_budgets(decision.top_budget)
         new = next((b for b in budgets if meets(b)), 0)
         verb = "lowered to" if new < decision.budget else "raised to" if new > decision.budget else "kept at"
         judged = [f"budget {b}: {_window_text(windows[b])}" for b in sorted(windows, reverse=True)]

@@ -130,6 +130,10 @@ class AdaSkipPolicy:
     ``rank_by``: ``"similarity"`` (the paper's IO similarity) or ``"error"`` (the residual error of the
     sublayer's compensation, where the profile has moments).
 
+    ``long_budget``: the budget of prompts of ``long_prompt`` tokens or more, where each skipped sublayer saves more
+    and the protected tokens weigh less; ``budget`` holds up to half that length, and in between the budget grows
+    linearly (None: ``budget`` at every length).
+
     ``min_gain``: a prompt is skipped in only where the cost model estimates at least this prefill speedup for its
     plan at the prompt's length (the protected head and integer tail, the K/V projections of skipped attention and
     any recompute counted); shorter prompts, where these cost more than the skips save, run in full (0 = always
@@ -153,6 +157,8 @@ class AdaSkipPolicy:
     recompute: float = 0.0
     rank_by: Literal["similarity", "error"] = "similarity"
     min_gain: float = 1.05
+    long_budget: int | float | None = None
+    long_prompt: int = 4096
 
     def __post_init__(self) -> None:
         if self.compensation not in MODES:
@@ -172,6 +178,19 @@ class AdaSkipPolicy:
         check_int("guard_step", self.guard_step, 1)
         check_int("guard_window", self.guard_window, 1)
         check_real("min_gain", self.min_gain, lambda g: 0 <= g < 10, "a number in [0, 10)")
+        if self.long_budget is not None:
+            budget_count(self.long_budget, 10**6)
+        check_int("long_prompt", self.long_prompt, 2)
+
+    def budget_for(self, n: int, num_layers: int) -> int:
+        """The budget (a sublayer count) of a prompt of ``n`` tokens: ``budget`` up to ``long_prompt / 2`` tokens,
+        ``long_budget`` from ``long_prompt`` on, linear in between."""
+        short = budget_count(self.budget, num_layers)
+        if self.long_budget is None:
+            return short
+        long = budget_count(self.long_budget, num_layers)
+        half = self.long_prompt / 2
+        return round(short + (long - short) * min(max((n - half) / half, 0.0), 1.0))
 
     def prefill_plan(self, profile: Profile, n: int, costs: CostModel, budget: int) -> SkipPlan:
         """The prefill plan for a prompt of ``n`` tokens: the ``budget`` most skippable sublayers, compensated, where

@@ -372,6 +372,31 @@ def test_policies_per_collection(tokenizer, tmp_path):
         _ = AdaSkipEngine(tiny_model("llama"), tokenizer, policy=AdaSkipPolicy(budget=13)).learner
 
 
+def test_long_prompts_get_the_long_budget(tokenizer, tmp_path):
+    policy = AdaSkipPolicy(budget=8, long_budget=12, long_prompt=4096)
+    assert [policy.budget_for(n, 30) for n in (1000, 2048, 3072, 4096, 8000)] == [8, 8, 10, 12, 12]
+    assert AdaSkipPolicy(budget=0.1, long_budget=0.2, long_prompt=100).budget_for(75, 30) == 9  # 6 + (12 - 6) / 2
+    assert AdaSkipPolicy(budget=8).budget_for(10**6, 30) == 8
+    for bad, name in (({"long_budget": -1}, "budget"), ({"long_prompt": 1}, "long_prompt")):
+        with pytest.raises(ValueError, match=name):
+            AdaSkipPolicy(**bad)
+    engine = AdaSkipEngine(
+        tiny_model("llama"),
+        tokenizer,
+        name="tiny",
+        store=SQLiteProfileStore(tmp_path / "p.sqlite"),
+        policy=AdaSkipPolicy(budget=2, long_budget=6, long_prompt=80, warmup=1, window=0, refresh_every=0, tail=0),
+    )
+    engine.generate(QUESTIONS[0], collection="docs", max_new_tokens=1)
+    short, long = QUESTIONS[1], " ".join(QUESTIONS) * 3
+    assert len(engine.encode(short)) <= 40 and len(engine.encode(long)) >= 80
+    skipped = lambda prompt, **kw: engine.generate(prompt, collection="docs", max_new_tokens=1, **kw).stats  # noqa: E731
+    assert skipped(short).skipped_sublayers == 2 and skipped(long).skipped_sublayers == 6
+    assert skipped(long, budget=3).skipped_sublayers == 3  # a request's budget holds at any length
+    with pytest.raises(ValueError, match="between 0 and 12"):
+        _ = AdaSkipEngine(tiny_model("llama"), tokenizer, policy=AdaSkipPolicy(long_budget=13)).learner
+
+
 def test_a_skip_request_that_skips_nothing_says_why(tokenizer, tmp_path):
     engine = AdaSkipEngine(
         tiny_model("llama"),
