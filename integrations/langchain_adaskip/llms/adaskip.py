@@ -94,7 +94,10 @@ class AdaSkipLLM(AdaSkipParams, BaseLLM):
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
         emit_stats(run_manager, stream.finished.stats)
-        yield GenerationChunk(text="", generation_info=_info(stream.finished.stats))
+        last = GenerationChunk(text="", generation_info=_info(stream.finished.stats))
+        if run_manager is not None:  # every chunk is reported, the last one (the stats) too
+            run_manager.on_llm_new_token("", chunk=last)
+        yield last
 
     async def _astream(
         self,
@@ -111,4 +114,7 @@ class AdaSkipLLM(AdaSkipParams, BaseLLM):
                 await run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
         await aemit_stats(run_manager, stream.finished.stats)
-        yield GenerationChunk(text="", generation_info=_info(stream.finished.stats))
+        last = GenerationChunk(text="", generation_info=_info(stream.finished.stats))
+        if run_manager is not None:
+            await run_manager.on_llm_new_token("", chunk=last)
+        yield last
