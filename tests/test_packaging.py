@@ -60,4 +60,4 @@ def test_a_wheel_installed_without_the_source_tree_ships_the_cold_start_profile(
     assert run.returncode == 0, run.stderr
     served = json.loads(run.stdout.strip().splitlines()[-1])
     assert Path(served["package"]).is_relative_to(venv) and not Path(served["package"]).is_relative_to(ROOT)
-    assert (served["source"], served["mode"]) == ("default", "skip")  # the shipped profile plans a cold collection
+    assert (served["source"], served["mode"]) == ("shipped", "skip")  # the shipped profile plans a cold collection

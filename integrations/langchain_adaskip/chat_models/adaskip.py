@@ -106,7 +106,9 @@ class ChatAdaSkip(AdaSkipParams, BaseChatModel):
         """
         engine = self.get_engine()
         engine.prompts.check_tool_support()
-        formatted = check_tools([convert_to_openai_tool(t) for t in tools], engine.schema_limits)
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        for tool in formatted:  # each as a call will check it (names may repeat until then)
+            check_tools([tool], engine.schema_limits)
         choice = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
         return self.bind(tools=formatted, tool_choice=choice, parallel_tool_calls=parallel_tool_calls, **kwargs)
 
