@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .checks import check_int, check_real
-from .policies import budget_count
+from .checks import check_int
+from .policies import budget_count, check_quality_target
 
 DEFAULT_COLLECTION = "default"  # the profile key of calls that name no collection and retrieved from none
 _warned_stores: set[str] = set()
@@ -88,11 +88,6 @@ def check_stop(stop: list[str] | None) -> None:
 def check_budget(budget: int | float | None) -> None:
     if budget is not None:
         budget_count(budget, 10**6)  # its type and range; the model's sublayer count is checked per call
-
-
-def check_quality_target(target: float | None) -> None:
-    if target is not None:
-        check_real("quality_target", target, lambda q: 0 < q <= 1, "a number in (0, 1]")
 
 
 SETTING_CHECKS: dict[str, Callable[[Any], None]] = {

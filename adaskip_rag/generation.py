@@ -317,7 +317,7 @@ class PlanRecord:
         self.kept_kv: list[int] = []
         self.ffn: list[int] = []
         self.tail = self.head = self.recomputed = 0
-        self.prefill_plan, self.prefill_tail = SkipPlan(), 0
+        self.prefill_plan = SkipPlan()
         self.decode_attn: set[int] = set()
         self.decode_ffn: set[int] = set()
         self.decode_flops: list[float] = []
@@ -328,7 +328,7 @@ class PlanRecord:
         self.attn, self.ffn, self.kept_kv, self.last = sorted(attn), sorted(ffn), sorted(kept_kv), plan
         self.tail, self.head = (tail, plan.head) if not plan.is_empty else (0, 0)
         self.recomputed = plan.recomputed_tokens(self.n - tail) if self.tail else 0
-        self.prefill_plan, self.prefill_tail = plan, tail
+        self.prefill_plan = plan
 
     def decode(self, plan: SkipPlan) -> None:
         attn, ffn, _ = plan.skips("decode")
@@ -355,7 +355,7 @@ class PlanRecord:
             prefill_seconds=prefill_s,
             decode_seconds=decode_s,
             kv_bytes_saved=0,
-            estimated_prefill_speedup=self.costs.prefill_speedup(self.prefill_plan, self.n, self.prefill_tail),
+            estimated_prefill_speedup=self.costs.prefill_speedup(self.prefill_plan, self.n, self.tail),
             estimated_decode_speedup=full * len(self.decode_flops) / sum(self.decode_flops),
             finish_reason=finish,
             skipped_every_sublayer=len(self.attn) == len(self.ffn) == self.costs.layers,

@@ -19,6 +19,12 @@ from .profiles import Profile
 from .skipping import Probe, SkipPlan, StaticSchedule, Sublayer, Tail
 
 
+def check_quality_target(target: float | None) -> None:
+    """ValueError unless ``target`` is None or an agreement in (0, 1]."""
+    if target is not None:
+        check_real("quality_target", target, lambda q: 0 < q <= 1, "a number in (0, 1]")
+
+
 def budget_count(budget: int | float, num_layers: int) -> int:
     """A budget as a number of sublayers: an int count, or a float fraction of all 2L sublayers."""
     total = 2 * num_layers
@@ -173,8 +179,7 @@ class AdaSkipPolicy:
         for name in ("warmup", "window", "refresh_every"):
             check_int(name, getattr(self, name), 0)
         check_int("probe_every", self.probe_every, 1)
-        if self.quality_target is not None:
-            check_real("quality_target", self.quality_target, lambda q: 0 < q <= 1, "a number in (0, 1]")
+        check_quality_target(self.quality_target)
         check_int("guard_step", self.guard_step, 1)
         check_int("guard_window", self.guard_window, 1)
         check_real("min_gain", self.min_gain, lambda g: 0 <= g < 10, "a number in [0, 10)")

@@ -59,10 +59,14 @@ class RunTree:
 
     def unnamed_store(self, run: Hashable | None) -> str | None:
         """The type of a store without a collection name that ``run`` or an ancestor retrieved from, if any."""
+        return self._nearest(self._unnamed, run)
+
+    def _nearest(self, marks: dict[Hashable, str], run: Hashable | None) -> str | None:
+        """The mark of ``run`` or of its nearest ancestor that has one in ``marks``."""
         with self._lock:
             while run is not None:
-                if run in self._unnamed:
-                    return self._unnamed[run]
+                if run in marks:
+                    return marks[run]
                 run = self._parents.get(run)
         return None
 
@@ -73,9 +77,4 @@ class RunTree:
 
     def collection_of(self, run: Hashable | None) -> str | None:
         """The collection retrieved from by ``run`` or its nearest ancestor that retrieved, if any."""
-        with self._lock:
-            while run is not None:
-                if run in self._collections:
-                    return self._collections[run]
-                run = self._parents.get(run)
-        return None
+        return self._nearest(self._collections, run)

@@ -380,12 +380,8 @@ def test_long_prompts_get_the_long_budget(tokenizer, tmp_path):
     for bad, name in (({"long_budget": -1}, "budget"), ({"long_prompt": 1}, "long_prompt")):
         with pytest.raises(ValueError, match=name):
             AdaSkipPolicy(**bad)
-    engine = AdaSkipEngine(
-        tiny_model("llama"),
-        tokenizer,
-        name="tiny",
-        store=SQLiteProfileStore(tmp_path / "p.sqlite"),
-        policy=AdaSkipPolicy(budget=2, long_budget=6, long_prompt=80, warmup=1, window=0, refresh_every=0, tail=0),
+    engine = learning_engine(
+        tokenizer, tmp_path, budget=2, long_budget=6, long_prompt=80, warmup=1, window=0, refresh_every=0
     )
     engine.generate(QUESTIONS[0], collection="docs", max_new_tokens=1)
     short, long = QUESTIONS[1], " ".join(QUESTIONS) * 3
@@ -398,13 +394,7 @@ def test_long_prompts_get_the_long_budget(tokenizer, tmp_path):
 
 
 def test_a_skip_request_that_skips_nothing_says_why(tokenizer, tmp_path):
-    engine = AdaSkipEngine(
-        tiny_model("llama"),
-        tokenizer,
-        name="tiny",
-        store=SQLiteProfileStore(tmp_path / "p.sqlite"),
-        policy=AdaSkipPolicy(budget=2, warmup=1, window=0, refresh_every=0, tail=64),
-    )
+    engine = learning_engine(tokenizer, tmp_path, budget=2, warmup=1, window=0, refresh_every=0, tail=64)
     engine.generate(QUESTIONS[0], collection="docs", max_new_tokens=1)
     stats = engine.generate(QUESTIONS[1], collection="docs", max_new_tokens=1).stats
     assert stats.mode == "skip" and stats.skipped_sublayers == 0
@@ -415,13 +405,7 @@ def test_a_skip_request_that_skips_nothing_says_why(tokenizer, tmp_path):
 
 
 def test_budget_quality_target_and_skip_per_request(tokenizer, tmp_path):
-    engine = AdaSkipEngine(
-        tiny_model("llama"),
-        tokenizer,
-        name="tiny",
-        store=SQLiteProfileStore(tmp_path / "p.sqlite"),
-        policy=AdaSkipPolicy(budget=2, warmup=1, window=0, refresh_every=0, tail=0),
-    )
+    engine = learning_engine(tokenizer, tmp_path, budget=2, warmup=1, window=0, refresh_every=0)
     engine.generate(QUESTIONS[0], collection="docs", max_new_tokens=2)
     run = lambda **kw: engine.generate(QUESTIONS[1], collection="docs", max_new_tokens=2, **kw).stats  # noqa: E731
     assert run().skipped_sublayers == 2 and run(budget=5).skipped_sublayers == 5
