@@ -32,6 +32,7 @@ from xgrammar.structural_tag import (
 )
 
 from .checks import check_int, check_real, check_text
+from .closing import way_to_finish
 
 JSONSchema = Mapping[str, Any] | str | type[BaseModel]
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -263,39 +264,42 @@ class Grammars:
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
 
     @functools.cached_property
-    def closers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per token, its rank as a way to end an answer: inside a JSON string (first) and elsewhere (second);
-        0 for none. Stop tokens rank highest; inside a string, tokens that close it (``"`` then only ``}],``);
-        elsewhere, tokens of only ``}`` and ``]`` (closing objects and arrays), then of only ``,`` (to the
-        next required key). Whitespace is ignored."""
-        in_string, outside = torch.zeros(self.vocab_size), torch.zeros(self.vocab_size)
-        for i, piece in enumerate(self.info.decoded_vocab[: self.vocab_size]):
-            rest = piece.strip()
-            if rest.startswith(b'"') and not rest[1:].strip(b"}],"):
-                in_string[i] = 1
-            if rest and not rest.strip(b"}]"):
-                outside[i] = 2
-            elif rest and not rest.strip(b","):
-                outside[i] = 1
-        stops = list(self.info.stop_token_ids)
-        in_string[stops] = outside[stops] = 3
-        return in_string, outside
+    def texts(self) -> list[bytes]:
+        """Each token's text (the tokenizer info builds it anew on each read)."""
+        return list(self.info.decoded_vocab[: self.vocab_size])
 
     @functools.cached_property
-    def token_lengths(self) -> torch.Tensor:
-        return torch.tensor([len(p) for p in self.info.decoded_vocab[: self.vocab_size]], dtype=torch.float32)
+    def pieces(self) -> dict[bytes, int]:
+        """The tokens an answer can take, by their text (special tokens are never a piece of text)."""
+        special = set(self.info.special_token_ids)
+        pieces: dict[bytes, int] = {}
+        for i, piece in enumerate(self.texts):
+            if piece and i not in special:
+                pieces.setdefault(piece, i)
+        return pieces
 
-    def closing(self, allowed: torch.Tensor) -> torch.Tensor:
-        """Of the ``allowed`` tokens (bool, vocab), those that end the answer most directly (all of them if none
-        does). Where most of the vocabulary is allowed, the answer is inside a string."""
-        ranks = self.closers[0] if allowed.sum() > self.vocab_size // 2 else self.closers[1]
-        ranks = torch.where(allowed, ranks, -1.0)
-        best = ranks.max()
-        return ranks == best if best > 0 else allowed
+    @functools.cached_property
+    def longest_piece(self) -> int:
+        return max(map(len, self.pieces))
+
+    def tokens(self, text: bytes, matcher: xgr.GrammarMatcher) -> list[int] | None:
+        """``text``, which ``matcher``'s grammar takes next, as few tokens as the longest pieces at each point give
+        (None if the vocabulary cannot spell it)."""
+        state, tokens, i = matcher.fork(), [], 0
+        while i < len(text):
+            for n in range(min(self.longest_piece, len(text) - i), 0, -1):
+                token = self.pieces.get(text[i : i + n])
+                if token is not None and (after := state.fork()).accept_token(token):
+                    state, i = after, i + n
+                    tokens.append(token)
+                    break
+            else:
+                return None
+        return tokens
 
     def constraint(self, grammar: xgr.Grammar, budget: int, closes: bool) -> Constraint:
-        """A request's constraint for an answer of at most ``budget`` tokens; with ``closes``, it ends the answer
-        early (closing its open strings and objects) when the budget would otherwise cut it."""
+        """A request's constraint for an answer of at most ``budget`` tokens; with ``closes``, the answer finishes
+        within it (ValueError if no way to is found)."""
         return Constraint(xgr.GrammarMatcher(self.compile(grammar)), self, budget, closes)
 
     def compile(self, grammar: xgr.Grammar) -> xgr.CompiledGrammar:
@@ -323,62 +327,76 @@ class Grammars:
 class Constraint:
     """One request's grammar state.
 
-    A JSON answer the token budget would cut does not parse, and a small model can loop inside a string until
-    the budget runs out. So, with ``closes``, each step near the end of the budget finds a short way to finish (a
-    dry run on a fork of the matcher, taking the tokens that close most directly). When the budget left nears its
-    length, the model only chooses among the allowed tokens that close most directly; when it is all the budget
-    left, the answer follows the dry run, which finishes in time.
+    With ``closes`` (an answer that is JSON all through), the answer fits its budget of tokens: the constraint keeps
+    a way to finish (:func:`~adaskip_rag.closing.way_to_finish`) that fits the tokens left. A token the model
+    chooses is taken where a way to finish still fits after it; elsewhere the answer takes the next token of the
+    way it has, and ``closed_early`` says so. So an answer that fits is left as the model makes it, an answer
+    that would not fit ends complete, and a budget too small for any answer found is a ValueError up front.
     """
 
-    LOOKAHEAD = 64  # estimate the way to finish only this near the end of the budget
+    MAX_STATES = 256  # states a search after a chosen token looks at, at most
 
     def __init__(self, matcher: xgr.GrammarMatcher, grammars: Grammars, budget: int, closes: bool):
-        self.matcher, self.grammars, self.budget, self.closes = matcher, grammars, budget, closes
+        self.matcher, self.grammars, self.budget = matcher, grammars, budget
         self.bitmask = xgr.allocate_token_bitmask(1, grammars.vocab_size)
         self.steps = 0
-        self.need, self.checked = 0, -self.LOOKAHEAD  # the last way to finish found, and at which step
-        self.closed_early = False  # the end came sooner than the model would have made it
+        self.closed_early = False  # a token the model chose was replaced to finish in time
+        self.way: tuple[list[int], bytes] | None = None  # the tokens and text of a way to finish from here
+        if closes:
+            self.way = self._way(matcher, 16 * budget + 64, 16 * self.MAX_STATES)
+            if self.way is None or len(self.way[0]) > budget:
+                shortest = "" if self.way is None else f" (the shortest found takes {len(self.way[0])})"
+                raise ValueError(
+                    f"no constrained answer of at most max_new_tokens={budget} tokens was found{shortest}: "
+                    "raise max_new_tokens"
+                )
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` (1, vocab) with the tokens the grammar forbids next set to -inf (a copy)."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
         logits = logits.float().cpu().clone()
         xgr.apply_token_bitmask_inplace(logits, self.bitmask)
-        left = self.budget - self.steps
-        if not self.closes or left > self.LOOKAHEAD:
-            return logits
-        if left > 2 * self.need + 8 and self.steps < self.checked + 4:  # far from it: check every 4th step
-            return logits
-        self.checked = self.steps
-        self.need, first = self._way_to_finish()
-        if left <= self.need + 1:  # only the dry run's way fits: take it
-            keep = torch.zeros_like(logits, dtype=torch.bool)
-            keep[0, first] = True
-        elif left <= self.need + self.need // 2 + 4:  # nearly: the model chooses among the tokens that end soonest
-            keep = self.grammars.closing(logits[0] > -torch.inf).unsqueeze(0)
-        else:
-            return logits
-        self.closed_early |= not bool(keep[0, logits[0].argmax()])  # the model's own choice was cut away
-        return logits.masked_fill(~keep, -torch.inf)
+        return logits
 
-    def accept(self, token: int) -> None:
+    def accept(self, token: int) -> int:
+        """Advance the grammar by the model's choice ``token`` (one the mask allowed), or by the way to finish
+        where no way fits after it; returns the token taken."""
+        if self.way is not None and token not in self.matcher.stop_token_ids:
+            tokens, text = self.way
+            way = (
+                self._rest(token) if tokens and token == tokens[0] else self._after(token, self.budget - self.steps - 1)
+            )
+            if way is None:  # the way it has finishes in time
+                token = tokens[0] if tokens else self.matcher.stop_token_ids[0]
+                way = self._rest(token) if tokens else self.way
+                self.closed_early = True
+            self.way = way
         if not self.matcher.accept_token(token):
             raise RuntimeError(f"token {token} violates the grammar")  # only if the mask was not applied
         self.steps += 1
+        return token
 
-    def _way_to_finish(self) -> tuple[int, int]:
-        """How many tokens a dry run from the current state takes to finish, and its first token: at each step the
-        longest of the allowed tokens that end the answer most directly."""
-        dry, bitmask = self.matcher.fork(), xgr.allocate_token_bitmask(1, self.grammars.vocab_size)
-        first = -1
-        for n in range(self.LOOKAHEAD):
-            if dry.is_terminated():
-                return n, first
-            dry.fill_next_token_bitmask(bitmask)
-            allowed = torch.zeros(1, self.grammars.vocab_size)
-            xgr.apply_token_bitmask_inplace(allowed, bitmask)
-            best = self.grammars.closing(allowed[0] == 0)
-            token = int(torch.where(best, self.grammars.token_lengths, -1.0).argmax())
-            first = token if n == 0 else first
-            dry.accept_token(token)
-        return self.LOOKAHEAD, first
+    def _rest(self, token: int) -> tuple[list[int], bytes]:
+        """The way to finish after its own first token, ``token``."""
+        assert self.way is not None
+        return self.way[0][1:], self.way[1][len(self.grammars.texts[token]) :]
+
+    def _after(self, token: int, left: int) -> tuple[list[int], bytes] | None:
+        """A way to finish within ``left`` tokens after ``token``: the way the constraint has if it still finishes
+        (as it does after more of a string or a number), else a new one, or None."""
+        after = self.matcher.fork()
+        if not after.accept_token(token):
+            raise RuntimeError(f"token {token} violates the grammar")  # only if the mask was not applied
+        assert self.way is not None
+        tokens, text = self.way
+        still = after.fork()
+        if len(tokens) <= left and still.accept_string(text) and still.is_completed():
+            return self.way
+        way = self._way(after, 8 * left + 16, self.MAX_STATES) if left >= 0 else None
+        return way if way is not None and len(way[0]) <= left else None
+
+    def _way(self, matcher: xgr.GrammarMatcher, max_bytes: int, max_states: int) -> tuple[list[int], bytes] | None:
+        """The tokens and text of a way to finish from ``matcher``'s state (see :func:`way_to_finish`), or None."""
+        text = way_to_finish(matcher, max_bytes, max_states)
+        tokens = None if text is None else self.grammars.tokens(text, matcher)
+        return None if tokens is None or text is None else (tokens, text)

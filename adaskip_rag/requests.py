@@ -197,15 +197,13 @@ def token_ids(name: str, ids: Sequence[int] | None, vocab_size: int) -> tuple[in
 
 def sampler(req: Request, device: torch.device, constraint: Constraint | None = None) -> Sampler:
     """Next-token choice: greedy at temperature 0, else sampling through transformers' logits processors; among
-    the tokens ``constraint`` allows, which it then accepts."""
+    the tokens ``constraint`` allows, which then takes it (or, to finish in time, another one)."""
     choose = _chooser(req, device)
     if constraint is None:
         return choose
 
     def constrained(ids: torch.Tensor, logits: torch.Tensor) -> int:
-        token = choose(ids, constraint.mask(logits).to(logits.device))
-        constraint.accept(token)
-        return token
+        return constraint.accept(choose(ids, constraint.mask(logits).to(logits.device)))
 
     return constrained
 
