@@ -202,7 +202,8 @@ class AdaSkipEngine:
     ) -> GenerationResult:
         """Generate a completion. ``prompt``: text, chat messages or token ids.
 
-        Keyword arguments: ``max_new_tokens`` (256), ``temperature`` (0 = greedy, as is anything below 1e-3),
+        Keyword arguments: ``max_new_tokens`` (256), ``min_new_tokens`` (0: no stop token before this many new
+        tokens, as transformers' option of that name), ``temperature`` (0 = greedy, as is anything below 1e-3),
         ``top_p``, ``top_k``, ``repetition_penalty`` (in [0.01, 100]), ``seed``, ``stop`` (strings; never part of
         the returned text), ``stop_token_ids`` (added to the model's EOS), ``ignore_eos`` (do not stop at the
         model's EOS), ``probe`` (measure every executed sublayer), ``truncation`` ('error' or 'left': keep the

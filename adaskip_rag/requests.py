@@ -36,6 +36,7 @@ class Request:
     input_ids: list[int]
     schedule: PlanSchedule
     max_new_tokens: int
+    min_new_tokens: int
     temperature: float
     top_p: float
     top_k: int
@@ -56,6 +57,7 @@ def build_request(
     plan: SkipPlan | PlanSchedule | None = None,
     *,
     max_new_tokens: int = 256,
+    min_new_tokens: int = 0,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
@@ -75,6 +77,7 @@ def build_request(
     """Check every argument of :meth:`AdaSkipEngine.generate` (ValueError naming the first bad one) and encode
     the prompt."""
     _check_sampling(engine.context_window, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    check_int("min_new_tokens", min_new_tokens, 0, max_new_tokens)
     _check_flags(truncation, probe=probe, ignore_eos=ignore_eos, parallel_tool_calls=parallel_tool_calls)
     schedule = _schedule(engine, plan, probe)
     stops = (stop,) if isinstance(stop, str) else sequence("stop", stop)
@@ -91,6 +94,7 @@ def build_request(
         input_ids=ids,
         schedule=schedule,
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
         temperature=float(temperature) if temperature >= GREEDY_BELOW else 0.0,
         top_p=float(top_p),
         top_k=top_k,
@@ -197,13 +201,18 @@ def token_ids(name: str, ids: Sequence[int] | None, vocab_size: int) -> tuple[in
 
 def sampler(req: Request, device: torch.device, constraint: Constraint | None = None) -> Sampler:
     """Next-token choice: greedy at temperature 0, else sampling through transformers' logits processors; among
-    the tokens ``constraint`` allows, which then takes it (or, to finish in time, another one)."""
-    choose = _chooser(req, device)
-    if constraint is None:
-        return choose
+    the tokens ``constraint`` allows, which then takes it (or, to finish in time, another one); no stop token
+    before ``req.min_new_tokens`` where another token is allowed."""
+    choose, n, stops = _chooser(req, device), len(req.input_ids), sorted(req.stop_token_ids)
 
     def constrained(ids: torch.Tensor, logits: torch.Tensor) -> int:
-        return constraint.accept(choose(ids, constraint.mask(logits).to(logits.device)))
+        if constraint is not None:
+            logits = constraint.mask(logits).to(logits.device)
+        if ids.shape[-1] - n < req.min_new_tokens:
+            held = logits.index_fill(-1, torch.tensor(stops, dtype=torch.long, device=logits.device), -torch.inf)
+            logits = held if bool(torch.isfinite(held).any()) else logits
+        token = choose(ids, logits)
+        return token if constraint is None else constraint.accept(token)
 
     return constrained
 

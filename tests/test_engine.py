@@ -414,3 +414,16 @@ def test_a_policy_that_skips_all_2l_sublayers_serves(tokenizer, tmp_path):
     json.dumps(stats.to_dict(), allow_nan=False)
     with pytest.raises(ValueError, match="quality_target"):
         AdaSkipPolicy(quality_target="0.9")
+
+
+def test_min_new_tokens_holds_back_every_stop_token(tiny_engine):
+    first = tiny_engine.generate(PROMPT, max_new_tokens=4, ignore_eos=True).token_ids[0]
+    assert tiny_engine.generate(PROMPT, max_new_tokens=4, stop_token_ids=[first]).token_ids == [first]
+    held = tiny_engine.generate(PROMPT, max_new_tokens=4, stop_token_ids=[first], min_new_tokens=2)
+    stops = sorted(tiny_engine.eos_token_ids | {first})
+    with torch.no_grad():  # the model's own choice with the stop tokens taken out
+        logits = tiny_engine.model(torch.tensor([tiny_engine.encode(PROMPT)])).logits[0, -1]
+    assert held.token_ids[0] == int(logits.index_fill(0, torch.tensor(stops), -torch.inf).argmax())
+    assert first not in held.token_ids[:2]
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        tiny_engine.generate(PROMPT, max_new_tokens=4, min_new_tokens=5)

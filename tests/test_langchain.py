@@ -133,6 +133,8 @@ def test_text_completion_llm(full_engine):
     assert llm.get_token_ids("Paris") == llm.get_engine().tokenizer.encode("Paris", add_special_tokens=False)
     with pytest.raises(ValueError, match="unsupported arguments"):
         llm.invoke("x", frobnicate=1)
+    # a bare question, where the instruct model would end its turn at once, still gets a completion
+    assert "Paris" in llm.invoke("What is the capital of France?", max_tokens=12)
 
 
 @pytest.mark.slow
@@ -580,3 +582,54 @@ def test_a_cancelled_ainvoke_stops_generating(tiny_engine, monkeypatch):
     llm = ChatAdaSkip(engine=tiny_engine, max_tokens=400)
     ran, after = steps_around_a_cancel(tiny_engine, monkeypatch, lambda: llm.ainvoke(QUESTION))
     assert 5 < ran < 100 and after <= 1
+
+
+OTHER_CHAIN = """
+import asyncio, json, sys, time
+from langchain_core.embeddings import DeterministicFakeEmbedding
+from langchain_core.language_models import FakeListChatModel
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnablePassthrough
+from langchain_core.vectorstores import InMemoryVectorStore
+
+if sys.argv[1] == "with":
+    import langchain_adaskip  # noqa: F401
+store = InMemoryVectorStore(DeterministicFakeEmbedding(size=8))
+store.add_texts(["Paris is the capital of France.", "Rome is the capital of Italy."])
+prompt = ChatPromptTemplate.from_template("Context: {context}\\nQuestion: {question}")
+model = FakeListChatModel(responses=["Paris."])
+retriever = store.as_retriever(search_kwargs={"k": 1})
+chain = {"context": retriever, "question": RunnablePassthrough()} | prompt | model | StrOutputParser()
+start = time.perf_counter()
+for _ in range(12):
+    chain.invoke("What is the capital of France?")
+seconds = time.perf_counter() - start
+
+async def events():
+    return [(e["event"], e["name"]) async for e in chain.astream_events("Capital?", version="v2")]
+
+print(json.dumps({"seconds": seconds, "events": asyncio.run(events())}))
+"""
+
+
+def test_importing_the_package_costs_other_chains_nothing():
+    """A retriever chain with another chat model: its first 12 calls take as long, and its events come in the same
+    order, with and without the import (each variant run twice, alternately, in fresh interpreters)."""
+    import json
+    import subprocess
+    import sys
+
+    def run(variant: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", OTHER_CHAIN, variant], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    runs = {"without": [], "with": []}
+    for _ in range(2):
+        for variant in runs:
+            runs[variant].append(run(variant))
+    assert runs["with"][0]["events"] == runs["without"][0]["events"]
+    assert "on_retriever_end" in {event for event, _ in runs["with"][0]["events"]}
+    extra = min(r["seconds"] for r in runs["with"]) - min(r["seconds"] for r in runs["without"])
+    assert extra < 0.030, runs

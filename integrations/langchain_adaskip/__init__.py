@@ -1,8 +1,8 @@
 """LangChain integration of adaskip-rag: ``ChatAdaSkip`` (chat model) and ``AdaSkipLLM`` (text completion).
 
-Importing it registers one thing: a configure hook that adds the retrieval tracker of ``_retrieval.py`` (an
-ordinary callback handler for chain and retriever events only) to every run, so that answers are keyed by the
-Chroma collection their chain retrieved from. Other models' callbacks are unchanged.
+Importing it registers nothing with LangChain: other chains and models run, cost and call back as without it.
+Answers are keyed by the collection of the vector store their chain retrieves from, found at the model's call
+(``_retrieval.py``).
 """
 
 from langchain_adaskip.chat_models import ChatAdaSkip

@@ -19,7 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo,
 from adaskip_rag import AdaSkipEngine, SkipStats
 from adaskip_rag.adapters import SETTING_CHECKS, call_arguments, default_collection
 from adaskip_rag.loading import model_label
-from langchain_adaskip._retrieval import TRACKER
+from langchain_adaskip._retrieval import retrieval_of
 
 STATS_EVENT = "adaskip_stats"
 COLLECTION_METADATA_KEY = "adaskip_collection"
@@ -90,13 +90,10 @@ class AdaSkipParams(BaseModel):
         engine = self.get_engine(kwargs.pop("model", None))
         metadata = getattr(run_manager, "metadata", None) or {}
         parent = getattr(run_manager, "parent_run_id", None)
-        collection = (
-            kwargs.pop("collection", None)
-            or metadata.get(COLLECTION_METADATA_KEY)
-            or self.collection
-            or TRACKER.collection_of(parent)
-            or default_collection(TRACKER.unnamed_store(parent))
-        )
+        collection = kwargs.pop("collection", None) or metadata.get(COLLECTION_METADATA_KEY) or self.collection
+        if not collection:
+            retrieved, unnamed_store = retrieval_of(parent)
+            collection = retrieved or default_collection(unnamed_store)
         if stop is not None:
             kwargs["stop"] = stop
         return engine, {"collection": collection, **call_arguments(self, kwargs)}

@@ -9,7 +9,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from adaskip_rag import GenerationResult, SkipStats
+from adaskip_rag import AdaSkipEngine, GenerationResult, SkipStats
 from langchain_adaskip._common import AdaSkipParams, aemit_stats, emit_stats, usage
 
 
@@ -20,7 +20,8 @@ def _info(stats: SkipStats) -> dict[str, Any]:
 class AdaSkipLLM(AdaSkipParams, BaseLLM):
     """Text-completion model that skips the sublayers its collection does not need (AdaSkip), on a local model.
 
-    The prompt is passed to the model as it is (no chat template; use ``ChatAdaSkip`` for chat models).
+    The prompt is passed to the model as it is (no chat template; use ``ChatAdaSkip`` for chat models), and the
+    completion has at least one token: an instruct model would end its turn at once after a bare question.
 
     Example:
         .. code-block:: python
@@ -41,6 +42,12 @@ class AdaSkipLLM(AdaSkipParams, BaseLLM):
     @property
     def _llm_type(self) -> str:
         return "adaskip"
+
+    def request(
+        self, stop: list[str] | None, run_manager: Any, kwargs: dict[str, Any]
+    ) -> tuple[AdaSkipEngine, dict[str, Any]]:
+        engine, request = super().request(stop, run_manager, kwargs)
+        return engine, {"min_new_tokens": 1, **request}
 
     def _result(self, results: list[GenerationResult]) -> LLMResult:
         model_name = self.model_name
