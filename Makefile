@@ -1,5 +1,5 @@
 # The two commands a new machine needs: `make demo` and `make test`. Both install what they need first.
-.PHONY: demo test lint bench setup
+.PHONY: demo test lint bench docs setup
 
 setup:
 	@scripts/bootstrap.sh
@@ -14,6 +14,9 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
 
 bench: setup
 	.venv/bin/python benchmarks/bench_engine.py

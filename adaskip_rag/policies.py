@@ -125,7 +125,7 @@ class AdaSkipPolicy:
     and the guard serves the largest budget (from ``budget`` down in ``guard_step`` s) whose last ``guard_window``
     refreshes meet the target on average with a measured prefill speedup above 1 (``learning.py``).
 
-    Fidelity (see the README for what each costs and keeps): ``compensation``: what replaces a skipped
+    Fidelity (see docs/fidelity.md for what each costs and keeps): ``compensation``: what replaces a skipped
     sublayer, ``"scalar"`` (the paper), ``"bias"`` or ``"affine"`` (``compensation.py``; profiles without
     moments fall back to scalar). ``keep_kv``: skipped attention sublayers still cache their keys and values and
     run in decode (else the paper: no cache, skipped in decode too). ``tail``: the last prompt tokens that run

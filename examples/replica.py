@@ -1,6 +1,6 @@
 """One replica of a RAG answering service whose skip profiles live on a shared Chroma server.
 
-Run two of these against one `chroma run` server (see README, "Shared profiles across replicas"): they
+Run two of these against one `chroma run` server (see docs/serving.md): they
 share one warm-up and then skip the same sublayers.
 
     ADASKIP_PROFILE_STORE="chroma://127.0.0.1:8000?replica=a" python examples/replica.py --questions 12
