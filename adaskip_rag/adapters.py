@@ -1,5 +1,5 @@
-"""What the framework adapters (LangChain, LlamaIndex) share: a call's generation arguments from the adapter's
-settings and the call's keywords, and the model check they run at construction."""
+"""What the framework adapters (LangChain, LlamaIndex) share: their settings model, a call's generation arguments
+from those settings and the call's keywords, and the checks they run at construction."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from .checks import check_int
 from .policies import budget_count, check_quality_target
@@ -98,3 +99,59 @@ SETTING_CHECKS: dict[str, Callable[[Any], None]] = {
     "quality_target": check_quality_target,
 }
 """The checks both adapters run on these settings at construction, before anything loads."""
+
+
+class AdaSkipSettings(BaseModel):
+    """The settings both adapters take at construction, each checked then (a bad value or an unknown keyword is
+    a ValueError naming it) and each a default that a call's keyword of the same name overrides."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+    model: str = Field(
+        default="default",
+        validation_alias=AliasChoices("model", "model_name"),
+        description='"default" (SmolLM2-135M-Instruct, bundled) or a local model folder (alias model_name).',
+    )
+    device: str | None = Field(default=None, description="torch device; default: the engine's choice.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None, description="The model's precision; default fp32 on CPU, bf16 on a GPU."
+    )
+    collection: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Profile key, unless a call passes collection=; else the collection of the vector store the "
+        'enclosing chain or query retrieves from; else "default".',
+    )
+    max_tokens: int = Field(
+        default=256,
+        gt=0,
+        strict=True,
+        validation_alias=AliasChoices("max_tokens", "max_new_tokens"),
+        description="Most new tokens per answer (alias max_new_tokens).",
+    )
+    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, strict=True, description="0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
+    top_k: int = Field(default=0, ge=0, strict=True)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False, strict=True)
+    seed: int | None = Field(default=None, ge=0, strict=True)
+    stop: list[str] | None = Field(default=None, description="Stop strings, not part of the answer.")
+    truncation: Literal["error", "left"] = Field(
+        default="error", description='"left": keep the last tokens of a prompt longer than the context window.'
+    )
+    budget: int | float | None = Field(
+        default=None,
+        description="Sublayers to skip in prefill, a count or a fraction of all sublayers; default: the engine's "
+        "policy (8).",
+    )
+    quality_target: float | None = Field(
+        default=None,
+        description="Teacher-forced agreement with the full model that the collection's quality guard keeps; "
+        "default: the engine's policy (no guard).",
+    )
+    skip: bool = Field(default=True, strict=True, description="False: the full model, nothing skipped or learned.")
+
+    @field_validator(*SETTING_CHECKS)
+    @classmethod
+    def _check_setting(cls, value: Any, info: ValidationInfo) -> Any:
+        SETTING_CHECKS[info.field_name](value)  # type: ignore[index]
+        return value

@@ -192,7 +192,7 @@ def profiles_command(args: argparse.Namespace) -> int:
         print(f"removed {removed} profiles")
     elif args.action == "build-default":
         engine = AdaSkipEngine.from_pretrained(args.model)
-        out = args.output or Path(str(PROFILES / f"{engine.name}.json"))  # a source checkout's package folder
+        out = args.output or PROFILES / f"{engine.name}.json"  # a source checkout's top-level profiles/
         profile = build_default_profile(engine, args.questions, out)
         print(f"wrote {out}: {profile.queries} queries, mean context {profile.mean_context:.0f} tokens")
     return 0

@@ -1,6 +1,6 @@
 """AdaSkipEngine: one model and tokenizer, many concurrent requests, each with its own skip plan.
 
-The phases of a request live in ``requests.py`` (checking it, sampling), ``generation.py`` (prefill, decode
+The phases of a request live in ``request.py`` (checking it, sampling), ``generation.py`` (prefill, decode
 step, emission, teacher forcing) and ``streams.py``; batched steps in ``scheduler.py`` and ``forward.py``. The
 engine holds the model, its prompts and its scheduler.
 """
@@ -28,7 +28,7 @@ from .learning import Learner, shipped_profile
 from .policies import AdaSkipPolicy
 from .profiles import check_collection
 from .prompts import ChatPrompts, Prompt
-from .requests import build_request
+from .request import build_request
 from .scheduler import Scheduler, ServingLimits, Ticket
 from .skipping import PlanSchedule, Probe, SkipPlan, Sublayer
 from .stores import ProfileStore, open_store

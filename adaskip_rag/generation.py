@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from .constrained import TOOL_CALL_OPEN, Constraint, parse_tool_calls
 from .costs import CostModel
 from .forward import layer_types, new_cache
-from .requests import Request, sampler
+from .request import Request, sampler
 from .skipping import PlanSchedule, Probe, SkipPlan, StaticSchedule, Sublayer
 from .stats import SkipStats
 

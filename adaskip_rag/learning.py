@@ -43,11 +43,20 @@ if TYPE_CHECKING:
     from .stores import ProfileStore
 
 Mode = Literal["warmup", "skip", "refresh"]
-PROFILES = importlib.resources.files("adaskip_rag") / "profiles"  # package data: the shipped profiles
+
+
+def _shipped_folder() -> Path:
+    """The shipped profiles: the installed package's ``profiles/`` (a wheel maps the repository's top-level
+    ``profiles/`` there), else, in a source checkout, that top-level folder."""
+    packaged = Path(str(importlib.resources.files("adaskip_rag") / "profiles"))
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "profiles"
+
+
+PROFILES = _shipped_folder()
 
 
 def shipped_profile(model_id: str, name: str) -> Profile | None:
-    """The default profile shipped for this model in ``$ADASKIP_PROFILES`` or the package's ``profiles/`` (if its
+    """The default profile shipped for this model in ``$ADASKIP_PROFILES`` or :data:`PROFILES` (if its
     fingerprint matches; a profile of another model is ignored with a warning)."""
     folder = Path(os.environ["ADASKIP_PROFILES"]) if os.environ.get("ADASKIP_PROFILES") else PROFILES
     path = folder / f"{name}.json"

@@ -15,7 +15,7 @@ chromadb = pytest.importorskip("chromadb")
 
 from conftest import ChromaServer  # noqa: E402
 from replica_worker import CACHE_SECONDS, replica_engine, skip_set  # noqa: E402
-from test_history import delta  # noqa: E402
+from test_sqlite_store import delta  # noqa: E402
 
 from adaskip_rag.stores import SQLiteProfileStore, open_store  # noqa: E402
 from adaskip_rag.stores.chroma import ChromaProfileStore  # noqa: E402

@@ -22,6 +22,10 @@ print(json.dumps({"package": adaskip_rag.__file__, "source": stats.profile_sourc
 
 @pytest.mark.slow
 def test_a_wheel_installed_without_the_source_tree_ships_the_cold_start_profile(tmp_path):
+    """The repository keeps the shipped profiles top-level, in ``profiles/``; the wheel maps them into the package."""
+    assert (ROOT / "profiles" / "SmolLM2-135M-Instruct.json").is_file() and not (
+        ROOT / "adaskip_rag" / "profiles"
+    ).exists()
     source, wheels = tmp_path / "source", tmp_path / "wheels"
     # a clean copy of the sources: no build folder of an earlier run can stand in for the package data
     skip = shutil.ignore_patterns(

@@ -14,10 +14,10 @@ from langchain_core.callbacks import (
 )
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field
 
 from adaskip_rag import AdaSkipEngine, SkipStats
-from adaskip_rag.adapters import SETTING_CHECKS, call_arguments, default_collection
+from adaskip_rag.adapters import AdaSkipSettings, call_arguments, default_collection
 from adaskip_rag.loading import model_label
 from langchain_adaskip._retrieval import retrieval_of
 
@@ -25,51 +25,16 @@ STATS_EVENT = "adaskip_stats"
 COLLECTION_METADATA_KEY = "adaskip_collection"
 
 
-class AdaSkipParams(BaseModel):
-    """Settings and LangChain hooks both classes share; every setting can be overridden per call as a keyword
-    argument. Listed first among a class's bases, so its hooks override the framework's defaults. Every value is
-    checked at construction; unknown keywords raise."""
+class AdaSkipParams(AdaSkipSettings):
+    """Settings (:class:`~adaskip_rag.adapters.AdaSkipSettings`) and LangChain hooks both classes share; every
+    setting can be overridden per call as a keyword argument. Listed first among a class's bases, so its hooks
+    override the framework's defaults."""
 
-    model_config = ConfigDict(
-        arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid", populate_by_name=True
-    )
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    model: str = Field(default="default", validation_alias=AliasChoices("model", "model_name"))
-    """``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder (alias ``model_name``)."""
-    device: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    """The model's precision; default fp32 on CPU, bf16 on a GPU."""
-    collection: str | None = Field(default=None, min_length=1)
-    """Profile key, unless a call passes ``collection=`` or config metadata ``adaskip_collection``; else the
-    Chroma collection the enclosing chain retrieved from (``langchain-chroma``), else ``"default"``."""
-    max_tokens: int = Field(
-        default=256, gt=0, strict=True, validation_alias=AliasChoices("max_tokens", "max_new_tokens")
-    )
-    """Most new tokens per answer (alias ``max_new_tokens``)."""
-    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, strict=True)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
-    top_k: int = Field(default=0, ge=0, strict=True)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False, strict=True)
-    seed: int | None = Field(default=None, ge=0, strict=True)
-    stop: list[str] | None = None
-    truncation: Literal["error", "left"] = "error"
-    """``"left"``: keep the last tokens of a prompt longer than the context window instead of raising."""
-    budget: int | float | None = None
-    """Sublayers to skip in prefill, a count or a fraction of all sublayers; default: the engine's policy (8)."""
-    quality_target: float | None = None
-    """Teacher-forced agreement with the full model that the collection's quality guard keeps; default: the
-    engine's policy (no guard)."""
-    skip: bool = Field(default=True, strict=True)
-    """False: the full model, nothing skipped or learned."""
     engine: AdaSkipEngine | None = Field(default=None, exclude=True)
     """An engine to use instead of the shared one of ``model``."""
     ls_model_type: ClassVar[Literal["chat", "llm"]]
-
-    @field_validator(*SETTING_CHECKS)
-    @classmethod
-    def _check_setting(cls, value: Any, info: ValidationInfo) -> Any:
-        SETTING_CHECKS[info.field_name](value)  # type: ignore[index]
-        return value
 
     @property
     def model_name(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -26,10 +26,10 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.program.function_program import FunctionCallingProgram, get_function_tool
 from llama_index.core.prompts import PromptTemplate
-from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
+from pydantic import PrivateAttr
 
 from adaskip_rag import AdaSkipEngine, GenerationResult, SkipStats
-from adaskip_rag.adapters import SETTING_CHECKS, call_arguments, default_collection
+from adaskip_rag.adapters import AdaSkipSettings, call_arguments, default_collection
 from llama_index.llms.adaskip.retrieval import TRACKER
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def _chat(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     return chat
 
 
-class AdaSkipLLM(FunctionCallingLLM):
+class AdaSkipLLM(AdaSkipSettings, FunctionCallingLLM):
     """LLM that skips the sublayers its collection does not need (AdaSkip), on a local model.
 
     Example:
@@ -94,57 +94,7 @@ class AdaSkipLLM(FunctionCallingLLM):
     and every call sends an :class:`AdaSkipStatsEvent` to the dispatcher's event handlers.
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    model: str = Field(
-        default="default",
-        validation_alias=AliasChoices("model", "model_name"),
-        description='"default" (SmolLM2-135M-Instruct, bundled) or a local model folder.',
-    )
-    device: str | None = Field(default=None, description="torch device; default: the engine's choice.")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        default=None, description="The model's precision; default fp32 on CPU, bf16 on a GPU."
-    )
-    collection: str | None = Field(
-        default=None,
-        min_length=1,
-        description="Profile key, unless a call passes collection=; else the Chroma collection the enclosing "
-        'query retrieved from; else "default".',
-    )
-    max_tokens: int = Field(
-        default=256,
-        gt=0,
-        strict=True,
-        validation_alias=AliasChoices("max_tokens", "max_new_tokens"),
-        description="Most new tokens per answer.",
-    )
-    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, strict=True, description="0 is greedy.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
-    top_k: int = Field(default=0, ge=0, strict=True)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False, strict=True)
-    seed: int | None = Field(default=None, ge=0, strict=True)
-    stop: list[str] | None = Field(default=None, description="Stop strings, not part of the answer.")
-    truncation: Literal["error", "left"] = Field(
-        default="error", description='"left": keep the last tokens of a prompt longer than the context window.'
-    )
-    budget: int | float | None = Field(
-        default=None,
-        description="Sublayers to skip in prefill, a count or a fraction of all sublayers; default: the engine's "
-        "policy (8).",
-    )
-    quality_target: float | None = Field(
-        default=None,
-        description="Teacher-forced agreement with the full model that the collection's quality guard keeps; "
-        "default: the engine's policy (no guard).",
-    )
-    skip: bool = Field(default=True, strict=True, description="False: the full model, nothing skipped or learned.")
     _engine: AdaSkipEngine | None = PrivateAttr(default=None)
-
-    @field_validator(*SETTING_CHECKS)
-    @classmethod
-    def _check_setting(cls, value: Any, info: ValidationInfo) -> Any:
-        SETTING_CHECKS[info.field_name](value)  # type: ignore[index]
-        return value
 
     def __init__(self, engine: AdaSkipEngine | None = None, **kwargs: Any) -> None:
         """``engine``: an engine to use instead of the shared one of ``model``."""

@@ -58,7 +58,7 @@ def test_eight_threads_then_four_processes_lose_no_update(tmp_path):
     assert store.get("m", "docs").queries == 800
 
     script = (
-        "import sys; sys.path.insert(0, sys.argv[2]); from test_history import delta; "
+        "import sys; sys.path.insert(0, sys.argv[2]); from test_sqlite_store import delta; "
         "from adaskip_rag.stores import SQLiteProfileStore; s = SQLiteProfileStore(sys.argv[1]); "
         "[s.add(delta(i)) for i in range(100)]"
     )
@@ -72,7 +72,7 @@ def test_writer_killed_mid_way_leaves_every_committed_update(tmp_path):
     path = tmp_path / "p.sqlite"
     SQLiteProfileStore(path)
     script = (
-        "import sys; sys.path.insert(0, sys.argv[2]); from test_history import delta; "
+        "import sys; sys.path.insert(0, sys.argv[2]); from test_sqlite_store import delta; "
         "from adaskip_rag.stores import SQLiteProfileStore; s = SQLiteProfileStore(sys.argv[1])\n"
         "for i in range(100000):\n    s.add(delta(i)); print(i, flush=True)"
     )
