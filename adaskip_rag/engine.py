@@ -1,19 +1,18 @@
 """AdaSkipEngine: one model and tokenizer, many concurrent requests, each with its own skip plan.
 
 The phases of a request live in ``request.py`` (checking it, sampling), ``generation.py`` (prefill, decode
-step, emission, teacher forcing) and ``streams.py``; batched steps in ``scheduler.py`` and ``forward.py``. The
-engine holds the model, its prompts and its scheduler.
+step, emission, teacher forcing) and ``streams.py``; they run on the engine's :class:`~adaskip_rag.runtime.Runtime`
+(the model in the scheduler's batched steps, prompts, grammars). The engine runs decide -> generate -> learn.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,15 +20,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import loading
 from .constrained import Grammars, SchemaLimits
-from .costs import CostModel
-from .forward import Phase, Probes, forward_rows
-from .generation import GenerationResult, generate_steps, learning_steps, teacher_forced
-from .learning import Learner, shipped_profile
+from .generation import GenerationResult, generate_steps, teacher_forced
+from .learning import Decision, Learner, shipped_profile
 from .policies import AdaSkipPolicy
 from .profiles import check_collection
-from .prompts import ChatPrompts, Prompt
-from .request import build_request
-from .scheduler import Scheduler, ServingLimits, Ticket
+from .prompts import Prompt
+from .request import Request, build_request
+from .runtime import Runtime
+from .scheduler import ServingLimits
 from .skipping import PlanSchedule, Probe, SkipPlan, Sublayer
 from .stores import ProfileStore, open_store
 from .streams import AsyncTextStream, TextStream
@@ -67,22 +65,16 @@ class AdaSkipEngine:
         serving: ServingLimits | None = None,
         schema_limits: SchemaLimits | None = None,
     ):
-        loading.check_layers(model)
-        self.model = model.eval()
-        self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-        self.config = model.config
-        self.num_layers: int = model.config.num_hidden_layers
-        self.context_window: int = model.config.max_position_embeddings
-        self.costs = CostModel.from_config(model.config)
-        self.device: torch.device = model.get_input_embeddings().weight.device  # type: ignore[assignment]
+        self.runtime = Runtime(model, tokenizer, self.name, serving, schema_limits)
+        rt = self.runtime  # what the engine's users read, as attributes of their own
+        self.model, self.tokenizer, self.config, self.device = rt.model, rt.tokenizer, rt.config, rt.device
+        self.num_layers, self.context_window, self.costs = rt.num_layers, rt.context_window, rt.costs
+        self.scheduler, self.eos_token_ids, self.prompts = rt.scheduler, rt.eos_token_ids, rt.prompts
+        self.schema_limits = rt.schema_limits
         self.policy = policy or AdaSkipPolicy()
         self.collection_policies = dict(collection_policies or {})
         self._store = store
-        self.scheduler = Scheduler(functools.partial(forward_rows, self.model), serving or ServingLimits())
-        self.eos_token_ids = loading.eos_token_ids(model, tokenizer)
-        self.prompts = ChatPrompts(tokenizer, self.name, self.config.vocab_size)
-        self.schema_limits = schema_limits or SchemaLimits()
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -156,41 +148,18 @@ class AdaSkipEngine:
         """Whether the chat template renders tools, assistant ``<tool_call>`` calls and tool results."""
         return self.prompts.supports_tools
 
-    @functools.cached_property
+    @property
     def grammars(self) -> Grammars:
         """Grammar compiler of this tokenizer, for constrained decoding."""
-        return Grammars(self.tokenizer, self.config.vocab_size, sorted(self.eos_token_ids), self.schema_limits)
+        return self.runtime.grammars
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of keys and values one layer caches per token."""
-        cfg = self.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return 2 * cfg.num_key_value_heads * head_dim * self.model.dtype.itemsize
+        return self.runtime.kv_bytes_per_token()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position: int,
-        cache: Any,
-        plan: SkipPlan,
-        phase: Phase,
-        probe: bool = False,
-        logits_to_keep: int = 1,
-        ticket: Ticket | None = None,
-        positions: torch.Tensor | None = None,
-        attention: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
-        """:func:`~adaskip_rag.forward.skip_forward` of one sequence's ``input_ids`` (1, q), run in a step together
-        with the other requests' (``scheduler.py``); ``ticket``: the request's admission (None: this call's own).
-        ``positions`` and ``attention``: a row that recomputes cached tokens or only looks (see
-        :class:`~adaskip_rag.forward.Row`)."""
-        probes = Probes.of(plan, phase) if probe else None
-        ids = input_ids.reshape(-1)
-        with contextlib.nullcontext(ticket) if ticket else self.scheduler.admitted(len(ids)) as admitted:
-            logits = self.scheduler.forward(
-                admitted, ids, position, cache, plan, phase, probes, logits_to_keep, positions, attention
-            )
-        return logits[None], probes.result() if probes else None
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
+        """One sequence's forward step under a plan, batched with the other requests': see :meth:`Runtime.forward`."""
+        return self.runtime.forward(*args, **kwargs)
 
     def generate(
         self,
@@ -255,10 +224,22 @@ class AdaSkipEngine:
         if collection is None or not skip:
             if collection is not None:
                 check_collection(collection)
-            return TextStream(generate_steps(self, build_request(self, prompt, plan, **kwargs)))
-        req = build_request(self, prompt, None, **kwargs)
+            return TextStream(generate_steps(self.runtime, build_request(self.runtime, prompt, plan, **kwargs)))
+        req = build_request(self.runtime, prompt, None, **kwargs)
         decision = self.learner.decide(collection, len(req.input_ids), **policy)
-        return TextStream(learning_steps(self, dataclasses.replace(req, schedule=decision.schedule), decision))
+        return TextStream(self._learning_steps(dataclasses.replace(req, schedule=decision.schedule), decision))
+
+    def _learning_steps(self, req: Request, decision: Decision) -> Iterator[str | GenerationResult]:
+        """The steps of a request served for a collection; once it ends the learner records it (a refresh scored
+        by teacher forcing the answer under the collection's plan)."""
+        for item in generate_steps(self.runtime, req):
+            if isinstance(item, GenerationResult):
+
+                def rescore(plan: SkipPlan, result: GenerationResult = item) -> tuple[torch.Tensor, float]:
+                    return teacher_forced(self.runtime, req.input_ids, result.token_ids, plan, req.messages)
+
+                item = dataclasses.replace(item, stats=self.learner.learn(decision, item, rescore))
+            yield item
 
     def teacher_forced(
         self,
@@ -269,7 +250,7 @@ class AdaSkipEngine:
     ) -> tuple[torch.Tensor, float]:
         """See :func:`adaskip_rag.generation.teacher_forced`; ``generate(..., teacher_forced_ids=answer_ids)``
         gives the same logits from the generation's prefill."""
-        return teacher_forced(self, prompt_ids, answer_ids, plan, messages)
+        return teacher_forced(self.runtime, prompt_ids, answer_ids, plan, messages)
 
     async def agenerate(
         self, prompt: Prompt, plan: SkipPlan | PlanSchedule | None = None, **kwargs: Any

@@ -16,11 +16,9 @@ transformers does. Nothing request-specific is stored on the model, so one model
 
 from __future__ import annotations
 
-import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,104 +26,15 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .compensation import apply, moments
+from .attention import cache_keys_values, folded_attention, head_attention, rewriting_attention, rope
+from .compensation import apply
+from .probes import Phase, Probes, token_stats
 from .skipping import Probe, SkipPlan, Sublayer
-
-Phase = Literal["prefill", "decode"]
-REWRITE_BLOCK = 64  # tokens of a rewriting row (evidence recompute) attended together, see _rewriting_attention
 
 
 def layer_types(model: PreTrainedModel) -> list[str]:
     """Attention type of every layer ('full_attention' or 'sliding_attention'), as the model's cache sees it."""
     return get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))[0]
-
-
-def new_cache(model: PreTrainedModel, capacity: int = 0) -> DynamicCache:
-    """A cache for one sequence: its full-attention layers keep room for ``capacity`` tokens (more as needed),
-    so adding a token does not copy the whole cache; sliding-window layers are transformers' own."""
-    cache = DynamicCache(config=model.config)
-    cache.layers = [_RoomyLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
-class _RoomyLayer(DynamicLayer):
-    """A full-attention cache layer that writes new keys and values into spare room (twice the tokens when it runs
-    out) instead of concatenating: ``keys`` and ``values`` are views of the filled part."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-        self.room: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n, q = self.get_seq_length(), key_states.shape[-2]
-        if self.room is None or n + q > self.room[0].shape[-2]:
-            size = max(self.capacity, 2 * (n + q)) if self.room is not None else max(self.capacity, n + q)
-            room = tuple(s.new_empty((*s.shape[:-2], size, s.shape[-1])) for s in (key_states, value_states))
-            if n:
-                room[0][..., :n, :], room[1][..., :n, :] = self.keys, self.values  # type: ignore[assignment]
-            self.room = room  # type: ignore[assignment]
-        keys, values = self.room  # type: ignore[misc]
-        keys[..., n : n + q, :], values[..., n : n + q, :] = key_states, value_states
-        self.keys, self.values = keys[..., : n + q, :], values[..., : n + q, :]
-        return self.keys, self.values
-
-
-class Probes:
-    """What the forward steps of one sequence measured at every sublayer they ran (a prompt may take several
-    steps): the sums that IO similarity and norm ratios come from, and, in a prefill with the full model, the
-    moments compensations are fitted from (``compensation.moments``). Token 0, the attention sink, is left out of
-    ``scale_no_sink`` and the moments."""
-
-    def __init__(self, fit_moments: bool):
-        self.fit_moments = fit_moments
-        # per step: its sublayers and their [sum of cosines, tokens, sum |x|^2, |y|^2, both without the sink]
-        self.steps: list[tuple[list[Sublayer], torch.Tensor]] = []
-        self.moments: dict[Sublayer, torch.Tensor] = {}
-
-    @classmethod
-    def of(cls, plan: SkipPlan, phase: Phase) -> Probes:
-        """The probes of a forward under ``plan`` in ``phase``: moments only in a prefill with the full model."""
-        return cls(fit_moments=phase == "prefill" and plan.is_empty)
-
-    def add(self, subs: list[Sublayer], stats: torch.Tensor, first: int) -> None:
-        """Add one step's per-token ``stats`` (sublayers, tokens, 3: x.y, |x|^2, |y|^2) of the sublayers ``subs``;
-        ``first`` = 1 when the tokens start with token 0."""
-        dot, sx, sy = stats.float().unbind(-1)
-        cosines = (dot / (sx * sy).sqrt().clamp_min(1e-12)).sum(1)
-        tokens = torch.full_like(cosines, stats.shape[1])
-        no_sink = (sx[:, first:].sum(1), sy[:, first:].sum(1))
-        self.steps.append((subs, torch.stack([cosines, tokens, sx.sum(1), sy.sum(1), *no_sink], 1)))
-
-    def add_moments(self, sub: Sublayer, x: torch.Tensor, y: torch.Tensor, first: int) -> None:
-        m = moments(x[first:], y[first:])
-        self.moments[sub] = self.moments[sub] + m if sub in self.moments else m
-
-    def result(self) -> dict[Sublayer, Probe]:
-        """The probes, read back to the host in one transfer (on a GPU, the only synchronisation they cost)."""
-        if not self.steps:
-            return {}
-        subs = [sub for step, _ in self.steps for sub in step]
-        fitted = list(self.moments)
-        host = torch.cat([torch.cat([t for _, t in self.steps]).double().flatten(), *self.moments.values()]).cpu()
-        totals: dict[Sublayer, list[float]] = {}
-        for sub, values in zip(subs, host[: 6 * len(subs)].view(-1, 6).tolist()):
-            totals[sub] = [a + b for a, b in zip(totals.get(sub, [0.0] * 6), values)]
-        sums = dict(zip(fitted, host[6 * len(subs) :].view(len(fitted), -1))) if fitted else {}
-        out = {}
-        for sub, (cosines, tokens, sx, sy, sx_ns, sy_ns) in totals.items():
-            scale = (sy / sx) ** 0.5 if sx > 0 else 0.0
-            no_sink = (sy_ns / sx_ns) ** 0.5 if sx_ns > 0 else scale
-            out[sub] = Probe(cosines / tokens, scale, no_sink, moments=sums.get(sub))
-        return out
-
-
-def _token_stats(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per token of a sublayer's input ``x`` and output ``y`` (tokens, d): x.y, |x|^2 and |y|^2, (tokens, 3)."""
-    x, y = x.float(), y.float()
-    return torch.stack([torch.einsum("td,td->t", x, y), x.square().sum(-1), y.square().sum(-1)], -1)
 
 
 @dataclass
@@ -244,7 +153,7 @@ class _Step:
                     out[:, self.slices[k]] = self._skipped(sub, layer, k, hidden[:, self.slices[k]])
         probed = [k for k in running if self.rows[k].probes is not None]
         if probed:
-            self.measured.append((sub, probed, _token_stats(hidden[0], out[0])))
+            self.measured.append((sub, probed, token_stats(hidden[0], out[0])))
         for k in probed:
             row = self.rows[k]
             if row.probes.fit_moments:  # type: ignore[union-attr]
@@ -267,9 +176,9 @@ class _Step:
         y = apply(x, (row.attn if kind == "attn" else row.ffn)[i])
         head = row.head
         if kind == "attn" and i in row.keep_kv:
-            _cache_keys_values(layer, x, self.rotary[k], row.cache, i)
+            cache_keys_values(layer, x, self.rotary[k], row.cache, i)
             if head:
-                y[:, :head] = x[:, :head] + _head_attention(layer, x[:, :head], self.rotary[k])
+                y[:, :head] = x[:, :head] + head_attention(layer, x[:, :head], self.rotary[k])
         elif kind == "ffn" and head:
             y[:, :head] = x[:, :head] + _ffn(layer, x[:, :head])
         return y
@@ -285,7 +194,7 @@ class _Step:
         q, k, v = attn.q_proj(normed).view(shape), attn.k_proj(normed).view(shape), attn.v_proj(normed).view(shape)
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = _rope(attn)(q.transpose(0, 1)[None], k.transpose(0, 1)[None], *self._rotary_of(tuple(running)))
+        q, k = rope(attn)(q.transpose(0, 1)[None], k.transpose(0, 1)[None], *self._rotary_of(tuple(running)))
         v = v.transpose(0, 1)[None]  # (1, heads, tokens, head_dim), as q and k now
         outs, start = [], 0
         for r in running:
@@ -295,7 +204,7 @@ class _Step:
             qr = q[:, :, part]
             keys, values = self._keys_values(i, r, k[:, :, part], v[:, :, part])
             if row.positions is not None:
-                out = _rewriting_attention(qr, keys, values, self.position_ids[r][0], row.positions, attn.scaling)
+                out = rewriting_attention(qr, keys, values, self.position_ids[r][0], row.positions, attn.scaling)
             else:
                 mask = self._row_mask(i, r, keys.shape[-2])
                 if mask is True:  # a prompt without a past: the plain causal mask
@@ -303,7 +212,7 @@ class _Step:
                         qr, keys, values, is_causal=True, scale=attn.scaling, enable_gqa=qr.shape[1] != keys.shape[1]
                     )
                 else:
-                    out = _folded_attention(qr, keys, values, mask, attn.scaling, row.attention)
+                    out = folded_attention(qr, keys, values, mask, attn.scaling, row.attention)
             outs.append(out[0].transpose(0, 1).reshape(n, -1))
         return attn.o_proj(torch.cat(outs))[None]
 
@@ -372,79 +281,5 @@ class _Step:
         return out
 
 
-def _folded_attention(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor | bool,
-    scale: float,
-    attention: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Attention of queries ``q`` (1, heads, n, head_dim) over ``keys`` and ``values`` (1, kv_heads, kv, head_dim)
-    under ``mask`` (1, 1, n, kv; False: none). The query heads that share a KV head become queries of that head, so
-    keys and values are not copied. With ``attention``, the weights are computed explicitly and their sums over
-    heads and queries added to it (its entries: the first keys)."""
-    n, groups = q.shape[2], q.shape[1] // keys.shape[1]
-    folded = q.reshape(1, keys.shape[1], groups * n, q.shape[-1])
-    fold_mask = None if isinstance(mask, bool) else mask.repeat(1, 1, groups, 1)
-    if attention is None or fold_mask is None:
-        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=fold_mask, scale=scale)
-    else:
-        scores = (folded @ keys.transpose(-1, -2)) * scale
-        weights = scores.masked_fill(~fold_mask, -math.inf).softmax(-1, dtype=torch.float32)
-        attention += weights.sum((0, 1, 2))[: len(attention)]
-        out = weights.to(values.dtype) @ values
-    return out.view(q.shape)
-
-
-def _rewriting_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: torch.Tensor, positions: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Attention of a rewriting row's queries ``q`` (1, heads, n, head_dim) at the ascending ``positions`` (``at``:
-    the same on the device), each over the cached keys up to its own position: in blocks of :data:`REWRITE_BLOCK`
-    tokens, each over the keys its last token sees (a masked attention scores every query against every key)."""
-    outs = []
-    for a in range(0, len(positions), REWRITE_BLOCK):
-        block = slice(a, a + REWRITE_BLOCK)
-        kv = int(positions[block][-1]) + 1
-        mask = (torch.arange(kv, device=at.device)[None] <= at[block, None])[None, None]
-        outs.append(_folded_attention(q[:, :, block], keys[:, :, :kv], values[:, :, :kv], mask, scale))
-    return torch.cat(outs, 2)
-
-
 def _ffn(layer: Any, x: torch.Tensor) -> torch.Tensor:
     return layer.mlp(layer.post_attention_layernorm(x))
-
-
-def _rope(attn: Any) -> Any:
-    """The model's own ``apply_rotary_pos_emb``, from the module of its attention class."""
-    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
-
-
-def _cache_keys_values(
-    layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], cache: DynamicCache, index: int
-) -> None:
-    """Store the keys and values attention sublayer ``index`` computes from its input ``hidden``, as the full layer
-    does (input norm, K/V projections, the model's K norm if it has one, rotary), without running attention."""
-    attn = layer.self_attn
-    normed = layer.input_layernorm(hidden)
-    shape = (*normed.shape[:-1], -1, attn.head_dim)
-    keys = attn.k_proj(normed).view(shape)
-    if getattr(attn, "k_norm", None) is not None:
-        keys = attn.k_norm(keys)
-    keys, values = keys.transpose(1, 2), attn.v_proj(normed).view(shape).transpose(1, 2)
-    cos, sin = rotary
-    _, keys = _rope(attn)(keys[:, :0], keys, cos, sin)  # an empty query: only the keys are rotated
-    cache.update(keys, values, index)
-
-
-def _head_attention(layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The attention output of the first ``hidden.shape[1]`` tokens of a prefill: they see only each other."""
-    m = hidden.shape[1]
-    mask = torch.full((m, m), float("-inf"), dtype=hidden.dtype, device=hidden.device).triu(1)[None, None]
-    out, _ = layer.self_attn(
-        hidden_states=layer.input_layernorm(hidden),
-        attention_mask=mask,
-        position_embeddings=tuple(r[:, :m] for r in rotary),
-    )
-    return out

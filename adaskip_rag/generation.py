@@ -6,7 +6,6 @@ forward pass (:func:`teacher_forced`)."""
 from __future__ import annotations
 
 import copy
-import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .cache import new_cache
 from .constrained import TOOL_CALL_OPEN, Constraint, parse_tool_calls
 from .costs import CostModel
-from .forward import layer_types, new_cache
+from .forward import layer_types
 from .request import Request, sampler
+from .runtime import Runtime
 from .skipping import PlanSchedule, Probe, SkipPlan, StaticSchedule, Sublayer
 from .stats import SkipStats
 
 if TYPE_CHECKING:
-    from .engine import AdaSkipEngine
-    from .learning import Decision
     from .scheduler import Ticket
 
 
@@ -42,7 +41,7 @@ class GenerationResult:
 
 
 def prefill(
-    engine: AdaSkipEngine,
+    rt: Runtime,
     ids: torch.Tensor,
     cache: Any,
     plan: SkipPlan,
@@ -59,21 +58,19 @@ def prefill(
     admission."""
     n = ids.shape[1]
     if plan.is_empty or not tail:
-        return engine.forward(ids, 0, cache, plan, "prefill", probe, logits_to_keep, ticket)
-    if plan.recompute and "sliding_attention" in layer_types(engine.model):
+        return rt.forward(ids, 0, cache, plan, "prefill", probe, logits_to_keep, ticket)
+    if plan.recompute and "sliding_attention" in layer_types(rt.model):
         raise ValueError("SkipPlan.recompute rewrites cached tokens: it needs a model without sliding-window layers")
     body = n - tail
-    _, probes = engine.forward(ids[:, :body], 0, cache, plan, "prefill", probe, ticket=ticket)
+    _, probes = rt.forward(ids[:, :body], 0, cache, plan, "prefill", probe, ticket=ticket)
     if plan.recompute:
-        recompute_evidence(engine, ids, body, cache, plan, ticket)
-    logits, _ = engine.forward(
-        ids[:, body:], body, cache, plan.protected_plan(), "prefill", False, logits_to_keep, ticket
-    )
+        recompute_evidence(rt, ids, body, cache, plan, ticket)
+    logits, _ = rt.forward(ids[:, body:], body, cache, plan.protected_plan(), "prefill", False, logits_to_keep, ticket)
     return logits, probes
 
 
 def recompute_evidence(
-    engine: AdaSkipEngine, ids: torch.Tensor, body: int, cache: Any, plan: SkipPlan, ticket: Ticket | None = None
+    rt: Runtime, ids: torch.Tensor, body: int, cache: Any, plan: SkipPlan, ticket: Ticket | None = None
 ) -> list[int]:
     """Question-aware evidence recompute, after the skipped prefill of the first ``body`` tokens of ``ids`` into
     ``cache``: the tail (the rest of ``ids``) looks at the cache once (every sublayer that has a cache, nothing
@@ -84,25 +81,25 @@ def recompute_evidence(
     if not count:
         return []
     protected = plan.protected_plan()
-    attention = torch.zeros(body, device=engine.device)
-    engine.forward(ids[:, body:], body, cache, protected, "prefill", attention=attention, ticket=ticket)
+    attention = torch.zeros(body, device=rt.device)
+    rt.forward(ids[:, body:], body, cache, protected, "prefill", attention=attention, ticket=ticket)
     chosen = (attention[plan.head :].topk(count).indices + plan.head).sort().values
     positions = chosen.cpu()
-    engine.forward(ids[:, chosen], int(positions[0]), cache, protected, "prefill", ticket=ticket, positions=positions)
+    rt.forward(ids[:, chosen], int(positions[0]), cache, protected, "prefill", ticket=ticket, positions=positions)
     return positions.tolist()
 
 
 def decode_one_token(
-    engine: AdaSkipEngine, ids: torch.Tensor, position: int, cache: Any, plan: SkipPlan, probe: bool, ticket: Ticket
+    rt: Runtime, ids: torch.Tensor, position: int, cache: Any, plan: SkipPlan, probe: bool, ticket: Ticket
 ) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
     """The logits after the token at ``position`` of ``ids``, fed under ``plan`` into ``cache``."""
-    return engine.forward(ids[:, position : position + 1], position, cache, plan, "decode", probe, ticket=ticket)
+    return rt.forward(ids[:, position : position + 1], position, cache, plan, "decode", probe, ticket=ticket)
 
 
-def _checked(engine: AdaSkipEngine, answer: tuple[SkipPlan, bool]) -> tuple[SkipPlan, bool]:
+def _checked(rt: Runtime, answer: tuple[SkipPlan, bool]) -> tuple[SkipPlan, bool]:
     """A schedule's (plan, probe) for one step, its plan checked against the engine's model."""
     plan, probe = answer
-    plan.check(engine.num_layers, engine.config.hidden_size)
+    plan.check(rt.num_layers, rt.config.hidden_size)
     return plan, probe
 
 
@@ -140,17 +137,17 @@ class Emitter:
         return text, text[self.emitted :], calls, invalid
 
 
-def generate_steps(engine: AdaSkipEngine, req: Request) -> Iterator[str | GenerationResult]:
+def generate_steps(rt: Runtime, req: Request) -> Iterator[str | GenerationResult]:
     """Run ``req``: one item per decode step (the new text, "" if none) and finally the GenerationResult. The
     request is admitted to the engine's batched steps first, and leaves them when it ends, fails or is closed:
     the result comes after its place is freed, so whatever follows (learning) never holds a place."""
     n = len(req.input_ids)
-    max_new = min(req.max_new_tokens, engine.context_window - n)
+    max_new = min(req.max_new_tokens, rt.context_window - n)
     result = None
     # the grammar compiles before admission: a request compiling holds no place in the batched steps
-    constraint = None if req.grammar is None else engine.grammars.constraint(req.grammar, max_new, req.closes)
-    with engine.scheduler.admitted(n + max_new) as ticket:
-        for item in _generate(engine, req, max_new, ticket, constraint):
+    constraint = None if req.grammar is None else rt.grammars.constraint(req.grammar, max_new, req.closes)
+    with rt.scheduler.admitted(n + max_new) as ticket:
+        for item in _generate(rt, req, max_new, ticket, constraint):
             if isinstance(item, GenerationResult):
                 result = item
             else:
@@ -160,15 +157,15 @@ def generate_steps(engine: AdaSkipEngine, req: Request) -> Iterator[str | Genera
 
 
 def _generate(
-    engine: AdaSkipEngine, req: Request, max_new: int, ticket: Ticket, constraint: Constraint | None
+    rt: Runtime, req: Request, max_new: int, ticket: Ticket, constraint: Constraint | None
 ) -> Iterator[str | GenerationResult]:
     n = len(req.input_ids)
-    ids = torch.zeros(1, n + max_new, dtype=torch.long, device=engine.device)  # prompt, then generated tokens
+    ids = torch.zeros(1, n + max_new, dtype=torch.long, device=rt.device)  # prompt, then generated tokens
     ids[0, :n] = torch.tensor(req.input_ids)
-    cache = new_cache(engine.model, n + max_new)
-    choose = sampler(req, engine.device, constraint)
-    record, emitter = PlanRecord(engine.costs, n), Emitter(engine.tokenizer, req.stop, req.tools)
-    token, prefill_probes, forced, prefill_seconds = _prefill_phase(engine, req, ids, cache, choose, record, ticket)
+    cache = new_cache(rt.model, n + max_new)
+    choose = sampler(req, rt.device, constraint)
+    record, emitter = PlanRecord(rt.costs, n), Emitter(rt.tokenizer, req.stop, req.tools)
+    token, prefill_probes, forced, prefill_seconds = _prefill_phase(rt, req, ids, cache, choose, record, ticket)
     decode_start = time.perf_counter()
 
     generated: list[int] = []
@@ -185,9 +182,9 @@ def _generate(
         if len(generated) >= max_new:
             break
         position = n + len(generated) - 1
-        plan, probe = _checked(engine, req.schedule.decode(len(generated) - 1, probes))
+        plan, probe = _checked(rt, req.schedule.decode(len(generated) - 1, probes))
         record.decode(plan)
-        logits, probes = decode_one_token(engine, ids, position, cache, plan, probe, ticket)
+        logits, probes = decode_one_token(rt, ids, position, cache, plan, probe, ticket)
         if probes is not None:
             decode_probes.append(probes)
         token = choose(ids[:, : position + 1], logits[:, -1])
@@ -196,11 +193,16 @@ def _generate(
     text, rest, calls, invalid = emitter.finish()
     if rest:
         yield rest
-    stats = record.stats(len(generated), prefill_seconds, time.perf_counter() - decode_start, finish)
-    stats.max_new_tokens, stats.waited_seconds, stats.batch_sizes = max_new, ticket.waited, list(ticket.batch_sizes)
     cached = n + len(generated) - 1  # the last token was never fed back
-    stats.kv_bytes_saved = engine.kv_bytes_per_token() * sum(
-        cached - cache.get_seq_length(i) for i in range(engine.num_layers)
+    stats = record.stats(
+        generated=len(generated),
+        prefill_seconds=prefill_seconds,
+        decode_seconds=time.perf_counter() - decode_start,
+        finish_reason=finish,
+        max_new_tokens=max_new,
+        waited_seconds=ticket.waited,
+        batch_sizes=list(ticket.batch_sizes),
+        kv_bytes_saved=rt.kv_bytes_per_token() * sum(cached - cache.get_seq_length(i) for i in range(rt.num_layers)),
     )
     yield GenerationResult(
         text=text,
@@ -215,7 +217,7 @@ def _generate(
 
 
 def _prefill_phase(
-    engine: AdaSkipEngine,
+    rt: Runtime,
     req: Request,
     ids: torch.Tensor,
     cache: Any,
@@ -227,36 +229,21 @@ def _prefill_phase(
     teacher-forced logits of ``req.teacher_forced_ids`` (scored on copies: the generation goes on untouched),
     and the seconds the prefill took (the forcing left out)."""
     n, start = len(req.input_ids), time.perf_counter()
-    plan, probe = _checked(engine, req.schedule.prefill())
-    tail = engine.prompts.protected_tail(plan, n, req.messages)
+    plan, probe = _checked(rt, req.schedule.prefill())
+    tail = rt.prompts.protected_tail(plan, n, req.messages)
     record.prefill(plan, tail)
-    logits, probes = prefill(engine, ids[:, :n], cache, plan, tail, probe, ticket=ticket)
+    logits, probes = prefill(rt, ids[:, :n], cache, plan, tail, probe, ticket=ticket)
     token = choose(ids[:, :n], logits[:, -1])
     seconds = time.perf_counter() - start
     forced = None
     if req.teacher_forced_ids:
         forcing = req.schedule.plan if isinstance(req.schedule, StaticSchedule) else copy.deepcopy(req.schedule)
-        forced = force(engine, copy.deepcopy(cache), n, logits[0, -1:], req.teacher_forced_ids, forcing, ticket)
+        forced = force(rt, copy.deepcopy(cache), n, logits[0, -1:], req.teacher_forced_ids, forcing, ticket)
     return token, probes, forced, seconds
 
 
-def learning_steps(engine: AdaSkipEngine, req: Request, decision: Decision) -> Iterator[str | GenerationResult]:
-    """:func:`generate_steps` of a request served for a collection; the learner records it once it ends (a
-    refresh scored by teacher forcing the answer under the collection's plan)."""
-    for item in generate_steps(engine, req):
-        if isinstance(item, GenerationResult):
-            engine.learner.learn(decision, item, functools.partial(_rescore, engine, req, item))
-        yield item
-
-
-def _rescore(
-    engine: AdaSkipEngine, req: Request, result: GenerationResult, plan: SkipPlan
-) -> tuple[torch.Tensor, float]:
-    return teacher_forced(engine, req.input_ids, result.token_ids, plan, req.messages)
-
-
 def teacher_forced(
-    engine: AdaSkipEngine,
+    rt: Runtime,
     prompt_ids: Sequence[int],
     answer_ids: Sequence[int],
     plan: SkipPlan | PlanSchedule,
@@ -269,19 +256,19 @@ def teacher_forced(
     ``messages``: the chat prompt of ``prompt_ids``, for a plan whose tail is "last_user_turn".
     """
     schedule = StaticSchedule(plan) if isinstance(plan, SkipPlan) else plan
-    prefill_plan, _ = _checked(engine, schedule.prefill())
-    tail = engine.prompts.protected_tail(prefill_plan, len(prompt_ids), messages)
+    prefill_plan, _ = _checked(rt, schedule.prefill())
+    tail = rt.prompts.protected_tail(prefill_plan, len(prompt_ids), messages)
     tokens = len(prompt_ids) + len(answer_ids)
-    cache = new_cache(engine.model, tokens)
-    with engine.scheduler.admitted(tokens) as ticket:
+    cache = new_cache(rt.model, tokens)
+    with rt.scheduler.admitted(tokens) as ticket:
         start = time.perf_counter()
-        first, _ = prefill(engine, torch.tensor([list(prompt_ids)]), cache, prefill_plan, tail, ticket=ticket)
+        first, _ = prefill(rt, torch.tensor([list(prompt_ids)]), cache, prefill_plan, tail, ticket=ticket)
         prefill_seconds = time.perf_counter() - start
-        return force(engine, cache, len(prompt_ids), first[0, -1:], answer_ids, plan, ticket), prefill_seconds
+        return force(rt, cache, len(prompt_ids), first[0, -1:], answer_ids, plan, ticket), prefill_seconds
 
 
 def force(
-    engine: AdaSkipEngine,
+    rt: Runtime,
     cache: Any,
     n: int,
     first: torch.Tensor,
@@ -295,15 +282,13 @@ def force(
     if isinstance(plan, SkipPlan):
         if len(answer_ids) > 1:
             answer = torch.tensor([list(answer_ids[:-1])])
-            rest, _ = engine.forward(answer, n, cache, plan, "decode", logits_to_keep=0, ticket=ticket)
+            rest, _ = rt.forward(answer, n, cache, plan, "decode", logits_to_keep=0, ticket=ticket)
             logits.append(rest[0])
     else:
         probes = None
         for step, token in enumerate(answer_ids[:-1]):
-            step_plan, probe = _checked(engine, plan.decode(step, probes))
-            rest, probes = engine.forward(
-                torch.tensor([[token]]), n + step, cache, step_plan, "decode", probe, 1, ticket
-            )
+            step_plan, probe = _checked(rt, plan.decode(step, probes))
+            rest, probes = rt.forward(torch.tensor([[token]]), n + step, cache, step_plan, "decode", probe, 1, ticket)
             logits.append(rest[0, -1:])
     return torch.cat(logits)
 
@@ -337,7 +322,9 @@ class PlanRecord:
         self.decode_flops.append(self.costs.flops(self.n, len(attn), len(ffn), "decode"))
         self.last = plan
 
-    def stats(self, generated: int, prefill_s: float, decode_s: float, finish: str) -> SkipStats:
+    def stats(self, generated: int, **done: Any) -> SkipStats:
+        """The request's SkipStats: its plans as recorded, its ``generated`` token count and what else it did
+        (``done``: timings, finish reason, limits, batching, KV bytes saved)."""
         if not self.decode_flops:  # a single token: nothing was decoded, estimate with the prefill plan
             self.decode(self.last)
         full = self.costs.flops(self.n, 0, 0, "decode")
@@ -352,13 +339,10 @@ class PlanRecord:
             skipped_ffn_prefill=self.ffn,
             skipped_attention_decode=sorted(self.decode_attn),
             skipped_ffn_decode=sorted(self.decode_ffn),
-            prefill_seconds=prefill_s,
-            decode_seconds=decode_s,
-            kv_bytes_saved=0,
             estimated_prefill_speedup=self.costs.prefill_speedup(self.prefill_plan, self.n, self.tail),
             estimated_decode_speedup=full * len(self.decode_flops) / sum(self.decode_flops),
-            finish_reason=finish,
             skipped_every_sublayer=len(self.attn) == len(self.ffn) == self.costs.layers,
+            **done,
         )
 
 

@@ -221,10 +221,10 @@ class Learner:
 
     def learn(
         self, decision: Decision, result: GenerationResult, rescore: Callable[[SkipPlan], tuple[torch.Tensor, float]]
-    ) -> Profile:
-        """Record a finished request of ``decision``. A refresh first scores the collection's plan against the
-        full model's answer: ``rescore(plan)`` gives the plan's teacher-forced logits over that answer and its
-        prefill seconds, hence the top-1 agreement and the measured speedup."""
+    ) -> SkipStats:
+        """Record a finished request of ``decision``; its stats with what it learned. A refresh first scores the
+        collection's plan against the full model's answer: ``rescore(plan)`` gives the plan's teacher-forced logits
+        over that answer and its prefill seconds, hence the top-1 agreement and the measured speedup."""
         fidelity = skip_seconds = None
         if decision.mode == "refresh" and not decision.plan.is_empty and decision.store_error is None:
             logits, skip_seconds = rescore(decision.plan)
@@ -239,9 +239,9 @@ class Learner:
         probes,
         fidelity: float | None = None,
         skip_prefill_seconds: float | None = None,
-    ) -> Profile:
-        """Add this request's probes to the collection's profile (unless the store failed) and fill the learning
-        fields of ``stats``."""
+    ) -> SkipStats:
+        """Add this request's probes to the collection's profile (unless the store failed); ``stats`` with the
+        learning fields of the request."""
         delta = Profile.from_probes(
             self.model_id, decision.collection, self.num_layers, probes or {}, stats.prompt_tokens
         )
@@ -261,26 +261,28 @@ class Learner:
                 guard = decision.state.get("guard") or {}
                 delta.state["guard"] = self._guard(decision, guard.get("history", []), fidelity, measured["speedup"])
                 reason = delta.state["guard"]["reason"]
-        stats.store_error = decision.store_error
-        if stats.store_error is None:
+        store_error = decision.store_error
+        if store_error is None:
             try:
                 self.calls(self.store.add, delta)
             except StoreUnavailable as exc:
-                stats.store_error = str(exc)
-
+                store_error = str(exc)
         previous = decision.state.get("skip_set")
-        stats.collection = decision.collection
-        stats.mode = decision.mode
-        stats.profile_source = decision.source
-        stats.queries_seen = decision.queries_seen + 1
-        stats.warming_up = decision.mode == "warmup"
-        stats.budget = decision.budget
-        stats.budget_reason = reason
-        stats.skip_set_changed = previous is not None and previous != skip_set
-        stats.fidelity = fidelity
-        stats.measured_prefill_speedup = measured.get("speedup")
-        stats.measured_in_this_request = decision.mode == "refresh" and skip_prefill_seconds is not None
-        return delta
+        return dataclasses.replace(
+            stats,
+            store_error=store_error,
+            collection=decision.collection,
+            mode=decision.mode,
+            profile_source=decision.source,
+            queries_seen=decision.queries_seen + 1,
+            warming_up=decision.mode == "warmup",
+            budget=decision.budget,
+            budget_reason=reason,
+            skip_set_changed=previous is not None and previous != skip_set,
+            fidelity=fidelity,
+            measured_prefill_speedup=measured.get("speedup"),
+            measured_in_this_request=decision.mode == "refresh" and skip_prefill_seconds is not None,
+        )
 
     def _guard(self, decision: Decision, history: list, fidelity: float, speedup: float) -> dict:
         """The guard after a refresh that scored the plan of ``decision.scored_budget`` (its agreement ``fidelity``

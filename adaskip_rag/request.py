@@ -18,10 +18,10 @@ from transformers import (
 from .checks import check_int, check_real
 from .constrained import Constraint, JSONSchema, SchemaLimits, check_tools, json_grammar, tool_grammar
 from .constrained import tool_choice as as_tool_choice
+from .runtime import Runtime
 from .skipping import PlanSchedule, SkipPlan, StaticSchedule
 
 if TYPE_CHECKING:
-    from .engine import AdaSkipEngine
     from .prompts import Prompt
 
 Sampler = Callable[[torch.Tensor, torch.Tensor], int]
@@ -52,7 +52,7 @@ class Request:
 
 
 def build_request(
-    engine: AdaSkipEngine,
+    rt: Runtime,
     prompt: Prompt,
     plan: SkipPlan | PlanSchedule | None = None,
     *,
@@ -76,20 +76,20 @@ def build_request(
 ) -> Request:
     """Check every argument of :meth:`AdaSkipEngine.generate` (ValueError naming the first bad one) and encode
     the prompt."""
-    _check_sampling(engine.context_window, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    _check_sampling(rt.context_window, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     check_int("min_new_tokens", min_new_tokens, 0, max_new_tokens)
     _check_flags(truncation, probe=probe, ignore_eos=ignore_eos, parallel_tool_calls=parallel_tool_calls)
-    schedule = _schedule(engine, plan, probe)
+    schedule = _schedule(rt, plan, probe)
     stops = (stop,) if isinstance(stop, str) else sequence("stop", stop)
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-    forced = token_ids("teacher_forced_ids", teacher_forced_ids, engine.config.vocab_size)
-    stop_ids = token_ids("stop_token_ids", stop_token_ids, engine.config.vocab_size)
-    grammar, tools = _grammar(json_schema, tools, tool_choice, parallel_tool_calls, ignore_eos, engine.schema_limits)
-    ids = _prompt_ids(engine, prompt, tools, truncation, max_new_tokens)
+    forced = token_ids("teacher_forced_ids", teacher_forced_ids, rt.config.vocab_size)
+    stop_ids = token_ids("stop_token_ids", stop_token_ids, rt.config.vocab_size)
+    grammar, tools = _grammar(json_schema, tools, tool_choice, parallel_tool_calls, ignore_eos, rt.schema_limits)
+    ids = _prompt_ids(rt, prompt, tools, truncation, max_new_tokens)
     messages = None if isinstance(prompt, str) else tuple(m for m in prompt if isinstance(m, Mapping)) or None
     if isinstance(schedule, StaticSchedule):
-        engine.prompts.protected_tail(schedule.plan, len(ids), messages)  # a head and tail that fit the prompt
+        rt.prompts.protected_tail(schedule.plan, len(ids), messages)  # a head and tail that fit the prompt
     return Request(
         input_ids=ids,
         schedule=schedule,
@@ -101,7 +101,7 @@ def build_request(
         repetition_penalty=float(repetition_penalty),
         seed=seed,
         stop=stops,
-        stop_token_ids=frozenset((set() if ignore_eos else engine.eos_token_ids) | set(stop_ids)),
+        stop_token_ids=frozenset((set() if ignore_eos else rt.eos_token_ids) | set(stop_ids)),
         teacher_forced_ids=forced,
         messages=messages,
         grammar=grammar,
@@ -111,17 +111,17 @@ def build_request(
 
 
 def _prompt_ids(
-    engine: AdaSkipEngine, prompt: Prompt, tools: list[dict[str, Any]] | None, truncation: str, max_new_tokens: int
+    rt: Runtime, prompt: Prompt, tools: list[dict[str, Any]] | None, truncation: str, max_new_tokens: int
 ) -> list[int]:
     """The prompt's token ids, its first ones cut off with ``truncation="left"`` when it does not fit the window."""
-    ids = engine.encode(prompt, tools)
-    if len(ids) >= engine.context_window:
+    ids = rt.prompts.encode(prompt, tools)
+    if len(ids) >= rt.context_window:
         if truncation == "error":
             raise ValueError(
-                f"prompt has {len(ids)} tokens, the model's context window is {engine.context_window}; "
+                f"prompt has {len(ids)} tokens, the model's context window is {rt.context_window}; "
                 "shorten it or pass truncation='left' to keep its last tokens"
             )
-        ids = ids[-max(1, engine.context_window - max_new_tokens) :]
+        ids = ids[-max(1, rt.context_window - max_new_tokens) :]
     return ids
 
 
@@ -148,12 +148,12 @@ def _check_flags(truncation: Any, **flags: Any) -> None:
         raise ValueError(f"truncation must be 'error' or 'left', got {truncation!r}")
 
 
-def _schedule(engine: AdaSkipEngine, plan: Any, probe: bool) -> PlanSchedule:
+def _schedule(rt: Runtime, plan: Any, probe: bool) -> PlanSchedule:
     if plan is not None and not isinstance(plan, (SkipPlan, PlanSchedule)):
         raise ValueError(f"plan must be a SkipPlan or a PlanSchedule, got {type(plan).__name__}")
     plan = plan or SkipPlan()
     if isinstance(plan, SkipPlan):
-        plan.check(engine.num_layers, engine.config.hidden_size)
+        plan.check(rt.num_layers, rt.config.hidden_size)
         return StaticSchedule(plan, probe)
     return plan
 

@@ -25,7 +25,8 @@ import torch
 from transformers import DynamicCache
 
 from .checks import check_int, check_real
-from .forward import Phase, Probes, Row
+from .forward import Row
+from .probes import Phase, Probes
 from .skipping import SkipPlan
 
 Runner = Callable[[Sequence[Row]], list[torch.Tensor]]

@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(frozen=True)
 class SkipStats:
-    """Per-request record, JSON-serialisable through :meth:`to_dict`.
+    """Per-request record, JSON-serialisable through :meth:`to_dict`; built once a request is done (a request
+    served for a collection gets a copy with what it learned).
 
     Speedups are full-model time (or FLOPs) divided by this request's; ``measured_prefill_speedup`` is set
     only when a full prefill at this context length was timed (refresh requests).

@@ -58,7 +58,7 @@ def steps_around_a_cancel(engine: AdaSkipEngine, monkeypatch, call) -> tuple[int
     once six steps have run (it must raise CancelledError) and wait 0.5 s more, long enough for many more steps
     if generation went on. Returns how many steps ran in all and how many finished after the cancel."""
     steps: list[float] = []  # when each forward step finished
-    forward = engine.forward
+    forward = engine.runtime.forward
 
     def slow(*args, **kwargs):
         time.sleep(0.02)
@@ -66,7 +66,7 @@ def steps_around_a_cancel(engine: AdaSkipEngine, monkeypatch, call) -> tuple[int
         steps.append(time.perf_counter())
         return out
 
-    monkeypatch.setattr(engine, "forward", slow)
+    monkeypatch.setattr(engine.runtime, "forward", slow)
 
     async def cancel_midway() -> float:
         task = asyncio.create_task(call())

@@ -12,8 +12,10 @@ import torch
 from conftest import tiny_model
 
 from adaskip_rag import AdaSkipEngine, SkipPlan
+from adaskip_rag.cache import new_cache
 from adaskip_rag.compensation import Affine
-from adaskip_rag.forward import Probes, Row, forward_rows, new_cache, skip_forward
+from adaskip_rag.forward import Row, forward_rows, skip_forward
+from adaskip_rag.probes import Probes
 from adaskip_rag.scheduler import ServingLimits
 
 LAYERS = 6  # of the tiny models

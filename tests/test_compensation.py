@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from adaskip_rag.cache import new_cache
 from adaskip_rag.compensation import Affine, apply, fit, moments, residual_error
 from adaskip_rag.costs import CostModel
-from adaskip_rag.forward import new_cache, skip_forward
+from adaskip_rag.forward import skip_forward
 from adaskip_rag.policies import AdaSkipPolicy
 from adaskip_rag.profiles import Profile
 from adaskip_rag.skipping import SkipPlan, Sublayer

@@ -73,7 +73,7 @@ class CountingEngine:
 
     def __init__(self, engine: AdaSkipEngine, monkeypatch, fail_at: int | None = None):
         self.calls = 0
-        forward = engine.forward
+        forward = engine.runtime.forward
 
         def counted(*args, **kwargs):
             self.calls += 1
@@ -81,7 +81,7 @@ class CountingEngine:
                 raise RuntimeError("injected failure")
             return forward(*args, **kwargs)
 
-        monkeypatch.setattr(engine, "forward", counted)
+        monkeypatch.setattr(engine.runtime, "forward", counted)
 
 
 def test_stopping_to_read_stops_generation(tiny_engine, monkeypatch):

@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_model
 from test_fidelity import ATOL, RTOL, plan_for, prompt, reference, rotate_half
 
-from adaskip_rag import AdaSkipEngine, SkipPlan, forward
+from adaskip_rag import AdaSkipEngine, SkipPlan, attention
+from adaskip_rag.cache import new_cache
 from adaskip_rag.compensation import apply
-from adaskip_rag.forward import new_cache
 from adaskip_rag.generation import prefill, recompute_evidence
 from adaskip_rag.policies import AdaSkipPolicy
 
@@ -93,7 +93,7 @@ def evidence_plan(model, recompute: float, head: int = 1) -> SkipPlan:
 
 @pytest.mark.parametrize("arch, block", [("llama", 64), ("qwen3", 64), ("llama", 3)])
 def test_recompute_chooses_the_tokens_the_tail_attends_to_and_equals_the_reference(tokenizer, arch, block, monkeypatch):
-    monkeypatch.setattr(forward, "REWRITE_BLOCK", block)  # 3: the 8 recomputed tokens attend in blocks of 3, 3, 2
+    monkeypatch.setattr(attention, "REWRITE_BLOCK", block)  # 3: the 8 recomputed tokens attend in blocks of 3, 3, 2
     model = tiny_model(arch, dtype=torch.float64)
     engine = AdaSkipEngine(model, tokenizer)
     n, tail, plan = 40, 6, evidence_plan(model, 0.25)
@@ -116,17 +116,17 @@ def test_recompute_chooses_the_tokens_the_tail_attends_to_and_equals_the_referen
 
     cache = new_cache(model)
     engine.forward(ids[:, :body], 0, cache, plan, "prefill")
-    assert recompute_evidence(engine, ids, body, cache, plan) == chosen.tolist()
+    assert recompute_evidence(engine.runtime, ids, body, cache, plan) == chosen.tolist()
     for i, (keys, values) in repaired.items():
         torch.testing.assert_close(cache.layers[i].keys, keys, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(cache.layers[i].values, values, atol=ATOL, rtol=RTOL)
 
     cache = new_cache(model)
-    logits, _ = prefill(engine, ids, cache, plan, tail=tail, logits_to_keep=0)
+    logits, _ = prefill(engine.runtime, ids, cache, plan, tail=tail, logits_to_keep=0)
     torch.testing.assert_close(logits[0], ref_logits[0, -tail:], atol=ATOL, rtol=RTOL)
     assert cache.get_seq_length(0) == n
     # and recomputing changed the answer's logits: the test can tell
-    plain, _ = prefill(engine, ids, new_cache(model), evidence_plan(model, 0.0), tail=tail, logits_to_keep=0)
+    plain, _ = prefill(engine.runtime, ids, new_cache(model), evidence_plan(model, 0.0), tail=tail, logits_to_keep=0)
     assert not torch.allclose(plain, logits, atol=1e-3)
 
 
@@ -138,7 +138,7 @@ def test_recomputing_every_body_token_gives_the_full_model_for_ffn_and_kv_keepin
     plan = SkipPlan(prefill_attn={1: 0.9, 3: 1.1}, ffn={2: 0.8, 5: 1.2}, tail=4, head=1, recompute=0.999)
     ids = prompt(30, seed=5)
     assert plan.recomputed_tokens(26) == 25
-    logits, _ = prefill(engine, ids, new_cache(model), plan, tail=4, logits_to_keep=0)
+    logits, _ = prefill(engine.runtime, ids, new_cache(model), plan, tail=4, logits_to_keep=0)
     with torch.no_grad():
         full = model(ids).logits
     torch.testing.assert_close(logits[0], full[0, -4:], atol=ATOL, rtol=RTOL)

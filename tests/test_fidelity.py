@@ -8,8 +8,9 @@ import torch
 from conftest import tiny_model
 
 from adaskip_rag import AdaSkipEngine, SkipPlan
+from adaskip_rag.cache import new_cache
 from adaskip_rag.compensation import Affine, apply
-from adaskip_rag.forward import new_cache, skip_forward
+from adaskip_rag.forward import skip_forward
 from adaskip_rag.generation import prefill
 
 # float64 models: the engine and the reference differ by reassociation only (~1e-13 on logits of size ~10), while
@@ -112,7 +113,7 @@ def test_protected_head_and_tail_logits_and_decode_equal_the_reference(tokenizer
     engine = AdaSkipEngine(model, tokenizer)
     ids, plan = prompt(26), SkipPlan(**{**vars(plan_for(model)), "tail": 6, "head": head})
     cache = new_cache(model)
-    logits, _ = prefill(engine, ids[:, :20], cache, plan, tail=6, logits_to_keep=0)
+    logits, _ = prefill(engine.runtime, ids[:, :20], cache, plan, tail=6, logits_to_keep=0)
     with torch.no_grad():
         ref, _ = reference(model, ids, plan, body=14, decode_from=20, head=head)
     assert logits.shape[1] == 6

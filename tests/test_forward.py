@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import ARCHS, tiny_model
 
 from adaskip_rag import SkipPlan, Sublayer
-from adaskip_rag.forward import new_cache, skip_forward
+from adaskip_rag.cache import new_cache
+from adaskip_rag.forward import skip_forward
 
 # float64 models: a prompt run in one pass and token by token, or by transformers and by the engine, differ by
 # reassociation only (~1e-13 on logits of size ~10), a wrong path by > 1e-3, on any CPU

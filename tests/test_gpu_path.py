@@ -11,8 +11,9 @@ from conftest import tiny_model
 from torch.overrides import TorchFunctionMode
 
 from adaskip_rag import AdaSkipEngine, SkipPlan
+from adaskip_rag.cache import new_cache
 from adaskip_rag.compensation import Affine
-from adaskip_rag.forward import new_cache, skip_forward
+from adaskip_rag.forward import skip_forward
 
 # Tensor methods that read a tensor's data into Python: on a GPU each one waits for the device
 HOST_READS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "numpy", "nonzero", "__repr__"}
