@@ -4,9 +4,10 @@ A JSON answer that ``max_new_tokens`` cuts does not parse. So a request keeps, a
 that fits the tokens it has left (:class:`~adaskip_rag.constrained.Constraint`). This module finds one: a
 depth-first search over single bytes on forks of the grammar's matcher. Where the grammar forces a text (a key's
 name, a separator) it is taken whole. Elsewhere the bytes are tried in :data:`ORDER` (what closes strings, arrays
-and objects first, then what starts the shortest values), and the search prefers a byte after which the grammar
-can be closed, then one that leads somewhere not met on the way yet. Meeting the same kind of state again is
-how it notices a loop: another digit of a number, another item of an array. A way it finds always finishes the
+and objects first, then what starts the shortest values). A byte that completes the grammar is taken at once;
+otherwise the search prefers a byte that leads to a kind of state not met on the way yet (at the same or a lesser
+depth of arrays and objects). Meeting the same kind of state again is how it notices a loop: another digit of a
+number, another item of an array, another level of a recursive schema. A way it finds always finishes the
 grammar, because the matcher took every byte of it. It need not be the shortest one.
 """
 
@@ -19,8 +20,8 @@ import xgrammar as xgr
 ORDER = [bytes([b]) for b in dict.fromkeys(b'"]}0,[{-.: @' + bytes(range(0x21, 0x7F)) + b"\n\t") if b != ord("\\")] + [
     b"\\"
 ]
-"""The bytes a search tries, in this order: closers, then starts of short values, letters, digits, the rest of
-printable ASCII, newline and tab, the escape last. Other bytes are tried only where none of these fits."""
+"""The bytes a search tries, in this order: closers and starts of short values, the rest of printable ASCII in
+code order, newline and tab, the escape last. Other bytes are tried only where none of these fits."""
 OTHER_BYTES = [bytes([b]) for b in range(0x80, 0x100)]
 PROBES = [bytes([b]) for b in b'"]},:0a@.-[{ 1A'] + [b"\n"]
 """A state's kind is which of these bytes its grammar takes next, and whether it is complete."""

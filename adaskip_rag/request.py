@@ -203,13 +203,14 @@ def sampler(req: Request, device: torch.device, constraint: Constraint | None = 
     """Next-token choice: greedy at temperature 0, else sampling through transformers' logits processors; among
     the tokens ``constraint`` allows, which then takes it (or, to finish in time, another one); no stop token
     before ``req.min_new_tokens`` where another token is allowed."""
-    choose, n, stops = _chooser(req, device), len(req.input_ids), sorted(req.stop_token_ids)
+    choose, n = _chooser(req, device), len(req.input_ids)
+    stops = torch.tensor(sorted(req.stop_token_ids), dtype=torch.long, device=device)
 
     def constrained(ids: torch.Tensor, logits: torch.Tensor) -> int:
         if constraint is not None:
             logits = constraint.mask(logits).to(logits.device)
         if ids.shape[-1] - n < req.min_new_tokens:
-            held = logits.index_fill(-1, torch.tensor(stops, dtype=torch.long, device=logits.device), -torch.inf)
+            held = logits.index_fill(-1, stops.to(logits.device), -torch.inf)
             logits = held if bool(torch.isfinite(held).any()) else logits
         token = choose(ids, logits)
         return token if constraint is None else constraint.accept(token)

@@ -1,5 +1,6 @@
-"""The open runs of a framework's trace (LangChain runs, LlamaIndex spans), so that a model call can find the
-collection key of the nearest enclosing run that retrieved: how the integrations key profiles automatically."""
+"""How the integrations key profiles automatically: the collection a vector store reads (both), and the open runs
+of a trace (LlamaIndex spans), so that a model call can find the collection of the nearest enclosing run that
+retrieved. LangChain's model finds its calling chain at its own call instead (``langchain_adaskip._retrieval``)."""
 
 from __future__ import annotations
 
