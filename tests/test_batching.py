@@ -200,8 +200,9 @@ def test_max_batch_size_and_max_tokens_in_flight_hold(serving):
         return run(rows)
 
     engine.scheduler.run = counted
-    # 30 prompt tokens and 10 or 25 answer tokens: any two fit in 119 tokens, no three do
-    requests = [(ids_of(30, k).tolist(), 10 if k % 2 else 25) for k in range(6)]
+    # 30 prompt tokens and 10 to 25 answer tokens: any two fit in 119 tokens, no three do. The lengths differ, so
+    # whatever order the requests arrive in, a row finishes while another answers and a waiting prompt joins it.
+    requests = [(ids_of(30, k).tolist(), 10 + 3 * k) for k in range(6)]
     calls = [lambda p=p, m=m: engine.generate(p, max_new_tokens=m, ignore_eos=True) for p, m in requests]
     results = concurrently(calls)
     assert [len(r.token_ids) for r in results] == [m for _, m in requests]
