@@ -122,12 +122,13 @@ def f1(prediction: str, answers: list[str]) -> float:
     return max(one(a) for a in answers)
 
 
-def guarded_budget(engine: AdaSkipEngine, calibration: list[Item], tmp: str, start: int) -> tuple[int, str]:
+def guarded_budget(
+    engine: AdaSkipEngine, calibration: list[Item], tmp: str, start: int, target: float
+) -> tuple[int, str]:
     """The budget the quality guard serves (default configuration) after two passes over the ``calibration``
-    questions, each a refresh that scores the plan it serves (windows of 3 refreshes), starting from ``start``."""
-    policy = AdaSkipPolicy(
-        budget=start, warmup=0, refresh_every=1, quality_target=GUARD_TARGET, guard_step=2, guard_window=3
-    )
+    questions, each a refresh that scores the plan it serves (windows of 3 refreshes), starting from ``start``,
+    for the quality ``target``."""
+    policy = AdaSkipPolicy(budget=start, warmup=0, refresh_every=1, quality_target=target, guard_step=2, guard_window=3)
     guard = AdaSkipEngine(
         engine.model,
         engine.tokenizer,
@@ -140,7 +141,7 @@ def guarded_budget(engine: AdaSkipEngine, calibration: list[Item], tmp: str, sta
         guard.generate(rag_messages(item.document, item.question), collection="calibration", max_new_tokens=16)
         trail.append(guard.learner.store.get(guard.fingerprint, "calibration").state["guard"]["budget"])
     state = guard.learner.store.get(guard.fingerprint, "calibration").state
-    return trail[-1], f"{' -> '.join(map(str, trail))}; {state['guard']['reason']}"
+    return trail[-1], f"budgets {' -> '.join(map(str, trail))}; {state['guard']['reason']}"
 
 
 def served_engines(
@@ -209,6 +210,9 @@ def main() -> None:
     parser.add_argument(
         "--guard-budget", type=int, default=24, help="the budget the quality guard starts from (0: no guard)"
     )
+    parser.add_argument(
+        "--guard-target", type=float, default=GUARD_TARGET, help="the quality guard's teacher-forced agreement target"
+    )
     parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
     parser.add_argument(
         "--probe-check", action="store_true", help="also compare the skip sets probe sampling and full probing learn"
@@ -251,7 +255,9 @@ def main() -> None:
                     Profile.from_probes(engine.fingerprint, setting, L, r.prefill_probes, r.stats.prompt_tokens)
                 )
             guard_budget, guard_reason = (
-                guarded_budget(engine, calibration, tmp, args.guard_budget) if args.guard_budget else (0, "not run")
+                guarded_budget(engine, calibration, tmp, args.guard_budget, args.guard_target)
+                if args.guard_budget
+                else (0, "quality guard: not run")
             )
 
             def adaskip(budget: int, profile: Profile = profile, **policy) -> Callable[[int], PlanSchedule]:
@@ -329,7 +335,7 @@ def interval(values: list[float], statistic: Callable[[list[float]], float], lev
 
 def print_table(setting: str, metrics: dict[str, dict[str, list[float]]], guard_reason: str) -> None:
     mean_tokens = statistics.fmean(metrics["full"]["tokens"])
-    print(f"{setting} (mean {mean_tokens:.0f} prompt tokens); quality guard (target {GUARD_TARGET}): {guard_reason}")
+    print(f"{setting} (mean {mean_tokens:.0f} prompt tokens); {guard_reason}")
     print("agreement: mean [90 % bootstrap interval]; prefill, e2e: median speedup [90 % interval]")
     header = (
         f"{'mode':<22} | {'skips':>5} | {'F1':>5} | {'agreement':>19} | {'first':>5} | {'identical':>9} | "
