@@ -117,7 +117,7 @@ def stored_bytes(store: ProfileStore) -> tuple[float, int]:
         with sqlite3.connect(store.path) as db:
             rows = db.execute("SELECT collection, length(data) FROM profiles WHERE model = ?", (MODEL,)).fetchall()
     else:
-        remote = store._remote()  # type: ignore[attr-defined]
+        remote = store._records.collection()  # type: ignore[attr-defined]
         found = remote.get(where={"model": MODEL}, include=["metadatas"])
         rows = [(m["collection"], len(m["profile"])) for m in found["metadatas"]]
     own = [n for c, n in rows if c != "*"]

@@ -159,14 +159,14 @@ def test_corrupt_records_are_ignored_and_kept(server):
     with pytest.warns(UserWarning, match="corrupt profile record junk-b"):
         assert a.get("m", "docs").queries == 1
     # this replica's own record, corrupted: ignored, copied aside, then overwritten by its next update
-    own_id = a._record_id("m", "docs")
+    own_id = a._records.record_id("m", "docs", "a")
     raw.upsert(
         ids=[own_id],
         embeddings=[[0.0]],
         metadatas=[{"model": "m", "collection": "docs", "replica": "a2", "updated": 2.0, "profile": "[]"}],
     )
     a2 = store(server, "a2", cache_seconds=0)
-    a2._record_id = lambda m, c: own_id if c == "docs" else json.dumps([m, c, "a2"])
+    a2._records.record_id = lambda m, c, r: own_id if c == "docs" else json.dumps([m, c, r])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a2.add(delta(1))

@@ -182,7 +182,7 @@ def serving(request, tokenizer, tmp_path):
 
         def write_raw(model, collection, text):  # as this replica's own earlier record
             raw.upsert(
-                ids=[store._record_id(model, collection)],
+                ids=[store._records.record_id(model, collection, "a")],
                 documents=[text],
                 embeddings=[[0.0]],
                 metadatas=[{"model": model, "collection": collection, "replica": "a", "updated": 1.0}],

@@ -19,6 +19,7 @@ import time
 import uuid
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from ..profiles import GLOBAL, Profile, check_collection, parse_profile
@@ -62,11 +63,10 @@ class ChromaProfileStore(ProfileStore):
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending!r}")
-        self.host, self.port, self.ssl, self.headers = host, port, ssl, headers
-        self.profiles_collection = profiles_collection
+        self.host, self.port, self.profiles_collection = host, port, profiles_collection
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.cache_seconds, self.max_pending = cache_seconds, max_pending
-        self._client, self._records = client, None
+        self._records = _Records(lambda: client or _http_client(host, port, ssl, headers), profiles_collection)
         self._own: dict[tuple[str, str], tuple[float, Profile]] = {}  # this replica's totals and update times
         self._pending: OrderedDict[tuple[str, str], None] = OrderedDict()  # own totals not yet on the server
         self._others: dict[tuple[str, str], tuple[float, list[tuple[float, Profile]]]] = {}  # read at, records
@@ -74,7 +74,6 @@ class ChromaProfileStore(ProfileStore):
         self._seeded_keys: set[tuple[str, str]] = set()  # keys whose records were read
         self._link = _Link(f"{host}:{port}", retry_seconds)
         self._lock = threading.RLock()
-        self._warned: set[tuple[str, str]] = set()
 
     @property
     def retry_seconds(self) -> float:  # kept by the link, which uses it
@@ -140,14 +139,12 @@ class ChromaProfileStore(ProfileStore):
             {"model": model} if collection is None else {"$and": [{"model": model}, {"collection": collection}]}
         )
         with self._lock:
-            found = self._remote().get(where=where, include=["metadatas"])
-            if found["ids"]:
-                self._remote().delete(ids=found["ids"])
+            removed = self._records.delete(where)
             for key in [k for k in self._own if k[0] == model and collection in (None, k[1])]:
                 self._own.pop(key)
                 self._pending.pop(key, None)
             self._others.clear()
-            return len({(m["model"], m["collection"]) for m in found["metadatas"] if m["collection"] != GLOBAL})
+            return len({(m, c) for m, c in removed if c != GLOBAL})
 
     def flush(self) -> bool:
         """Write this replica's unsent totals; False (and the totals kept) if the server is unreachable."""
@@ -161,22 +158,8 @@ class ChromaProfileStore(ProfileStore):
             keys = [k for k in self._pending if self._seeded(k)]
             if not keys:
                 return not self._pending
-            records = [self._own[k] for k in keys]
             try:
-                self._remote().upsert(  # the profile in the metadata: a document is text-indexed (20x slower)
-                    ids=[self._record_id(*k) for k in keys],
-                    metadatas=[
-                        {
-                            "model": k[0],
-                            "collection": k[1],
-                            "replica": self.replica,
-                            "updated": t,
-                            "profile": json.dumps(p.to_dict()),
-                        }
-                        for k, (t, p) in zip(keys, records)
-                    ],
-                    embeddings=[[0.0]] * len(keys),
-                )
+                self._records.put(self.replica, [self._own[k] for k in keys])
             except _UNREACHABLE as exc:
                 self._link.failed(exc)
                 return False
@@ -186,22 +169,6 @@ class ChromaProfileStore(ProfileStore):
             return True
 
     # ------------------------------------------------------------------ internals
-
-    def _record_id(self, model: str, collection: str) -> str:
-        return json.dumps([model, collection, self.replica])
-
-    def _remote(self) -> Any:
-        if self._records is None:
-            import chromadb
-
-            try:
-                self._client = self._client or chromadb.HttpClient(
-                    host=self.host, port=self.port, ssl=self.ssl, headers=self.headers
-                )
-            except ValueError as exc:  # the client checks the server when it is built
-                raise ConnectionError(str(exc)) from exc
-            self._records = self._client.get_or_create_collection(self.profiles_collection, embedding_function=None)
-        return self._records
 
     def _read(
         self, model: str | None, collection: str | None = None
@@ -221,23 +188,16 @@ class ChromaProfileStore(ProfileStore):
         if stale:  # only what is not fresh: a new collection's record, not the model's global profile again
             where = {"$and": [{"model": model}, {"collection": {"$in": sorted({c for _, c in stale})}}]}
         try:
-            remote = self._remote()
-            found = remote.get(where=where, include=["documents", "metadatas"])
-            records = [
-                (meta, _parse_record(remote, self.replica, i, doc, meta, self._warned))
-                for i, doc, meta in zip(found["ids"], found["documents"], found["metadatas"])
-            ]
+            records = self._records.get(where, self.replica)
         except _UNREACHABLE as exc:
             self._link.failed(exc)
             return last
         back = self._link.succeeded()
         others: dict[tuple[str, str], list[tuple[float, Profile]]] = {k: [] for k in stale or ()}
-        for meta, profile in records:
-            if profile is None:
-                continue
+        for replica, updated, profile in records:
             key = (profile.model, profile.collection)
-            if meta["replica"] != self.replica:
-                others.setdefault(key, []).append((meta["updated"], profile))
+            if replica != self.replica:
+                others.setdefault(key, []).append((updated, profile))
             elif not self._seeded(key):  # this replica's record from an earlier run: continue it
                 _, own = self._own.get(key, (0.0, Profile(*key, profile.num_layers)))
                 self._own[key] = (time.time(), profile.merge(own))
@@ -295,36 +255,97 @@ class _Link:
         return True
 
 
-def _parse_record(
-    records: Any, replica: str, record_id: str, doc: str, meta: dict[str, Any], warned: set[tuple[str, str]]
-) -> Profile | None:
-    """The profile of a record in ``records`` (in its metadata, or its document where older versions wrote it), or
-    None if it is damaged: then a warning (once per record content, kept in ``warned``) and, for a record of this
-    ``replica`` (about to be overwritten), a copy kept aside."""
-    if meta.get("model") == _CORRUPT_MODEL:
-        return None
-    doc = meta.get("profile", doc)
+class _Records:
+    """The Chroma collection the records live in, made on first use by ``client()``: one record per (model,
+    collection, replica), its running totals in the metadata (a document is text-indexed: 20x slower to write)."""
+
+    def __init__(self, client: Callable[[], Any], name: str):
+        self._client, self._name = client, name
+        self._collection: Any = None
+        self._warned: set[tuple[str, str]] = set()  # damaged records (id, content) already warned about
+
+    def collection(self) -> Any:
+        if self._collection is None:
+            self._collection = self._client().get_or_create_collection(self._name, embedding_function=None)
+        return self._collection
+
+    @staticmethod
+    def record_id(model: str, collection: str, replica: str) -> str:
+        return json.dumps([model, collection, replica])
+
+    def get(self, where: dict[str, Any] | None, replica: str) -> list[tuple[str, float, Profile]]:
+        """(replica, update time, profile) of each readable record ``where`` selects; ``replica``'s damaged ones
+        are kept aside before they are overwritten."""
+        found = self.collection().get(where=where, include=["documents", "metadatas"])
+        records = []
+        for record_id, doc, meta in zip(found["ids"], found["documents"], found["metadatas"]):
+            profile = self._parse(record_id, doc, meta, replica)
+            if profile is not None:
+                records.append((meta["replica"], meta["updated"], profile))
+        return records
+
+    def put(self, replica: str, records: list[tuple[float, Profile]]) -> None:
+        """Write ``replica``'s (update time, profile) records."""
+        self.collection().upsert(
+            ids=[self.record_id(p.model, p.collection, replica) for _, p in records],
+            metadatas=[
+                {
+                    "model": p.model,
+                    "collection": p.collection,
+                    "replica": replica,
+                    "updated": t,
+                    "profile": json.dumps(p.to_dict()),
+                }
+                for t, p in records
+            ],
+            embeddings=[[0.0]] * len(records),
+        )
+
+    def delete(self, where: dict[str, Any]) -> list[tuple[str, str]]:
+        """Remove every record ``where`` selects; their (model, collection) keys."""
+        found = self.collection().get(where=where, include=["metadatas"])
+        if found["ids"]:
+            self.collection().delete(ids=found["ids"])
+        return [(m["model"], m["collection"]) for m in found["metadatas"]]
+
+    def _parse(self, record_id: str, doc: str, meta: dict[str, Any], replica: str) -> Profile | None:
+        """The profile of a record (in its metadata, or its document where older versions wrote it), or None if it
+        is damaged: then a warning (once per record content) and, for a record of this ``replica`` (about to be
+        overwritten), a copy kept aside."""
+        if meta.get("model") == _CORRUPT_MODEL:
+            return None
+        doc = meta.get("profile", doc)
+        try:
+            profile = parse_profile(doc)
+            if (profile.model, profile.collection) != (meta.get("model"), meta.get("collection")):
+                raise ValueError("record metadata does not match its content")
+            float(meta["updated"]), str(meta["replica"])
+            return profile
+        except (ValueError, TypeError, KeyError) as exc:
+            if (record_id, doc) not in self._warned:
+                self._warned.add((record_id, doc))
+                warnings.warn(
+                    f"ignoring corrupt profile record {record_id} (collection {meta.get('collection')!r}): {exc}",
+                    stacklevel=4,
+                )
+            if meta.get("replica") == replica:
+                self.collection().upsert(
+                    ids=[f"{record_id}#corrupt-{time.time()}"],
+                    documents=[str(doc)],
+                    metadatas=[{"model": _CORRUPT_MODEL}],
+                    embeddings=[[0.0]],
+                )
+            return None
+
+
+def _http_client(host: str, port: int, ssl: bool, headers: dict[str, str] | None) -> Any:
+    """A Chroma HTTP client; ConnectionError if the server cannot be reached."""
+    import chromadb
+
     try:
-        profile = parse_profile(doc)
-        if (profile.model, profile.collection) != (meta.get("model"), meta.get("collection")):
-            raise ValueError("record metadata does not match its content")
-        float(meta["updated"]), str(meta["replica"])
-        return profile
-    except (ValueError, TypeError, KeyError) as exc:
-        if (record_id, doc) not in warned:
-            warned.add((record_id, doc))
-            warnings.warn(
-                f"ignoring corrupt profile record {record_id} (collection {meta.get('collection')!r}): {exc}",
-                stacklevel=4,
-            )
-        if meta.get("replica") == replica:
-            records.upsert(
-                ids=[f"{record_id}#corrupt-{time.time()}"],
-                documents=[str(doc)],
-                metadatas=[{"model": _CORRUPT_MODEL}],
-                embeddings=[[0.0]],
-            )
-        return None
+        return chromadb.HttpClient(host=host, port=port, ssl=ssl, headers=headers)
+    except ValueError as exc:  # the client checks the server when it is built
+        raise ConnectionError(str(exc)) from exc
 
 
 def _add_up(model: str, collection: str, profiles: list[Profile]) -> Profile | None:
