@@ -19,16 +19,15 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import loading
-from .constrained import Grammars, SchemaLimits
+from .constrained import SchemaLimits
 from .generation import GenerationResult, generate_steps, teacher_forced
 from .learning import Decision, Learner, shipped_profile
 from .policies import AdaSkipPolicy
-from .profiles import check_collection
 from .prompts import Prompt
-from .request import Request, build_request
+from .request import Request, build_request, policy_overrides
 from .runtime import Runtime
 from .scheduler import ServingLimits
-from .skipping import PlanSchedule, Probe, SkipPlan, Sublayer
+from .skipping import PlanSchedule, SkipPlan
 from .stores import ProfileStore, open_store
 from .streams import AsyncTextStream, TextStream
 
@@ -148,19 +147,6 @@ class AdaSkipEngine:
         """Whether the chat template renders tools, assistant ``<tool_call>`` calls and tool results."""
         return self.prompts.supports_tools
 
-    @property
-    def grammars(self) -> Grammars:
-        """Grammar compiler of this tokenizer, for constrained decoding."""
-        return self.runtime.grammars
-
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of keys and values one layer caches per token."""
-        return self.runtime.kv_bytes_per_token()
-
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[Sublayer, Probe] | None]:
-        """One sequence's forward step under a plan, batched with the other requests': see :meth:`Runtime.forward`."""
-        return self.runtime.forward(*args, **kwargs)
-
     def generate(
         self,
         prompt: Prompt,
@@ -210,20 +196,8 @@ class AdaSkipEngine:
 
         Invalid arguments raise ValueError here, before any work is done.
         """
-        if not isinstance(skip, bool):
-            raise ValueError(f"skip must be True or False, got {skip!r}")
-        policy: dict[str, Any] = {
-            k: v for k, v in (("budget", budget), ("quality_target", quality_target)) if v is not None
-        }
-        if budget is not None:
-            policy["long_budget"] = None  # a request's budget holds at any prompt length
-        if policy and collection is None:
-            raise ValueError("budget and quality_target set a collection's learned plan: pass collection= too")
-        if plan is not None and (collection is not None or not skip):
-            raise ValueError("pass a plan, or a collection to learn a plan for, or skip=False, not two of them")
+        policy = policy_overrides(plan, collection, skip, budget, quality_target)
         if collection is None or not skip:
-            if collection is not None:
-                check_collection(collection)
             return TextStream(generate_steps(self.runtime, build_request(self.runtime, prompt, plan, **kwargs)))
         req = build_request(self.runtime, prompt, None, **kwargs)
         decision = self.learner.decide(collection, len(req.input_ids), **policy)

@@ -18,6 +18,7 @@ from transformers import (
 from .checks import check_int, check_real
 from .constrained import Constraint, JSONSchema, SchemaLimits, check_tools, json_grammar, tool_grammar
 from .constrained import tool_choice as as_tool_choice
+from .profiles import check_collection
 from .runtime import Runtime
 from .skipping import PlanSchedule, SkipPlan, StaticSchedule
 
@@ -49,6 +50,31 @@ class Request:
     grammar: Any = None  # xgrammar.Grammar the answer must follow
     tools: bool = False  # the answer may hold tool calls
     closes: bool = False  # the grammar is JSON all through: close it early rather than let max_new_tokens cut it
+
+
+def policy_overrides(
+    plan: SkipPlan | PlanSchedule | None,
+    collection: str | None,
+    skip: bool,
+    budget: int | float | None,
+    quality_target: float | None,
+) -> dict[str, Any]:
+    """Check how a request asks to be served (a ``plan``, a ``collection`` to learn a plan for, or ``skip=False``);
+    the collection policy's fields this request's ``budget`` and ``quality_target`` override."""
+    if not isinstance(skip, bool):
+        raise ValueError(f"skip must be True or False, got {skip!r}")
+    policy: dict[str, Any] = {
+        k: v for k, v in (("budget", budget), ("quality_target", quality_target)) if v is not None
+    }
+    if budget is not None:
+        policy["long_budget"] = None  # a request's budget holds at any prompt length
+    if policy and collection is None:
+        raise ValueError("budget and quality_target set a collection's learned plan: pass collection= too")
+    if plan is not None and (collection is not None or not skip):
+        raise ValueError("pass a plan, or a collection to learn a plan for, or skip=False, not two of them")
+    if collection is not None:
+        check_collection(collection)
+    return policy
 
 
 def build_request(

@@ -115,7 +115,7 @@ def test_recompute_chooses_the_tokens_the_tail_attends_to_and_equals_the_referen
         ref_logits = model.lm_head(model.model.norm(h))
 
     cache = new_cache(model)
-    engine.forward(ids[:, :body], 0, cache, plan, "prefill")
+    engine.runtime.forward(ids[:, :body], 0, cache, plan, "prefill")
     assert recompute_evidence(engine.runtime, ids, body, cache, plan) == chosen.tolist()
     for i, (keys, values) in repaired.items():
         torch.testing.assert_close(cache.layers[i].keys, keys, atol=ATOL, rtol=RTOL)

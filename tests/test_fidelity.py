@@ -137,7 +137,7 @@ def test_generate_with_kept_cache_and_tail_is_greedy_over_the_reference(tokenize
     assert stats.skipped_attention == [1, 3, 4] and stats.attention_kv_kept == [1, 3]
     assert (stats.protected_head, stats.protected_tail) == (1, 5)
     assert stats.skipped_attention_decode == [4]
-    assert stats.kv_bytes_saved == engine.kv_bytes_per_token() * (24 + 6 - 1)  # layer 4 only
+    assert stats.kv_bytes_saved == engine.runtime.kv_bytes_per_token() * (24 + 6 - 1)  # layer 4 only
     c = engine.costs
     attn, ffn, kv = c.attention(24), c.ffn(), c.keys_values()
     body = 3 * attn + 2 * kv + 5 * ffn  # attention 1, 3 (keys and values kept) and 4 skipped; FFN 2 skipped

@@ -183,12 +183,12 @@ def test_tool_parameters_share_the_schema_limits(tools_engine):
 def test_compile_time_is_bounded_and_compiled_grammars_are_cached(tokenizer):
     limits = SchemaLimits(max_bytes=10**6, max_properties=2_000, compile_seconds=0.05)
     engine = AdaSkipEngine(tiny_model("llama"), tokenizer, name="tiny", schema_limits=limits)
-    assert engine.grammars.limits == limits  # the compiler is made before the clock starts
+    assert engine.runtime.grammars.limits == limits  # the compiler is made before the clock starts
     small = optional_properties(3, note="cached")
     engine.generate("Answer in JSON.", json_schema=small, max_new_tokens=2)
-    cached = engine.grammars.compiler.get_cache_size_bytes()
+    cached = engine.runtime.grammars.compiler.get_cache_size_bytes()
     engine.generate("Answer in JSON.", json_schema=small, max_new_tokens=2)
-    assert engine.grammars.compiler.get_cache_size_bytes() == cached
+    assert engine.runtime.grammars.compiler.get_cache_size_bytes() == cached
     slow = optional_properties(600, note="unique to this test")  # about 2 s to compile
     started = time.perf_counter()
     with pytest.raises(ValueError, match=r"SchemaLimits.compile_seconds = 0.05 s"):
