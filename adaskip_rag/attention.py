@@ -1,4 +1,5 @@
-"""Attention mechanics of the skip-aware forward pass: attention with grouped query heads folded onto their KV
+"""Attention mechanics of the skip-aware forward pass: the rows of a step attending each over its own cache
+(:class:`RowAttention`: masks, rotary, the cache with room), attention with grouped query heads folded onto their KV
 head, attention of a row that rewrites cached tokens, the keys and values a skipped attention sublayer still
 caches, the protected head's attention among its own tokens, and the model's own rotary embedding."""
 
@@ -6,11 +7,14 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 REWRITE_BLOCK = 64  # tokens of a rewriting row (evidence recompute) attended together, see rewriting_attention
 
@@ -87,3 +91,142 @@ def head_attention(layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Tensor,
         position_embeddings=tuple(r[:, :m] for r in rotary),
     )
     return out
+
+
+def layer_types(model: PreTrainedModel) -> list[str]:
+    """Attention type of every layer ('full_attention' or 'sliding_attention'), as the model's cache sees it."""
+    return get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))[0]
+
+
+class AttendingRow(Protocol):
+    """What attention reads of a row of a forward step (:class:`~adaskip_rag.forward.Row`)."""
+
+    ids: torch.Tensor
+    position: int
+    cache: DynamicCache
+    positions: torch.Tensor | None
+    attention: torch.Tensor | None
+
+    @property
+    def appends(self) -> bool: ...
+
+
+class RowAttention:
+    """Attention for the rows of one forward step, their tokens packed in one sequence: each row over its own cache
+    (its keys and values added to it, written over cached ones, or only looked with), through the model's own
+    attention module when one appending row runs the sublayer. Holds the rows' token slices, rotary embeddings and
+    masks for the step."""
+
+    def __init__(self, model: PreTrainedModel, rows: Sequence[AttendingRow], device: torch.device):
+        self.rows, self.config, self.device = rows, model.config, device
+        self.types = layer_types(model)
+        starts = [0]
+        for r in rows:
+            starts.append(starts[-1] + len(r.ids))
+        self.slices = [slice(a, b) for a, b in zip(starts, starts[1:])]
+        positions = torch.cat(
+            [torch.arange(r.position, r.position + len(r.ids)) if r.positions is None else r.positions for r in rows]
+        ).to(device)
+        dummy = torch.empty(0, device=device, dtype=model.dtype)
+        cos, sin = model.model.rotary_emb(dummy, position_ids=positions[None])
+        self.rotary = [(cos[:, s], sin[:, s]) for s in self.slices]
+        self.packed_rotary = {tuple(range(len(rows))): (cos, sin)}
+        self.position_ids = [positions[None, s] for s in self.slices]
+        self.masks: list[dict[tuple[str, int], Any]] = [{} for _ in rows]
+
+    def __call__(self, i: int, layer: Any, x: torch.Tensor, running: list[int]) -> torch.Tensor:
+        """Attention output of layer ``i`` for the tokens ``x`` of the ``running`` rows (packed in that order),
+        each row's keys and values added to its cache."""
+        if len(running) == 1 and self.rows[running[0]].appends:
+            return self._module_attention(i, layer, x, running[0])
+        attn = layer.self_attn
+        normed = layer.input_layernorm(x)[0]
+        shape = (normed.shape[0], -1, attn.head_dim)
+        q, k, v = attn.q_proj(normed).view(shape), attn.k_proj(normed).view(shape), attn.v_proj(normed).view(shape)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = rope(attn)(q.transpose(0, 1)[None], k.transpose(0, 1)[None], *self._rotary_of(tuple(running)))
+        v = v.transpose(0, 1)[None]  # (1, heads, tokens, head_dim), as q and k now
+        outs, start = [], 0
+        for r in running:
+            row, n = self.rows[r], len(self.rows[r].ids)
+            part = slice(start, start + n)
+            start += n
+            qr = q[:, :, part]
+            keys, values = self._keys_values(i, r, k[:, :, part], v[:, :, part])
+            if row.positions is not None:
+                out = rewriting_attention(qr, keys, values, self.position_ids[r][0], row.positions, attn.scaling)
+            else:
+                mask = self._row_mask(i, r, keys.shape[-2])
+                if mask is True:  # a prompt without a past: the plain causal mask
+                    out = F.scaled_dot_product_attention(
+                        qr, keys, values, is_causal=True, scale=attn.scaling, enable_gqa=qr.shape[1] != keys.shape[1]
+                    )
+                else:
+                    out = folded_attention(qr, keys, values, mask, attn.scaling, row.attention)
+            outs.append(out[0].transpose(0, 1).reshape(n, -1))
+        return attn.o_proj(torch.cat(outs))[None]
+
+    def _rotary_of(self, running: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embedding (cos, sin) of the tokens of the ``running`` rows, packed in that order."""
+        if running not in self.packed_rotary:
+            parts = [self.rotary[r] for r in running]
+            self.packed_rotary[running] = (torch.cat([c for c, _ in parts], 1), torch.cat([s for _, s in parts], 1))
+        return self.packed_rotary[running]
+
+    def _keys_values(self, i: int, r: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Row ``r``'s keys and values at layer ``i`` with its new ``keys`` and ``values``: added to its cache,
+        written over the cached ones at the row's ``positions``, or (a row that only looks) not kept."""
+        row = self.rows[r]
+        if row.appends:
+            return row.cache.update(keys, values, i)
+        layer = row.cache.layers[i]
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+        if row.positions is not None:
+            at = self.position_ids[r][0]  # the row's positions, already on the device
+            layer.keys[:, :, at], layer.values[:, :, at] = keys, values
+            return layer.keys, layer.values
+        return torch.cat([layer.keys, keys], -2), torch.cat([layer.values, values], -2)
+
+    def _row_mask(self, i: int, r: int, kv: int) -> torch.Tensor | bool:
+        """Which of ``kv`` keys each token of row ``r`` (a row that follows them) may see: those up to its own
+        position, within the window on a sliding-window layer. False when that is every key, True when it is the
+        plain causal mask of a sequence without a past (both without a mask tensor)."""
+        row, q = self.rows[r], len(self.rows[r].ids)
+        window = self.config.sliding_window if self.types[i] == "sliding_attention" else None
+        if row.appends and (window is None or kv <= window):
+            if q == 1:
+                return False
+            if q == kv:
+                return True
+        # positions relative to the keys at hand (a sliding-window cache holds only the last ones)
+        query = torch.arange(kv - q, kv, device=self.device)[:, None]
+        key = torch.arange(kv, device=self.device)[None]
+        allowed = key <= query
+        if window is not None:
+            allowed &= query - key < window
+        return allowed[None, None]
+
+    def _module_attention(self, i: int, layer: Any, x: torch.Tensor, r: int) -> torch.Tensor:
+        """Row ``r``'s attention output of layer ``i`` through the model's own attention module and masks."""
+        row = self.rows[r]
+        key = (self.types[i], row.cache.get_seq_length(i))
+        if key not in self.masks[r]:  # a mask per layer type and cache length: layers that skipped have shorter caches
+            make_mask = create_sliding_window_causal_mask if key[0] == "sliding_attention" else create_causal_mask
+            self.masks[r][key] = make_mask(
+                config=self.config,
+                inputs_embeds=x,
+                attention_mask=None,
+                cache=row.cache,
+                position_ids=self.position_ids[r],
+                layer_idx=i,
+            )
+        out, _ = layer.self_attn(
+            hidden_states=layer.input_layernorm(x),
+            attention_mask=self.masks[r][key],
+            position_ids=self.position_ids[r],
+            cache=row.cache,
+            use_cache=True,
+            position_embeddings=self.rotary[r],
+        )
+        return out

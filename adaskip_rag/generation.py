@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .attention import layer_types
 from .cache import new_cache
 from .constrained import TOOL_CALL_OPEN, Constraint, parse_tool_calls
 from .costs import CostModel
-from .forward import layer_types
 from .request import Request, sampler
 from .runtime import Runtime
 from .skipping import PlanSchedule, Probe, SkipPlan, StaticSchedule, Sublayer
