@@ -1,5 +1,6 @@
 """What the framework adapters (LangChain, LlamaIndex) share: their settings model, a call's generation arguments
-from those settings and the call's keywords, and the checks they run at construction."""
+from those settings and the call's keywords, its collection, the checks they run at construction, token usage and
+tool-call entries."""
 
 from __future__ import annotations
 
@@ -14,22 +15,44 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo,
 
 from .checks import check_int
 from .policies import budget_count, check_quality_target
+from .stats import SkipStats
 
 DEFAULT_COLLECTION = "default"  # the profile key of calls that name no collection and retrieved from none
 _warned_stores: set[str] = set()
 
 
-def default_collection(unnamed_store: str | None) -> str:
-    """:data:`DEFAULT_COLLECTION`, for a call that names no collection; if its chain retrieved from a vector store
-    without a collection name (``unnamed_store``: the store's type), say so once per store type."""
+def call_collection(*named: str | None, retrieval: Callable[[], tuple[str | None, str | None]]) -> str:
+    """The profile key of one framework call: the first of ``named`` that is set (the call's ``collection=``, its
+    configuration's, the LLM object's setting), else the collection of the vector store the calling chain or query
+    retrieved from (``retrieval()``: its name, or None and the type of a store that has none), else
+    :data:`DEFAULT_COLLECTION`, with a warning once per store type that had no name to read."""
+    chosen = next((name for name in named if name), None)
+    if chosen:
+        return chosen
+    retrieved, unnamed_store = retrieval()
+    return retrieved or _default_collection(unnamed_store)
+
+
+def _default_collection(unnamed_store: str | None) -> str:
     if unnamed_store is not None and unnamed_store not in _warned_stores:
         _warned_stores.add(unnamed_store)
         warnings.warn(
             f"adaskip-rag cannot read a collection name from the {unnamed_store} this answer's context came from: "
             f"answers from it are profiled under {DEFAULT_COLLECTION!r}; pass collection= to give them their own",
-            stacklevel=3,
+            stacklevel=4,
         )
     return DEFAULT_COLLECTION
+
+
+def usage(stats: SkipStats) -> dict[str, int]:
+    """A request's token usage, as OpenAI's API names it."""
+    prompt, completion = stats.prompt_tokens, stats.generated_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def tool_call_entry(call_id: str | None, name: str, arguments: Any) -> dict[str, Any]:
+    """An assistant message's tool call, as the chat template (and OpenAI's API) takes it."""
+    return {"type": "function", "id": call_id, "function": {"name": name, "arguments": arguments}}
 
 
 CALL_SETTINGS = (

@@ -16,8 +16,8 @@ from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages.ai import UsageMetadata
 from pydantic import ConfigDict, Field
 
-from adaskip_rag import AdaSkipEngine, SkipStats
-from adaskip_rag.adapters import AdaSkipSettings, call_arguments, default_collection
+from adaskip_rag import AdaSkipEngine, SkipStats, adapters
+from adaskip_rag.adapters import AdaSkipSettings, call_arguments, call_collection
 from adaskip_rag.loading import model_label
 from langchain_adaskip._retrieval import retrieval_of
 
@@ -55,10 +55,12 @@ class AdaSkipParams(AdaSkipSettings):
         engine = self.get_engine(kwargs.pop("model", None))
         metadata = getattr(run_manager, "metadata", None) or {}
         parent = getattr(run_manager, "parent_run_id", None)
-        collection = kwargs.pop("collection", None) or metadata.get(COLLECTION_METADATA_KEY) or self.collection
-        if not collection:
-            retrieved, unnamed_store = retrieval_of(parent)
-            collection = retrieved or default_collection(unnamed_store)
+        collection = call_collection(
+            kwargs.pop("collection", None),
+            metadata.get(COLLECTION_METADATA_KEY),
+            self.collection,
+            retrieval=lambda: retrieval_of(parent),
+        )
         if stop is not None:
             kwargs["stop"] = stop
         return engine, {"collection": collection, **call_arguments(self, kwargs)}
@@ -92,10 +94,11 @@ def stream_run_manager(run_manager: Any) -> Any:
 
 
 def usage(stats: SkipStats) -> UsageMetadata:
+    counts = adapters.usage(stats)
     return UsageMetadata(
-        input_tokens=stats.prompt_tokens,
-        output_tokens=stats.generated_tokens,
-        total_tokens=stats.prompt_tokens + stats.generated_tokens,
+        input_tokens=counts["prompt_tokens"],
+        output_tokens=counts["completion_tokens"],
+        total_tokens=counts["total_tokens"],
     )
 
 

@@ -21,6 +21,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from typing_extensions import is_typeddict
 
 from adaskip_rag import GenerationResult, SkipStats
+from adaskip_rag.adapters import tool_call_entry
 from adaskip_rag.constrained import check_tools
 from langchain_adaskip._common import AdaSkipParams, aemit_stats, emit_stats, stream_run_manager, usage
 
@@ -37,10 +38,7 @@ def to_chat(messages: list[BaseMessage]) -> list[dict[str, Any]]:
             "content": m.text,
         }
         if isinstance(m, AIMessage) and m.tool_calls:
-            entry["tool_calls"] = [
-                {"type": "function", "id": c["id"], "function": {"name": c["name"], "arguments": c["args"]}}
-                for c in m.tool_calls
-            ]
+            entry["tool_calls"] = [tool_call_entry(c["id"], c["name"], c["args"]) for c in m.tool_calls]
         if isinstance(m, ToolMessage):
             entry["tool_call_id"] = m.tool_call_id
         chat.append(entry)

@@ -28,8 +28,8 @@ from llama_index.core.program.function_program import FunctionCallingProgram, ge
 from llama_index.core.prompts import PromptTemplate
 from pydantic import PrivateAttr
 
-from adaskip_rag import AdaSkipEngine, GenerationResult, SkipStats
-from adaskip_rag.adapters import AdaSkipSettings, call_arguments, default_collection
+from adaskip_rag import AdaSkipEngine, GenerationResult
+from adaskip_rag.adapters import AdaSkipSettings, call_arguments, call_collection, tool_call_entry, usage
 from llama_index.llms.adaskip.retrieval import TRACKER
 
 if TYPE_CHECKING:
@@ -50,11 +50,6 @@ class AdaSkipStatsEvent(BaseEvent):
         return "AdaSkipStatsEvent"
 
 
-def _usage(stats: SkipStats) -> dict[str, int]:
-    total = stats.prompt_tokens + stats.generated_tokens
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens, "total_tokens": total}
-
-
 def _chat(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     """LlamaIndex messages as chat-template dicts, with an assistant's tool calls (``ToolCallBlock``s)."""
     chat = []
@@ -62,14 +57,7 @@ def _chat(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"role": m.role.value, "content": m.content or ""}
         calls = [b for b in m.blocks if isinstance(b, ToolCallBlock)]
         if calls:
-            entry["tool_calls"] = [
-                {
-                    "type": "function",
-                    "id": b.tool_call_id,
-                    "function": {"name": b.tool_name, "arguments": b.tool_kwargs},
-                }
-                for b in calls
-            ]
+            entry["tool_calls"] = [tool_call_entry(b.tool_call_id, b.tool_name, b.tool_kwargs) for b in calls]
         if "tool_call_id" in m.additional_kwargs:
             entry["tool_call_id"] = m.additional_kwargs["tool_call_id"]
         chat.append(entry)
@@ -166,11 +154,10 @@ class AdaSkipLLM(AdaSkipSettings, FunctionCallingLLM):
         """Engine arguments of one call: per-call kwargs over the instance's settings."""
         kwargs = {k: v for k, v in kwargs.items() if not (k in ("tools", "tool_choice") and v is None)}
         span = active_span_id.get()
-        collection = (
-            kwargs.pop("collection", None)
-            or self.collection
-            or TRACKER.collection_of(span)
-            or default_collection(TRACKER.unnamed_store(span))
+        collection = call_collection(
+            kwargs.pop("collection", None),
+            self.collection,
+            retrieval=lambda: (TRACKER.collection_of(span), TRACKER.unnamed_store(span)),
         )
         return {"collection": collection, **call_arguments(self, kwargs)}
 
@@ -253,7 +240,7 @@ def _final(text: str, result: GenerationResult, span_id: str | None, streamed: b
     stats."""
     data = result.stats.to_dict()
     dispatcher.event(AdaSkipStatsEvent(stats=data, span_id=span_id))
-    raw = {"usage": _usage(result.stats), "tool_calls": result.tool_calls}
+    raw = {"usage": usage(result.stats), "tool_calls": result.tool_calls}
     return CompletionResponse(text=text, delta="" if streamed else None, raw=raw, additional_kwargs={"adaskip": data})
 
 
