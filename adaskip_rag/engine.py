@@ -77,15 +77,17 @@ class AdaSkipEngine:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Identifies the model's weights: profiles are only used for the model they were learned on."""
+        """Identifies the model's weights in any precision: profiles are only used for the model they were learned
+        on (see :func:`~adaskip_rag.loading.fingerprint`)."""
         return loading.fingerprint(self.model)
 
     @functools.cached_property
     def learner(self) -> Learner:
         store = self._store or open_store(loading.profile_store_url())
         shipped = shipped_profile(self.fingerprint, self.name)
+        legacy = loading.legacy_fingerprint(self.model)
         return Learner(
-            self.fingerprint, self.num_layers, self.costs, store, self.policy, shipped, self.collection_policies
+            self.fingerprint, self.num_layers, self.costs, store, self.policy, shipped, self.collection_policies, legacy
         )
 
     @classmethod

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import logging
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,6 +43,8 @@ from .stores.bounded import BoundedCalls, StoreUnavailable
 
 if TYPE_CHECKING:
     from .stores import ProfileStore
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["warmup", "skip", "refresh"]
 
@@ -113,8 +117,11 @@ class Learner:
         policy: AdaSkipPolicy,
         default_profile: Profile | None = None,
         policies: Mapping[str, AdaSkipPolicy] | None = None,
+        legacy_id: str | None = None,
     ):
         self.model_id, self.num_layers, self.costs = model_id, num_layers, costs
+        self.legacy_id = legacy_id if legacy_id != model_id else None  # profiles to move here, at the first read
+        self._migrating = threading.Lock()
         self.store, self.policy = store, policy
         self.calls = BoundedCalls(type(store).__name__, store.timeout, store.retry_seconds)
         self.policies = dict(policies or {})
@@ -143,6 +150,18 @@ class Learner:
             warnings.warn(f"ignoring the profile of collection {profile.collection!r}: {problem}", stacklevel=3)
         return None
 
+    def _migrate(self) -> None:
+        """Move the profiles stored under the model's fingerprint of earlier versions (``legacy_id``) to its own,
+        once; a store call that fails is tried again at the next read."""
+        with self._migrating:
+            if self.legacy_id is not None:
+                moved = self.calls(self.store.migrate, self.legacy_id, self.model_id)
+                if moved:
+                    log.info(
+                        "moved %d collection profiles from model id %s to %s", moved, self.legacy_id, self.model_id
+                    )
+                self.legacy_id = None
+
     def policy_for(self, collection: str) -> AdaSkipPolicy:
         return self.policies.get(collection, self.policy)
 
@@ -154,6 +173,7 @@ class Learner:
         if policy_changes:
             policy = dataclasses.replace(policy, **policy_changes)
         try:
+            self._migrate()
             own = self._usable(self.calls(self.store.get, self.model_id, collection))
             model = self._usable(self.calls(self.store.global_profile, self.model_id))
             store_error = None

@@ -94,7 +94,21 @@ def build_atomically(target: Path, build: Callable[[Path], None]) -> None:
 
 
 def fingerprint(model: PreTrainedModel) -> str:
-    """Identifies a model's weights: its shape and a digest of its embedding and first and last layers."""
+    """Identifies a model's weights in any precision it is loaded in: its shape and a digest of its embedding and
+    first and last layers, each value rounded to bfloat16 (values under float16's smallest normal as 0). An fp32
+    and a bf16 load of one checkpoint agree (bf16 loading rounds the same way), and so does an fp16 load of a
+    bf16 checkpoint; profiles learned in one precision serve the others."""
+    bf16 = lambda t: torch.where(t.abs() < 2**-14, 0.0, t.float()).to(torch.bfloat16).view(torch.int16)  # noqa: E731
+    return _fingerprint(model, bf16, ["bf16"])
+
+
+def legacy_fingerprint(model: PreTrainedModel) -> str:
+    """The fingerprint of earlier versions: a digest of the weights as loaded, so one per precision. Profiles
+    stored under it are moved to :func:`fingerprint` (``ProfileStore.migrate``)."""
+    return _fingerprint(model, lambda t: t.float(), [])
+
+
+def _fingerprint(model: PreTrainedModel, values: Callable[[torch.Tensor], torch.Tensor], tag: list[str]) -> str:
     cfg = model.config
     shape = [
         cfg.model_type,
@@ -104,11 +118,12 @@ def fingerprint(model: PreTrainedModel) -> str:
         cfg.num_key_value_heads,
         cfg.intermediate_size,
         cfg.vocab_size,
+        *tag,
     ]
     digest = hashlib.sha256(json.dumps(shape).encode())
     layers = model.model.layers
     for tensor in (model.get_input_embeddings().weight, *layers[0].parameters(), *layers[-1].parameters()):
-        digest.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+        digest.update(values(tensor.detach().flatten()[:4096]).cpu().numpy().tobytes())
     return f"{cfg.model_type}-{cfg.num_hidden_layers}L-{digest.hexdigest()[:12]}"
 
 

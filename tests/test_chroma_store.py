@@ -55,6 +55,18 @@ def test_replicas_write_their_own_records_and_reads_merge_them(server):
     assert a.delete("m", "docs") == 1 and store(server, "reader").get("m", "docs") is None
 
 
+def test_every_replicas_records_of_a_legacy_model_id_move_to_the_new_one(server):
+    a, b = store(server, "a", cache_seconds=0), store(server, "b", cache_seconds=0)
+    a.add_all([delta(0, model="old"), delta(1, model="old"), delta(2, collection="other", model="old")])
+    b.add(delta(3, model="old"))
+    a.add(delta(4, model="new"))
+    assert store(server, "c", cache_seconds=0).migrate("old", "new") == 2
+    observer = store(server, "observer", cache_seconds=0)
+    assert observer.get("old", "docs") is None and observer.profiles("old") == []
+    assert [observer.get("new", c).queries for c in ("docs", "other")] == [4, 1]
+    assert observer.global_profile("new").queries == 5
+
+
 def test_cached_reads_do_not_wait_on_the_server(server):
     s = store(server, "a", cache_seconds=60)
     other = store(server, "b", cache_seconds=0)

@@ -146,4 +146,6 @@ def test_adapters_share_one_engine_in_the_dtype_they_name():
     chat, llm = ChatAdaSkip(dtype="bfloat16", max_tokens=2), AdaSkipLLM(dtype="bfloat16", max_tokens=2)
     assert chat.get_engine() is llm.engine is not AdaSkipEngine.shared("default")
     assert llm.engine.model.dtype == torch.bfloat16
+    assert llm.engine.fingerprint == AdaSkipEngine.shared("default").fingerprint  # profiles serve either precision
+    assert llm.engine.learner.default_profile is not None  # the shipped one, learned in fp32
     assert chat.invoke("Hi", collection="bf16-check").response_metadata["adaskip"]["generated_tokens"] >= 1

@@ -3,12 +3,13 @@
 import dataclasses
 import json
 import math
+import sqlite3
 
 import pytest
 import torch
 from conftest import tiny_model
 
-from adaskip_rag import AdaSkipEngine, CostModel, SkipPlan, Sublayer
+from adaskip_rag import AdaSkipEngine, CostModel, SkipPlan, Sublayer, loading
 from adaskip_rag.compensation import fit
 from adaskip_rag.learning import Learner, _skip_set
 from adaskip_rag.policies import (
@@ -250,6 +251,40 @@ def test_cold_start_uses_the_shipped_profile_of_the_same_model_only(tokenizer, t
     with pytest.warns(UserWarning, match="written for model"):
         stats = other.generate(QUESTIONS[0], collection="c", max_new_tokens=2).stats
     assert stats.mode == "warmup" and stats.profile_source == "none"
+
+
+def test_the_fingerprint_is_one_for_fp32_and_bf16_loads_and_another_for_other_weights():
+    model = tiny_model("llama")
+    bf16 = tiny_model("llama", dtype=torch.bfloat16)  # the same weights, rounded as a bf16 load rounds them
+    assert loading.fingerprint(model) == loading.fingerprint(bf16)
+    assert loading.legacy_fingerprint(model) != loading.legacy_fingerprint(bf16)  # the old one hashed them as loaded
+    other = tiny_model("llama")
+    other.model.layers[-1].mlp.down_proj.weight.data.mul_(1.01)
+    assert loading.fingerprint(other) != loading.fingerprint(model)
+
+
+def test_profiles_stored_under_the_legacy_fingerprint_move_to_the_new_one_once(tokenizer, tmp_path):
+    engine = learning_engine(tokenizer, tmp_path, budget=2, warmup=2, window=0, refresh_every=0)
+    for question, collection in ((QUESTIONS[0], "docs"), (QUESTIONS[1], "docs"), (QUESTIONS[2], "other")):
+        engine.generate(question, collection=collection, max_new_tokens=2)  # warm-ups: sums, and moments
+    new, old = engine.fingerprint, loading.legacy_fingerprint(engine.model)
+    store = engine.learner.store
+    other, model_sums = store.get(new, "other").to_dict(), store.global_profile(new)
+    with sqlite3.connect(store.path) as db:  # as an earlier version stored them
+        db.execute(
+            "UPDATE profiles SET model = ?, data = json_set(data, '$.model', ?) WHERE model = ?", (old, old, new)
+        )
+    probes = {Sublayer(k, i): Probe(0.5, 1.0, 1.0) for k in ("attn", "ffn") for i in range(6)}
+    store.add(Profile.from_probes(new, "docs", 6, probes, context_tokens=10))  # and the new id has a part already
+
+    again = AdaSkipEngine(engine.model, tokenizer, name="tiny", policy=engine.policy, store=store)
+    stats = again.generate(QUESTIONS[0], collection="docs", max_new_tokens=2).stats
+    assert stats.mode == "skip" and stats.profile_source == "collection" and stats.queries_seen == 2 + 1 + 1
+    assert store.profiles(old) == [] and store.global_profile(old) is None
+    assert store.get(new, "other").to_dict() == other
+    moved = store.global_profile(new)
+    assert moved.queries == 3 + 1 + 1 and torch.equal(moved.moments, model_sums.moments)  # a skip adds no moments
+    assert store.migrate(old, new) == 0  # nothing left to move
 
 
 def test_profile_of_another_model_is_not_used(tokenizer, tmp_path):

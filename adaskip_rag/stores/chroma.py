@@ -10,6 +10,7 @@ unsent totals are written once it is back.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -145,6 +146,28 @@ class ChromaProfileStore(ProfileStore):
                 self._pending.pop(key, None)
             self._others.clear()
             return len({(m, c) for m, c in removed if c != GLOBAL})
+
+    def migrate(self, old: str, new: str) -> int:
+        """See :meth:`ProfileStore.migrate`: every replica's records of ``old`` added up, added to this replica's
+        totals of ``new`` and written, then removed (upgrade every replica first: one still writing ``old`` keeps
+        its own later updates there). ConnectionError, with nothing changed, if the server cannot be reached."""
+        with self._lock:
+            found: dict[str, list[tuple[float, Profile]]] = {}
+            for _, updated, profile in self._records.get({"model": old}, self.replica):
+                found.setdefault(profile.collection, []).append((updated, dataclasses.replace(profile, model=new)))
+            before = (dict(self._own), OrderedDict(self._pending), set(self._seeded_keys), set(self._seeded_models))
+            for collection, parts in found.items():
+                total = _add_up(new, collection, [p for _, p in sorted(parts, key=lambda part: part[0])])
+                if total is not None:
+                    _, own = self._own.get((new, collection), (0.0, Profile(new, collection, total.num_layers)))
+                    self._own[(new, collection)] = (time.time(), own.merge(total))
+                    self._pending[(new, collection)] = None
+            if not self.flush():
+                self._own, self._pending, self._seeded_keys, self._seeded_models = before  # old's stay, for later
+                raise ConnectionError(f"profile server {self.host}:{self.port} unreachable: profiles not moved")
+            self._records.delete({"model": old})
+            self._others.clear()
+            return sum(c != GLOBAL for c in found)
 
     def flush(self) -> bool:
         """Write this replica's unsent totals; False (and the totals kept) if the server is unreachable."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -181,6 +182,23 @@ class SQLiteProfileStore(ProfileStore):
             ).fetchone()
             self._move_aside(db, delta.model, delta.collection, data, exc)
             return empty.merge(delta)
+
+    def migrate(self, old: str, new: str) -> int:
+        """See :meth:`ProfileStore.migrate`; one transaction."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute("SELECT collection, data FROM profiles WHERE model = ?", (old,)).fetchall()
+                moved = [p for p in (self._read(db, old, c, d) for c, d in rows) if p is not None]
+                for profile in moved:
+                    delta = dataclasses.replace(profile, model=new)
+                    self._write(db, self._merged(db, self._row(db, new, profile.collection), delta))
+                db.execute("DELETE FROM profiles WHERE model = ?", (old,))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        return sum(p.collection != GLOBAL for p in moved)
 
     def profiles(self, model: str | None = None) -> list[Profile]:
         with self._connect() as db:
