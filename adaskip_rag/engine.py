@@ -106,7 +106,8 @@ class AdaSkipEngine:
     ) -> AdaSkipEngine:
         """Load ``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder.
 
-        fp32 on CPU unless ``dtype`` says otherwise; ``device_map`` is passed to transformers (accelerate).
+        ``dtype``: default bf16 on a GPU and :func:`~adaskip_rag.loading.default_cpu_dtype` on CPU (bf16 where it is
+        native and measures faster, else fp32); ``device_map`` is passed to transformers (accelerate).
         """
         model, tokenizer = loading.load(name_or_path, device=device, dtype=dtype, device_map=device_map)
         name = loading.model_label(name_or_path)
@@ -127,7 +128,7 @@ class AdaSkipEngine:
     ) -> AdaSkipEngine:
         """One engine per (model, device, dtype) in this process, loaded on first use: what the framework adapters
         use, so any number of LLM objects (LangChain or LlamaIndex) share one model and one profile store.
-        ``dtype``: "float32", "bfloat16" or "float16" (default: fp32 on CPU, bf16 on a GPU)."""
+        ``dtype``: "float32", "bfloat16" or "float16" (default: as :meth:`from_pretrained`)."""
         key = (str(name_or_path), device, dtype)
         with _shared_lock:
             if key not in _shared:

@@ -71,7 +71,10 @@ def main() -> None:
     model = engine.model
 
     print(f"command: {' '.join(sys.argv)}")
-    print(f"model: {engine.name}, fp32, {args.threads} threads, torch {torch.__version__}, {platform.machine()}")
+    print(
+        f"model: {engine.name}, {engine.model.dtype}, "
+        f"{args.threads} threads, torch {torch.__version__}, {platform.machine()}"
+    )
     print(f"medians of {args.repeats} interleaved repeats; decode over {DECODE_TOKENS} tokens\n")
     header = (
         f"{'n':>5} | {'prefill engine/HF':>17} | {'decode tok/s engine/HF':>22} | {'probe overhead':>14} | "

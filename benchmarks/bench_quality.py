@@ -238,7 +238,8 @@ def main() -> None:
     L = engine.num_layers
     print(f"command: {' '.join(sys.argv)}")
     print(
-        f"model: {engine.name}, fp32, {args.threads} threads; per setting {args.calibration} calibration and "
+        f"model: {engine.name}, {engine.model.dtype}, "
+        f"{args.threads} threads; per setting {args.calibration} calibration and "
         f"{args.questions} evaluation questions; greedy answers of up to {args.max_new_tokens} tokens\n"
     )
 

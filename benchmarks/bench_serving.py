@@ -1,7 +1,8 @@
 """Serving concurrent requests: the engine's batched steps against serving the same requests one by one, in one run.
 
-Default model, fp32. Every request runs in its own thread, as LangChain ``batch`` and concurrent ``ainvoke`` calls
-do; served one by one, they run in turn in one thread (off the main thread too, where torch runs slower here).
+Default model, in the precision the engine chooses on this CPU. Every request runs in its own thread, as LangChain
+``batch`` and concurrent ``ainvoke`` calls do; served one by one, they run in turn in one thread (off the main
+thread too, where torch runs slower here).
 Scenarios, each at 1, 2, 4 and 8 concurrent requests:
   rag        ~2k-token RAG prompts (SQuAD v2 dev articles and questions), 64-token answers, the learned plan of
              one collection (the shipped profile's, default policy);
@@ -198,7 +199,10 @@ def main() -> None:
     counts = [1, 4] if args.quick else [1, 2, 4, 8]
     engine = AdaSkipEngine.from_pretrained("default")
     print(f"command: {' '.join(sys.argv)}")
-    print(f"model: {engine.name}, fp32, {args.threads} threads, torch {torch.__version__}, {platform.machine()}")
+    print(
+        f"model: {engine.name}, {engine.model.dtype}, "
+        f"{args.threads} threads, torch {torch.__version__}, {platform.machine()}"
+    )
     print(f"serving limits: {engine.scheduler.limits}")
     engine.generate("warm-up", max_new_tokens=4)
     scenario(

@@ -56,7 +56,8 @@ def main() -> None:
     }
     print(f"command: {' '.join(sys.argv)}")
     print(
-        f"model: {engine.name}, fp32, {args.threads} threads; {args.questions} questions per corpus at about "
+        f"model: {engine.name}, {engine.model.dtype}, "
+        f"{args.threads} threads; {args.questions} questions per corpus at about "
         f"{args.tokens} tokens; full decode pass of {args.decode} tokens\n"
     )
 

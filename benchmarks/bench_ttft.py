@@ -118,7 +118,8 @@ def main() -> None:
 
         print(f"command: {' '.join(sys.argv)}")
         print(
-            f"model: {engine.name}, fp32, {args.threads} threads; {len(paragraphs)} SQuAD paragraphs in Chroma, "
+            f"model: {engine.name}, {engine.model.dtype}, "
+            f"{args.threads} threads; {len(paragraphs)} SQuAD paragraphs in Chroma, "
             f"k = {k}, kept up to about {args.tokens} tokens; budget {args.budget}; "
             f"{args.warmup} warm-up + {args.questions} timed questions\n"
         )

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # learned profiles of the tests never touch the user's store
 os.environ["ADASKIP_PROFILE_DB"] = os.path.join(tempfile.mkdtemp(prefix="adaskip-tests-"), "profiles.sqlite")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("ADASKIP_DTYPE", "float32")  # the default model in fp32: the same numerics on every CPU
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
 """Model loading: local folders, unsupported architectures, atomic conversion of the default model."""
 
+import math
 import threading
 import time
 
@@ -8,7 +9,7 @@ import torch
 from conftest import tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from adaskip_rag import AdaSkipEngine, SkipPlan
+from adaskip_rag import AdaSkipEngine, SkipPlan, loading
 from adaskip_rag.loading import SUPPORTED_ARCHITECTURES, build_atomically
 
 
@@ -30,6 +31,37 @@ def test_dtype_and_device_map_pass_through(tmp_path, tokenizer):
     assert AdaSkipEngine.from_pretrained(tmp_path, dtype=torch.bfloat16).model.dtype == torch.bfloat16
     mapped = AdaSkipEngine.from_pretrained(tmp_path, device_map="cpu")
     assert mapped.device.type == "cpu" and mapped.generate("hi", max_new_tokens=2).stats.generated_tokens >= 1
+
+
+def test_the_cpu_precision_is_bf16_only_where_the_cpu_has_it_natively_and_it_measures_faster(
+    tmp_path, tokenizer, monkeypatch
+):
+    config = tiny_model("llama").config
+    monkeypatch.delenv("ADASKIP_DTYPE")
+    speedups = []
+    monkeypatch.setattr(loading, "_bf16_speedup", lambda hidden, ffn: speedups.pop())
+    for caps, speedup, expected in (
+        ({"avx2": True, "avx512_bf16": False}, None, torch.float32),  # no native bf16: not even measured
+        ({"avx512_bf16": True}, 2.0, torch.bfloat16),
+        ({"amx_bf16": True}, 1.1, torch.float32),  # native, but not faster enough here
+        ({"architecture": "aarch64", "bf16": True}, 1.6, torch.bfloat16),
+    ):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        speedups[:] = [] if speedup is None else [speedup]
+        assert loading.default_cpu_dtype(config) == expected and speedups == []
+    tiny_model("llama").save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    speedups[:] = [2.0]
+    assert AdaSkipEngine.from_pretrained(tmp_path).model.dtype == torch.bfloat16  # the aarch64 CPU above
+    monkeypatch.setenv("ADASKIP_DTYPE", "float32")
+    assert AdaSkipEngine.from_pretrained(tmp_path).model.dtype == torch.float32
+    monkeypatch.setenv("ADASKIP_DTYPE", "half")
+    with pytest.raises(ValueError, match="ADASKIP_DTYPE must be 'float32' or 'bfloat16', got 'half'"):
+        AdaSkipEngine.from_pretrained(tmp_path)
+
+
+def test_the_bf16_measurement_compares_the_two_precisions():
+    assert 0 < loading._bf16_speedup.__wrapped__(64, 128) < math.inf
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
