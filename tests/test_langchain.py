@@ -60,6 +60,14 @@ class TestChatAdaSkipIntegration(StandardTestSettings, ChatModelIntegrationTests
     def test_agent_loop(self, model) -> None:
         super().test_agent_loop(model)
 
+    # jokes under a JSON schema: the model writes on until the answer must close, so a shorter budget shortens
+    # the test and the schema still closes in time (its shortest answer takes 12 tokens)
+    def test_structured_output_pydantic_2_v1(self, model) -> None:
+        super().test_structured_output_pydantic_2_v1(model.model_copy(update={"max_tokens": 24}))
+
+    def test_structured_output_optional_param(self, model) -> None:
+        super().test_structured_output_optional_param(model.model_copy(update={"max_tokens": 24}))
+
 
 class StatsHandler(BaseCallbackHandler):
     def __init__(self):
@@ -432,11 +440,11 @@ def skipping_engine(tmp_path_factory):
 
 @pytest.mark.slow
 def test_structured_output_always_parses_with_and_without_skipping_streamed_and_not(full_engine, skipping_engine):
-    """Each template and each person once per engine, streamed and not in turn (closing itself is tested on random
-    schemas in test_constrained.py)."""
-    for engine in (full_engine, skipping_engine):
+    """Every template and every person, three prompts per engine, streamed and not in turn (closing itself is
+    tested on random schemas in test_constrained.py)."""
+    for engine, prompts in ((full_engine, (0, 6, 12)), (skipping_engine, (18, 4, 13))):
         structured = ChatAdaSkip(engine=engine, max_tokens=48).with_structured_output(Person)
-        for k, prompt in enumerate(EXTRACTIONS[i] for i in (0, 6, 12, 18, 4)):
+        for k, prompt in enumerate(EXTRACTIONS[i] for i in prompts):
             handler = StatsHandler()
             config = {"callbacks": [handler]}
             streamed = k % 2 == 1
@@ -459,10 +467,8 @@ def test_structured_output_methods_and_schema_kinds(full_engine):
     prompt = EXTRACTIONS[0]
     assert llm.with_structured_output(Person).invoke(prompt) == Person(name="Marie Curie", age=66, city="Paris")
     assert llm.with_structured_output(PersonDict).invoke(prompt) == {"name": "Marie Curie", "age": 66}
-    schema = Person.model_json_schema()
-    assert llm.with_structured_output(schema).invoke(prompt)["name"] == "Marie Curie"
     assert isinstance(llm.with_structured_output(Person, method="function_calling").invoke(prompt), Person)
-    assert isinstance(llm.with_structured_output(schema, method="json_mode").invoke(prompt + " Answer in JSON."), dict)
+    # JSON schema dicts and json_mode: the standard tests (test_structured_output[json_schema], test_json_mode)
     with pytest.raises(ValueError, match="method must be"):
         llm.with_structured_output(Person, method="xml")
 
@@ -477,7 +483,12 @@ def get_weather(city: str) -> str:
 def test_tool_calls_parse_and_a_second_turn_with_the_result_answers(full_engine):
     llm = ChatAdaSkip(engine=full_engine, max_tokens=48)
     question = HumanMessage("What is the weather in Paris?")
-    for choice in ("any", "get_weather", {"type": "function", "function": {"name": "get_weather"}}):
+    by_name = {"type": "function", "function": {"name": "get_weather"}}
+    assert (
+        llm.bind_tools([get_weather], tool_choice=by_name).kwargs
+        == llm.bind_tools([get_weather], tool_choice="get_weather").kwargs
+    )
+    for choice in ("any", by_name):
         call = llm.bind_tools([get_weather], tool_choice=choice).invoke([question])
         assert [c["name"] for c in call.tool_calls] == ["get_weather"] and call.tool_calls[0]["args"]["city"]
     chunks = list(llm.bind_tools([get_weather], tool_choice="any").stream([question]))
@@ -486,10 +497,9 @@ def test_tool_calls_parse_and_a_second_turn_with_the_result_answers(full_engine)
         streamed += c
     assert [c["name"] for c in streamed.tool_calls] == ["get_weather"]
     result = get_weather.invoke(call.tool_calls[0])
-    answer = llm.bind_tools([get_weather]).invoke([question, call, result])
+    answer = llm.bind_tools([get_weather]).invoke([question, call, result], max_tokens=16)
     assert isinstance(answer, AIMessage) and answer.content.strip() and not answer.invalid_tool_calls
-    prompt = answer.response_metadata["adaskip"]["prompt_tokens"]
-    assert prompt > llm.bind_tools([get_weather]).invoke([question]).response_metadata["adaskip"]["prompt_tokens"]
+    assert answer.response_metadata["adaskip"]["prompt_tokens"] > call.response_metadata["adaskip"]["prompt_tokens"]
     with pytest.raises(ValueError, match="tool_choice must be"):
         llm.bind_tools([get_weather], tool_choice="other_tool")
 

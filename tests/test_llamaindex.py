@@ -356,7 +356,7 @@ def test_tool_calls_and_a_second_turn_with_the_result(full_engine):
         response.message,
         ChatMessage(role=MessageRole.TOOL, content=str(result), additional_kwargs={"tool_call_id": call.tool_id}),
     ]
-    answer = llm.chat_with_tools([tool], chat_history=history)
+    answer = llm.chat_with_tools([tool], chat_history=history, max_tokens=16)
     assert answer.message.content.strip()
     assert answer.additional_kwargs["adaskip"]["prompt_tokens"] > response.additional_kwargs["adaskip"]["prompt_tokens"]
     assert llm.predict_and_call([tool], user_msg="What is the weather in Rome?", tool_choice="get_weather").response
