@@ -4,6 +4,7 @@ For RAG prompts of about n tokens (SQuAD v2 questions with their passage among o
 the precisions interleaved:
   prefill    the full model's prefill time in fp32 over bf16 (a ratio > 1: bf16 is faster);
   decode     tokens/s of a greedy answer in bf16 over fp32 (answers of at least 4 tokens in both);
+  e2e        prefill and an answer of --max-new-tokens at each precision's decode rate, fp32 over bf16;
   agreement  bf16's teacher-forced top-1 agreement along fp32's greedy answer (full model both);
   first      whether bf16's first answer token is fp32's;
   identical  whether bf16's greedy answer is fp32's.
@@ -60,7 +61,7 @@ def main() -> None:
     )
     print(f"{'n':>5} | {'prefill fp32/bf16':>22} | {'decode bf16/fp32':>22} | {'agreement':>22} | first | identical")
     for n in args.lengths:
-        prefill, decode, agreement, first, identical = [], [], [], [], []
+        prefill, decode, e2e, agreement, first, identical = [], [], [], [], [], []
         for item in items("squad", n, args.questions, fp32.tokenizer):
             ids = fp32.encode(rag_messages(item.document, item.question))
             seconds = {d: [prefill_seconds(e, ids) for _ in range(2)] for d, e in engines.items()}  # interleaved
@@ -70,6 +71,9 @@ def main() -> None:
             rates = [answers[d].stats.decode_tokens_per_s for d in (torch.bfloat16, torch.float32)]
             if min(r.stats.generated_tokens for r in answers.values()) >= 4:  # else too few steps to time
                 decode.append(rates[0] / rates[1])
+                steps = args.max_new_tokens - 1  # an answer of the full length, at each precision's rates
+                ends = [min(seconds[d]) + steps / rate for d, rate in zip((torch.bfloat16, torch.float32), rates)]
+                e2e.append(ends[1] / ends[0])
             logits, _ = bf16.teacher_forced(ids, full.token_ids, SkipPlan())
             top = logits.argmax(-1).tolist()
             agreement.append(sum(a == b for a, b in zip(top, full.token_ids)) / len(full.token_ids))
@@ -77,7 +81,7 @@ def main() -> None:
             identical.append(float(answers[torch.bfloat16].token_ids == full.token_ids))
         print(
             f"{n:>5} | {interval(prefill, statistics.median):>22} | "
-            f"{interval(decode or [0.0], statistics.median):>22} | "
+            f"{interval(decode or [0.0], statistics.median):>22} | {interval(e2e or [0.0], statistics.median):>22} | "
             f"{interval(agreement, statistics.mean):>22} | {statistics.mean(first):5.2f} | "
             f"{statistics.mean(identical):9.2f}"
         )
