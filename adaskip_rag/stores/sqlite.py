@@ -190,9 +190,12 @@ class SQLiteProfileStore(ProfileStore):
             try:
                 rows = db.execute("SELECT collection, data FROM profiles WHERE model = ?", (old,)).fetchall()
                 moved = [p for p in (self._read(db, old, c, d) for c, d in rows) if p is not None]
-                for profile in moved:
+                for profile in sorted(moved, key=lambda p: p.collection != GLOBAL):  # the global profile first
                     delta = dataclasses.replace(profile, model=new)
-                    self._write(db, self._merged(db, self._row(db, new, profile.collection), delta))
+                    current = (
+                        self._global(db, new) if delta.collection == GLOBAL else self._row(db, new, delta.collection)
+                    )
+                    self._write(db, self._merged(db, current, delta))
                 db.execute("DELETE FROM profiles WHERE model = ?", (old,))
             except BaseException:
                 db.execute("ROLLBACK")
