@@ -306,10 +306,10 @@ class Learner:
 
     def _guard(self, decision: Decision, history: list, fidelity: float, speedup: float) -> dict:
         """The guard after a refresh that scored the plan of ``decision.scored_budget`` (its agreement ``fidelity``
-        and measured prefill ``speedup``): the largest of the policy's budgets whose last ``guard_window``
-        refreshes meet the quality target on average with an average speedup above 1, budgets not scored in the
-        last ``4 * guard_window`` refreshes counting as meeting it (so they are tried, from the top down); 0 when
-        none does."""
+        and measured prefill ``speedup``): the largest of the policy's budgets, at most one ``guard_step`` above the
+        one served, whose last ``guard_window`` refreshes meet the quality target on average with an average
+        speedup above 1, budgets not scored in the last ``4 * guard_window`` refreshes counting as meeting it (so
+        they are tried, one step up at a time); 0 when none does."""
         policy = decision.policy
         target = policy.quality_target
         assert target is not None  # the guard runs only with a quality target
@@ -317,7 +317,7 @@ class Learner:
         windows = {b: [h for h in history if h[0] == b][-policy.guard_window :] for b in {h[0] for h in history}}
         mean = lambda w, k: sum(h[k] for h in w) / len(w)  # noqa: E731
         meets = lambda b: b not in windows or mean(windows[b], 1) >= target and mean(windows[b], 2) > 1  # noqa: E731
-        budgets = policy.guard_budgets(decision.top_budget)
+        budgets = [b for b in policy.guard_budgets(decision.top_budget) if b <= decision.budget + policy.guard_step]
         new = next((b for b in budgets if meets(b)), 0)
         verb = "lowered to" if new < decision.budget else "raised to" if new > decision.budget else "kept at"
         judged = [f"budget {b}: {_window_text(windows[b])}" for b in sorted(windows, reverse=True)]

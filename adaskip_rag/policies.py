@@ -123,7 +123,8 @@ class AdaSkipPolicy:
     without the attention-sink token 0 (else the paper's whole-prompt ratio). ``quality_target``: if set, a
     teacher-forced top-1 agreement with the full model (0..1) for the quality guard: each refresh scores a budget,
     and the guard serves the largest budget (from ``budget`` down in ``guard_step`` s) whose last ``guard_window``
-    refreshes meet the target on average with a measured prefill speedup above 1 (``learning.py``).
+    refreshes meet the target on average with a measured prefill speedup above 1, climbing back at most one step
+    at a time (``learning.py``).
 
     Fidelity (see docs/fidelity.md for what each costs and keeps): ``compensation``: what replaces a skipped
     sublayer, ``"scalar"`` (the paper), ``"bias"`` or ``"affine"`` (``compensation.py``; profiles without

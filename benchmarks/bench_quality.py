@@ -139,9 +139,10 @@ def guarded_budget(
     trail = [policy.budget]
     for item in calibration * 2:
         guard.generate(rag_messages(item.document, item.question), collection="calibration", max_new_tokens=16)
-        trail.append(guard.learner.store.get(guard.fingerprint, "calibration").state["guard"]["budget"])
-    state = guard.learner.store.get(guard.fingerprint, "calibration").state
-    return trail[-1], f"budgets {' -> '.join(map(str, trail))}; {state['guard']['reason']}"
+        state = guard.learner.store.get(guard.fingerprint, "calibration").state
+        trail.append(state.get("guard", {}).get("budget", trail[-1]))  # unchanged by a refresh that scored nothing
+    reason = state.get("guard", {}).get("reason", "quality guard: no refresh scored")
+    return trail[-1], f"budgets {' -> '.join(map(str, trail))}; {reason}"
 
 
 def served_engines(

@@ -362,6 +362,14 @@ def test_quality_guard_settles_on_the_largest_budget_whose_window_meets_the_targ
     assert guard.refresh(1.0) == 4  # never above a budget whose window misses the target
 
 
+def test_quality_guard_climbs_back_one_step_at_a_time(tmp_path):
+    learner, guard = guarded(tmp_path, budget=8, guard_step=2, guard_window=1)  # history: the last 4 refreshes
+    assert [guard.refresh(0.5), guard.refresh(0.5)] == [6, 4]
+    # 8's miss leaves the history first: the guard tries 6 again before it, never 8 straight from 4
+    assert [guard.refresh(0.95) for _ in range(4)] == [4, 4, 4, 6]
+    assert guard.refresh(0.95) == 8
+
+
 def test_quality_guard_needs_a_measured_speedup_above_one(tmp_path):
     learner, guard = guarded(tmp_path, budget=4, guard_step=2, guard_window=2)
     assert guard.refresh(0.95, skip_seconds=1.1) == 2  # faithful, but slower than the full model
