@@ -152,7 +152,7 @@ class Learner:
 
     def _migrate(self) -> None:
         """Move the profiles stored under the model's fingerprint of earlier versions (``legacy_id``) to its own,
-        once; a store call that fails is tried again at the next read."""
+        once; a store that cannot now (a call that fails, a server away) is asked again at the next read."""
         with self._migrating:
             if self.legacy_id is not None:
                 moved = self.calls(self.store.migrate, self.legacy_id, self.model_id)
@@ -160,7 +160,8 @@ class Learner:
                     log.info(
                         "moved %d collection profiles from model id %s to %s", moved, self.legacy_id, self.model_id
                     )
-                self.legacy_id = None
+                if moved is not None:
+                    self.legacy_id = None
 
     def policy_for(self, collection: str) -> AdaSkipPolicy:
         return self.policies.get(collection, self.policy)

@@ -65,6 +65,8 @@ def test_every_replicas_records_of_a_legacy_model_id_move_to_the_new_one(server)
     assert observer.get("old", "docs") is None and observer.profiles("old") == []
     assert [observer.get("new", c).queries for c in ("docs", "other")] == [4, 1]
     assert observer.global_profile("new").queries == 5
+    away = ChromaProfileStore("127.0.0.1", server.port + 1, replica="d")  # no server there: asked again later
+    assert away.migrate("new", "newer") is None
 
 
 def test_cached_reads_do_not_wait_on_the_server(server):

@@ -45,10 +45,11 @@ class ProfileStore(ABC):
     def delete(self, model: str, collection: str | None = None) -> int:
         """Remove one collection's profile (or all of a model's); returns how many were removed."""
 
-    def migrate(self, old: str, new: str) -> int:
+    def migrate(self, old: str, new: str) -> int | None:
         """Move every profile of model ``old`` (its collections and its global profile) to model ``new``, each added
-        to what ``new`` has; returns how many collections moved. The learner calls it when a model's fingerprint
-        changes between versions. A store that does not implement it keeps them where they are (relearned)."""
+        to what ``new`` has; returns how many collections moved, or None if the store cannot do it now (a server
+        away: the learner tries again at its next read). The learner calls it when a model's fingerprint changes
+        between versions. A store that does not implement it keeps them where they are (relearned)."""
         return 0
 
     def export_json(self, model: str | None = None) -> str:

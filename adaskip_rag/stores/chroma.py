@@ -147,13 +147,20 @@ class ChromaProfileStore(ProfileStore):
             self._others.clear()
             return len({(m, c) for m, c in removed if c != GLOBAL})
 
-    def migrate(self, old: str, new: str) -> int:
+    def migrate(self, old: str, new: str) -> int | None:
         """See :meth:`ProfileStore.migrate`: every replica's records of ``old`` added up, added to this replica's
         totals of ``new`` and written, then removed (upgrade every replica first: one still writing ``old`` keeps
-        its own later updates there). ConnectionError, with nothing changed, if the server cannot be reached."""
+        its own later updates there). None, with nothing changed, while the server cannot be reached."""
         with self._lock:
+            if self._link.waiting():
+                return None
+            try:
+                records = self._records.get({"model": old}, self.replica)
+            except _UNREACHABLE as exc:
+                self._link.failed(exc)
+                return None
             found: dict[str, list[tuple[float, Profile]]] = {}
-            for _, updated, profile in self._records.get({"model": old}, self.replica):
+            for _, updated, profile in records:
                 found.setdefault(profile.collection, []).append((updated, dataclasses.replace(profile, model=new)))
             before = (dict(self._own), OrderedDict(self._pending), set(self._seeded_keys), set(self._seeded_models))
             for collection, parts in found.items():
@@ -164,7 +171,7 @@ class ChromaProfileStore(ProfileStore):
                     self._pending[(new, collection)] = None
             if not self.flush():
                 self._own, self._pending, self._seeded_keys, self._seeded_models = before  # old's stay, for later
-                raise ConnectionError(f"profile server {self.host}:{self.port} unreachable: profiles not moved")
+                return None
             self._records.delete({"model": old})
             self._others.clear()
             return sum(c != GLOBAL for c in found)
