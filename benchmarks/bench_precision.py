@@ -59,7 +59,10 @@ def main() -> None:
         f"{loading._bf16_speedup(config.hidden_size, config.intermediate_size):.2f}x fp32; "
         f"default precision here: {loading.default_cpu_dtype(config)}\n"
     )
-    print(f"{'n':>5} | {'prefill fp32/bf16':>22} | {'decode bf16/fp32':>22} | {'agreement':>22} | first | identical")
+    print(
+        f"{'n':>5} | {'prefill fp32/bf16':>22} | {'decode bf16/fp32':>22} | {'e2e fp32/bf16':>22} | "
+        f"{'agreement':>22} | first | identical"
+    )
     for n in args.lengths:
         prefill, decode, e2e, agreement, first, identical = [], [], [], [], [], []
         for item in items("squad", n, args.questions, fp32.tokenizer):
