@@ -179,7 +179,8 @@ def default_cpu_dtype(config: Any) -> torch.dtype:
 def _bf16_speedup(hidden: int, ffn: int) -> float:
     """How much faster a (256, hidden) x (hidden, ffn) matrix product runs in bf16 than in fp32 on this CPU:
     the best of 5 interleaved timings of each."""
-    x, w = torch.randn(256, hidden), torch.randn(hidden, ffn)
+    rng = torch.Generator().manual_seed(0)  # not the global generator: the caller's random streams stay as they are
+    x, w = torch.randn(256, hidden, generator=rng), torch.randn(hidden, ffn, generator=rng)
     best = {torch.float32: math.inf, torch.bfloat16: math.inf}
     for _ in range(5):
         for dtype in best:

@@ -60,8 +60,10 @@ def test_the_cpu_precision_is_bf16_only_where_the_cpu_has_it_natively_and_it_mea
         AdaSkipEngine.from_pretrained(tmp_path)
 
 
-def test_the_bf16_measurement_compares_the_two_precisions():
+def test_the_bf16_measurement_compares_the_two_precisions_and_leaves_the_global_generator_alone():
+    state = torch.get_rng_state()
     assert 0 < loading._bf16_speedup.__wrapped__(64, 128) < math.inf
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
