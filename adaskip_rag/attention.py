@@ -114,11 +114,14 @@ class AttendingRow(Protocol):
 class RowAttention:
     """Attention for the rows of one forward step, their tokens packed in one sequence: each row over its own cache
     (its keys and values added to it, written over cached ones, or only looked with), through the model's own
-    attention module when one appending row runs the sublayer. Holds the rows' token slices, rotary embeddings and
+    attention module when one appending row runs the sublayer with more than one token (or any, where the model's
+    attention is not SDPA). Holds the rows' token slices, rotary embeddings and
     masks for the step."""
 
     def __init__(self, model: PreTrainedModel, rows: Sequence[AttendingRow], device: torch.device):
         self.rows, self.config, self.device = rows, model.config, device
+        # a decode step of the model's SDPA attention runs folded here: torch's bf16 SDPA of one query is ~6x slower
+        self.sdpa = model.config._attn_implementation == "sdpa"
         self.types = layer_types(model)
         starts = [0]
         for r in rows:
@@ -137,7 +140,7 @@ class RowAttention:
     def __call__(self, i: int, layer: Any, x: torch.Tensor, running: list[int]) -> torch.Tensor:
         """Attention output of layer ``i`` for the tokens ``x`` of the ``running`` rows (packed in that order),
         each row's keys and values added to its cache."""
-        if len(running) == 1 and self.rows[running[0]].appends:
+        if len(running) == 1 and self.rows[running[0]].appends and (len(x[0]) > 1 or not self.sdpa):
             return self._module_attention(i, layer, x, running[0])
         attn = layer.self_attn
         normed = layer.input_layernorm(x)[0]

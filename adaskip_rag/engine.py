@@ -98,6 +98,7 @@ class AdaSkipEngine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         device_map: str | dict | None = None,
+        int4_decode: bool = True,
         policy: AdaSkipPolicy | None = None,
         store: ProfileStore | None = None,
         collection_policies: Mapping[str, AdaSkipPolicy] | None = None,
@@ -107,9 +108,12 @@ class AdaSkipEngine:
         """Load ``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder.
 
         ``dtype``: default bf16 on a GPU and :func:`~adaskip_rag.loading.default_cpu_dtype` on CPU (bf16 where it is
-        native and measures faster, else fp32); ``device_map`` is passed to transformers (accelerate).
+        native and measures faster, else fp32); ``device_map`` is passed to transformers (accelerate); ``int4_decode``:
+        a bf16 model on CPU with 4-bit weights (the default model) reads them packed in decode steps.
         """
-        model, tokenizer = loading.load(name_or_path, device=device, dtype=dtype, device_map=device_map)
+        model, tokenizer = loading.load(
+            name_or_path, device=device, dtype=dtype, device_map=device_map, int4_decode=int4_decode
+        )
         name = loading.model_label(name_or_path)
         return cls(
             model,

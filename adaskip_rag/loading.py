@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import int4
 from .chat_templates import SMOLLM2_TOOLS
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -197,8 +198,11 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     device_map: str | dict | None = None,
+    int4_decode: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model and tokenizer from ``"default"`` or a local folder (nothing is fetched from a hub)."""
+    """Load model and tokenizer from ``"default"`` or a local folder (nothing is fetched from a hub). With
+    ``int4_decode``, a bf16 model on CPU whose weights lie on a 4-bit grid (the default model's) reads them packed in
+    decode steps (:mod:`adaskip_rag.int4`)."""
     path = default_model_path() if str(name_or_path) == "default" else Path(name_or_path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a model folder (no config.json); pass 'default' or a local model folder")
@@ -214,6 +218,8 @@ def load(
         model.to(device)  # type: ignore[arg-type]  # transformers' to() is typed for its own wrapper
     model.eval()
     check_layers(model)
+    if int4_decode and device_map is None:
+        int4.pack(model, path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if str(name_or_path) == "default":
         tokenizer.chat_template = SMOLLM2_TOOLS  # the bundled template, with tool calling added
