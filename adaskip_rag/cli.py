@@ -228,6 +228,21 @@ def _budget(text: str) -> float:
     return value
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    """Load the engine, then serve it until interrupted."""
+    import uvicorn  # the 'server' extra
+
+    from .scheduler import ServingLimits
+    from .server import create_app
+
+    limits = ServingLimits(max_batch_size=args.max_batch_size, max_tokens_in_flight=args.max_tokens_in_flight)
+    store = open_store(args.profiles) if args.profiles else None
+    engine = AdaSkipEngine.from_pretrained(args.model, store=store, serving=limits)
+    app = create_app(engine, api_key=args.api_key, max_waiting=args.max_waiting)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="adaskip-rag", description=__doc__)
     parser.add_argument("--model", default="default", help="'default' or a local model folder")
@@ -263,6 +278,14 @@ def _parser() -> argparse.ArgumentParser:
     reset = actions.add_parser("reset", help="delete one collection's profile (or --all)")
     reset.add_argument("collection", nargs="?")
     reset.add_argument("--all", action="store_true")
+    serve = sub.add_parser("serve", help="serve --model over OpenAI's HTTP API (needs the 'server' extra)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_count(0), default=8000)
+    serve.add_argument("--profiles", help="profile store: a SQLite file or chroma://HOST:PORT (default as profiles)")
+    serve.add_argument("--api-key", help="the key clients must send (Authorization: Bearer KEY); default: none")
+    serve.add_argument("--max-batch-size", type=_count(1), default=8, help="requests answered together")
+    serve.add_argument("--max-tokens-in-flight", type=_count(1), help="tokens the answered requests may hold")
+    serve.add_argument("--max-waiting", type=_count(0), default=32, help="requests that may wait; more get 503")
     build = actions.add_parser(
         "build-default", help=f"build the shipped cold-start profile of --model over {DEFAULT_PROFILE_CORPUS}"
     )
@@ -281,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "budget", None) is not None and args.budget == int(args.budget):
                 args.budget = int(args.budget)
             return profiles_command(args)
+        if args.command == "serve":
+            return serve_command(args)
         if args.command == "demo":
             document, questions = squad_article(DEMO_ARTICLE)
             question = questions[0]["question"]

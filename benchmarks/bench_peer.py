@@ -8,13 +8,16 @@ checks that llama.cpp's own tokenizer gives the same ids and prints the result. 
   learned     the default engine with a learned plan as served (the default policy's schedule from a profile of this
               prompt's full run; prefill only, decode steps run in full);
   llama.cpp   llama-cpp-python on the GGUF file (Q4_1 layers, Q8_0 embedding), threads = --threads.
+With --compile, also what torch.compile buys the decode step: transformers' own forward of the default model (its
+4-bit layers, a static cache) eager against compiled (inductor, default mode), decode tokens/s after the short prompt
+and the seconds the compilation took.
 Printed: prefill seconds at each length (medians of --repeats), decode tokens/s after a short prompt (64 tokens)
 and after each long prompt (32 tokens), and the ratios to llama.cpp; then the hardware bound: the bytes a decode
 step must read and the FLOPs a prefill token takes, over this CPU's measured memory bandwidth and matrix-product
 throughput.
 
     pip install -e ".[peer]"   # llama-cpp-python, built from source with native CPU flags
-    python benchmarks/bench_peer.py [--lengths 1000 2000 4000] [--repeats 3] [--threads 2]
+    python benchmarks/bench_peer.py [--lengths 1000 2000 4000] [--repeats 3] [--threads 2] [--compile]
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from bench_data import items
 from llama_cpp import Llama
+from transformers import StaticCache
 
 from adaskip_rag import AdaSkipEngine, SkipPlan, loading
 from adaskip_rag.corpora import rag_messages
@@ -75,6 +80,35 @@ def engine_decode(engine: AdaSkipEngine, ids: list[int], tokens: int) -> float:
     return engine.generate(ids, SkipPlan(), max_new_tokens=tokens + 1, ignore_eos=True).stats.decode_tokens_per_s
 
 
+@torch.inference_mode()
+def static_decode(model: torch.nn.Module, forward: Callable[..., Any], ids: list[int], tokens: int) -> float:
+    """Tokens/s of ``tokens`` greedy steps of ``forward`` (the model's, or compiled) with a static cache."""
+    cache = StaticCache(config=model.config, max_cache_len=len(ids) + tokens + 1)
+    out = model(torch.tensor([ids]), past_key_values=cache, cache_position=torch.arange(len(ids)))
+    token, start = out.logits[:, -1:].argmax(-1), time.perf_counter()
+    for step in range(tokens):
+        out = forward(input_ids=token, past_key_values=cache, cache_position=torch.tensor([len(ids) + step]))
+        token = out.logits[:, -1:].argmax(-1)
+    return tokens / (time.perf_counter() - start)
+
+
+def compiled_decode(model: torch.nn.Module, ids: list[int], repeats: int) -> None:
+    """Print transformers' forward of ``model`` eager against torch.compile'd: decode tokens/s and compile seconds."""
+    start = time.perf_counter()
+    compiled = torch.compile(model.forward)
+    static_decode(model, compiled, ids, 2)  # compiles the prefill-free decode step's graph
+    seconds = time.perf_counter() - start
+    rates: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(repeats):
+        rates["eager"].append(static_decode(model, model.forward, ids, 64))
+        rates["compiled"].append(static_decode(model, compiled, ids, 64))
+    eager, fast = (statistics.median(r) for r in rates.values())
+    print(
+        f"\ntransformers' forward, static cache, short prompt, 64 tokens: eager {eager:.1f} tokens/s, "
+        f"torch.compile {fast:.1f} tokens/s ({fast / eager:.2f}x), compiled in {seconds:.0f} s"
+    )
+
+
 def hardware(threads: int) -> tuple[float, float]:
     """This CPU's measured memory bandwidth (bytes/s, reading 512 MB) and bf16 and fp32 matrix-product FLOP/s
     (the better of the two), with ``threads`` threads."""
@@ -98,6 +132,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000, 4000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engines = {
@@ -149,6 +184,8 @@ def main() -> None:
             print(f"{name:>6} | {len(ids):>6} | {mode:>9} | {p:>9.3f} | {ref_prefill / p:>10.2f}x | {rate}")
         sys.stdout.flush()
 
+    if args.compile:
+        compiled_decode(default.model, prompts["short"], args.repeats)
     bandwidth, flops = hardware(args.threads)
     config = default.config
     params = sum(p.numel() for p in default.model.model.layers.parameters())
