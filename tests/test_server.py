@@ -203,7 +203,9 @@ def test_completions_models_health_and_metrics(client, server):
     assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
     assert [m.id for m in client.models.list()] == [MODEL]
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{server.url}/no/such/route/{'x' * 50}").status_code == 404
     metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'route="other",status="404"' in metrics and "xxxxx" not in metrics  # unknown paths share one label
     for name in (
         'adaskip_requests_total{route="/v1/completions",status="200"}',
         "adaskip_prompt_tokens_total",

@@ -113,7 +113,8 @@ def create_app(engine: AdaSkipEngine, *, api_key: str | None = None, max_waiting
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Response:
         response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        route = request.scope.get("route")  # a known route's path: the label's values stay few whatever is asked
+        metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
         return response
 
     def authorized(authorization: str | None = Header(None)) -> None:
@@ -126,7 +127,7 @@ def create_app(engine: AdaSkipEngine, *, api_key: str | None = None, max_waiting
                 404, f"model {model!r} not found; this server serves {engine.name!r}", code="model_not_found"
             )
 
-    async def open_stream(prompt: Any, body: ChatRequest | CompletionRequest, args: dict[str, Any]) -> AsyncTextStream:
+    async def open_stream(prompt: Any, args: dict[str, Any]) -> AsyncTextStream:
         """The request's stream, once the engine has checked it (a ValueError: 400) and the server has room."""
         nonlocal active
         if active >= limit:
@@ -159,7 +160,7 @@ def create_app(engine: AdaSkipEngine, *, api_key: str | None = None, max_waiting
             args = body.engine_arguments(engine.context_window)
         except ValueError as error:
             raise bad_request(error) from None
-        stream = await open_stream(prompt, body, args)
+        stream = await open_stream(prompt, args)
         rid = completion_id("chatcmpl" if kind == "chat" else "cmpl")
         if body.stream:
             usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
