@@ -21,6 +21,7 @@ from .engine import AdaSkipEngine
 from .learning import PROFILES
 from .policies import AdaSkipPolicy, budget_count, top_k_plan
 from .profiles import KINDS, Profile
+from .qa import DEMO_COLLECTION, Library
 from .skipping import Sublayer
 from .stores import ProfileStore, SQLiteProfileStore, open_store
 
@@ -237,8 +238,23 @@ def serve_command(args: argparse.Namespace) -> int:
 
     limits = ServingLimits(max_batch_size=args.max_batch_size, max_tokens_in_flight=args.max_tokens_in_flight)
     store = open_store(args.profiles) if args.profiles else None
+    library = None
+    if args.chroma_path or args.chroma_host:
+        import chromadb  # the 'chroma' extra
+
+        client = (
+            chromadb.HttpClient(host=args.chroma_host, port=args.chroma_port)
+            if args.chroma_host
+            else chromadb.PersistentClient(path=str(args.chroma_path))
+        )
+        library = Library(client)
+        if args.demo and library.add_demo():
+            print(f"added the collection {DEMO_COLLECTION!r}", file=sys.stderr)
+    elif args.demo:
+        raise ValueError("--demo needs --chroma-path or --chroma-host")
     engine = AdaSkipEngine.from_pretrained(args.model, store=store, serving=limits)
-    app = create_app(engine, api_key=args.api_key, max_waiting=args.max_waiting)
+    app = create_app(engine, api_key=args.api_key, max_waiting=args.max_waiting, library=library)
+    print(f"serving {engine.name} on http://{args.host}:{args.port} (the page at /)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -286,6 +302,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=_count(1), default=8, help="requests answered together")
     serve.add_argument("--max-tokens-in-flight", type=_count(1), help="tokens the answered requests may hold")
     serve.add_argument("--max-waiting", type=_count(0), default=32, help="requests that may wait; more get 503")
+    chroma = serve.add_mutually_exclusive_group()
+    chroma.add_argument("--chroma-path", type=Path, help="a Chroma folder the page at / asks questions of")
+    chroma.add_argument("--chroma-host", help="a Chroma server the page at / asks questions of")
+    serve.add_argument("--chroma-port", type=_count(1), default=8000)
+    serve.add_argument("--demo", action="store_true", help=f"add the collection {DEMO_COLLECTION!r} if absent")
     build = actions.add_parser(
         "build-default", help=f"build the shipped cold-start profile of --model over {DEFAULT_PROFILE_CORPUS}"
     )

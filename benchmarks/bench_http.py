@@ -3,13 +3,14 @@
 default model, full model on both sides (``skip=False``: the server's overhead alone), greedy answers of up to
 --max-tokens tokens to SQuAD v2 questions with their passage among other paragraphs (about --tokens tokens).
 
-Per N and side, over --rounds rounds, the sides alternating (one idle while the other runs): throughput (tokens
-generated / the round's seconds), and p50 / p95 over the requests of time to first token (submit to first text)
-and time per output token (first to last text, per token after the first). Printed: the medians, and the server's
-throughput over in-process's and its added TTFT (medians of the per-round ratios and differences).
+Per N and side, over --rounds rounds, the sides alternating (one idle while the other runs, --pause seconds
+between): throughput (tokens generated / the round's seconds), and p50 / p95 over the requests of time to first
+token (submit to first text) and time per output token (first to last text, per token after the first). Printed:
+the medians, and the server's throughput over in-process's and its added TTFT (medians of the per-round ratios and
+differences).
 Targets: the server keeps >= 95 % of in-process throughput at N = 4 and adds < 20 ms to TTFT.
 
-    python benchmarks/bench_http.py [--concurrency 1 4 8] [--rounds 3] [--tokens 1000] [--threads 2]
+    python benchmarks/bench_http.py [--concurrency 1 4 8] [--rounds 3] [--tokens 1000] [--threads 2] [--pause 1]
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pause", type=float, default=1.0, help="seconds between the sides' rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = AdaSkipEngine.from_pretrained("default")
@@ -115,8 +117,9 @@ def main() -> None:
         for n in args.concurrency:
             rounds: dict[str, list[dict]] = {"in-process": [], "HTTP": []}
             for _ in range(args.rounds):
-                rounds["in-process"].append(round_of(in_process, prompts[:n]))
-                rounds["HTTP"].append(round_of(over_http, prompts[:n]))
+                for side, ask in (("in-process", in_process), ("HTTP", over_http)):
+                    time.sleep(args.pause)  # the other side's idle threads stop spinning before this side runs
+                    rounds[side].append(round_of(ask, prompts[:n]))
             rates = {s: [sum(r[2] for r in x["results"]) / x["seconds"] for x in rs] for s, rs in rounds.items()}
             ttft50 = {s: [percentile([r[0] for r in x["results"]], 0.5) for x in rs] for s, rs in rounds.items()}
             ratio = statistics.median(h / p for h, p in zip(rates["HTTP"], rates["in-process"]))

@@ -9,9 +9,7 @@ wait than the server holds. A client that leaves a stream cancels its request be
 
 from __future__ import annotations
 
-import asyncio
 import json
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -23,12 +21,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..adapters import DEFAULT_COLLECTION, usage
 from ..engine import AdaSkipEngine
+from ..qa import Library
 from ..streams import AsyncTextStream
+from .admission import Admission, APIError, bad_request
 from .metrics import Metrics
 from .openai import (
     ChatRequest,
     CompletionRequest,
-    Unsupported,
     chat_response,
     chunk,
     completion_id,
@@ -36,66 +35,19 @@ from .openai import (
     finish_reason,
     tool_calls,
 )
+from .page import add_page
 
 STATS_HEADER = "X-AdaSkip-Stats"
-# the engine's argument names in its error messages, as the request fields that set them
-_FIELDS = {
-    "max_new_tokens": "max_tokens",
-    "json_schema": "response_format",
-    "schema": "response_format",
-    "messages": "messages",
-    "prompt": "messages",
-    "tools": "tools",
-    "tool_choice": "tool_choice",
-    "parallel_tool_calls": "parallel_tool_calls",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "seed": "seed",
-    "stop": "stop",
-    "collection": "collection",
-    "budget": "adaskip.budget",
-    "quality_target": "adaskip.quality_target",
-    "skip": "adaskip.skip",
-}
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.kind, self.param, self.code, self.headers = status, kind, param, code, headers
-
-    def response(self) -> JSONResponse:
-        error = {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
-
-
-def bad_request(error: ValueError) -> APIError:
-    """A 400 for the engine's (or the request's) ValueError, the field it names as ``param``."""
-    if isinstance(error, Unsupported):
-        return APIError(400, str(error), param=error.param)
-    message = str(error)
-    for word in re.findall(r"[a-z_]+(?:\[\d+\])?", message):
-        if word.split("[")[0] in _FIELDS:
-            return APIError(400, message, param=word if "[" in word else _FIELDS[word])
-    return APIError(400, message)
-
-
-def create_app(engine: AdaSkipEngine, *, api_key: str | None = None, max_waiting: int = 32) -> FastAPI:
+def create_app(
+    engine: AdaSkipEngine, *, api_key: str | None = None, max_waiting: int = 32, library: Library | None = None
+) -> FastAPI:
     """The server's app over ``engine``: ``api_key`` (None: no key asked), ``max_waiting`` (requests beyond the
-    engine's batch that may wait for it; more get a 503)."""
+    engine's batch that may wait for it; more get a 503), ``library`` (Chroma collections the page at ``/`` asks
+    questions of; None: the page says how to give it some)."""
     metrics = Metrics()
-    limit = engine.scheduler.limits.max_batch_size + max_waiting
-    active = 0  # requests the server holds: answering, or waiting for the engine
+    admission = Admission(engine, engine.scheduler.limits.max_batch_size + max_waiting)
     app = FastAPI(title="adaskip-rag", summary="OpenAI-compatible server with adaptive sublayer skipping")
 
     @app.exception_handler(APIError)
@@ -127,32 +79,6 @@ def create_app(engine: AdaSkipEngine, *, api_key: str | None = None, max_waiting
                 404, f"model {model!r} not found; this server serves {engine.name!r}", code="model_not_found"
             )
 
-    async def open_stream(prompt: Any, args: dict[str, Any]) -> AsyncTextStream:
-        """The request's stream, once the engine has checked it (a ValueError: 400) and the server has room."""
-        nonlocal active
-        if active >= limit:
-            raise APIError(
-                503, f"the server holds {active} requests; retry shortly", "server_error", code="overloaded",
-                headers={"Retry-After": "1"},
-            )  # fmt: skip
-        if args.get("skip", True):
-            args.setdefault("collection", DEFAULT_COLLECTION)
-        active += 1
-        try:
-            stream = await asyncio.to_thread(engine.stream, prompt, **args)
-        except ValueError as error:
-            active -= 1
-            raise bad_request(error) from None
-        except BaseException:
-            active -= 1
-            raise
-        return AsyncTextStream(stream)
-
-    def release(stream: AsyncTextStream) -> None:
-        nonlocal active
-        stream.cancel()  # a no-op once the answer is done; else the engine stops before its next step
-        active -= 1
-
     async def serve(kind: Literal["chat", "completion"], body: ChatRequest | CompletionRequest, prompt: Any) -> Any:
         check_model(body.model)
         try:
@@ -160,7 +86,9 @@ def create_app(engine: AdaSkipEngine, *, api_key: str | None = None, max_waiting
             args = body.engine_arguments(engine.context_window)
         except ValueError as error:
             raise bad_request(error) from None
-        stream = await open_stream(prompt, args)
+        if args.get("skip", True):
+            args.setdefault("collection", DEFAULT_COLLECTION)
+        stream = await admission.open(prompt, args)
         rid = completion_id("chatcmpl" if kind == "chat" else "cmpl")
         if body.stream:
             usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
@@ -171,7 +99,7 @@ def create_app(engine: AdaSkipEngine, *, api_key: str | None = None, max_waiting
         except ValueError as error:
             raise bad_request(error) from None
         finally:
-            release(stream)
+            admission.release(stream)
         result = stream.finished
         metrics.served(result.stats)
         respond = chat_response if kind == "chat" else completion_response
@@ -203,7 +131,9 @@ def create_app(engine: AdaSkipEngine, *, api_key: str | None = None, max_waiting
             failed = bad_request(error)
             yield _event({"error": {"message": str(failed), "type": failed.kind, "param": failed.param, "code": None}})
         finally:
-            release(stream)
+            admission.release(stream)
+
+    add_page(app, engine, library, admission, metrics)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
