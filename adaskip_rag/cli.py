@@ -295,6 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     reset.add_argument("collection", nargs="?")
     reset.add_argument("--all", action="store_true")
     serve = sub.add_parser("serve", help="serve --model over OpenAI's HTTP API (needs the 'server' extra)")
+    serve.add_argument("--model", default=argparse.SUPPRESS, help="'default' or a local model folder")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_count(0), default=8000)
     serve.add_argument("--profiles", help="profile store: a SQLite file or chroma://HOST:PORT (default as profiles)")

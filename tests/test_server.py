@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -195,6 +197,16 @@ def test_clients_parse_structured_output_of_the_default_model(default_server):
     person = llm.with_structured_output(Person, method="json_schema").invoke(ask, temperature=0, max_tokens=64)
     assert isinstance(person, Person)
 
+    from llama_index.core.prompts import PromptTemplate
+    from llama_index.llms.openai_like import OpenAILike
+
+    index_llm = OpenAILike(
+        model="SmolLM2-135M-Instruct", api_base=f"{default_server.url}/v1", api_key="unused", is_chat_model=True,
+        is_function_calling_model=True, temperature=0, max_tokens=64,
+    )  # fmt: skip
+    prompt = PromptTemplate("Invent a person with a name and an age. Answer in JSON.")
+    assert isinstance(index_llm.structured_predict(Person, prompt), Person)
+
 
 def test_completions_models_health_and_metrics(client, server):
     done = client.completions.create(model=MODEL, prompt="The fox", max_tokens=6, temperature=0)
@@ -260,6 +272,21 @@ def test_malformed_json_unknown_model_and_unknown_fields(server):
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 2, "user": "u1", "store": False, "metadata": {}}
     assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
+def test_bodies_over_the_limit_are_refused_whether_declared_or_streamed(engine):
+    served = Served(create_app(engine, max_body_bytes=4096))
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}], "max_tokens": 2}
+        declared = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=10)
+        assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large"
+        chunks = (b"x" * 1024 for _ in range(1000))  # a megabyte with no declared length
+        streamed = httpx.post(f"{served.url}/v1/chat/completions", content=chunks, timeout=10)
+        assert streamed.status_code == 413 and streamed.json()["error"]["message"] == "request body over 4096 bytes"
+        assert httpx.get(f"{served.url}/v1/nothing").json()["error"]["type"] == "invalid_request_error"  # a 404
+        assert chat(openai.OpenAI(base_url=f"{served.url}/v1", api_key="-"), max_tokens=2).usage.completion_tokens == 2
+    finally:
+        served.stop()
 
 
 def test_the_api_key_is_required_when_set(engine):
@@ -340,6 +367,7 @@ def test_langchain_chat_openai_against_the_server(server):
 
 def test_llamaindex_openai_like_against_the_server(server):
     from llama_index.core.llms import ChatMessage
+    from llama_index.core.tools import FunctionTool
     from llama_index.llms.openai_like import OpenAILike
 
     llm = OpenAILike(
@@ -349,3 +377,41 @@ def test_llamaindex_openai_like_against_the_server(server):
     answer = llm.chat([ChatMessage(role="user", content="What jumps?")])
     assert answer.message.content and answer.raw.model_extra["adaskip"]["mode"] is None  # skip=False reached it
     assert "".join(r.delta for r in llm.stream_complete("What jumps?")) == llm.complete("What jumps?").text
+
+    def get_weather(city: str, days: int) -> str:
+        """Weather of a city."""
+        return "sunny"
+
+    tools = OpenAILike(
+        model=MODEL, api_base=f"{server.url}/v1", api_key="unused", is_chat_model=True, is_function_calling_model=True,
+        max_tokens=64, temperature=0,
+    )  # fmt: skip
+    response = tools.chat_with_tools([FunctionTool.from_defaults(get_weather)], "Weather in Rome?", tool_required=True)
+    (call,) = tools.get_tool_calls_from_response(response)
+    assert call.tool_name == "get_weather" and set(call.tool_kwargs) == {"city", "days"}
+
+
+def test_the_serve_command_serves_a_model_folder(tokenizer, tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["serve", "--model", str(tmp_path / "model"), "--port", str(port), "--profiles", str(tmp_path / "p.sqlite")]
+    server = subprocess.Popen([sys.executable, "-m", "adaskip_rag.cli", *argv, "--api-key", "k"])
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["model"]
+        answer = client.chat.completions.create(model="model", messages=QUESTION, max_tokens=3)
+        assert answer.usage.completion_tokens == 3
+    finally:
+        server.terminate()
+        server.wait(30)

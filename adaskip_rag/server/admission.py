@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from ..engine import AdaSkipEngine
 from ..streams import AsyncTextStream
@@ -91,3 +92,32 @@ class Admission:
     def release(self, stream: AsyncTextStream) -> None:
         stream.cancel()  # a no-op once the answer is done; else the engine stops before its next step
         self.active -= 1
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is a 413, counted as it arrives (a declared length and
+    a chunked body alike), so no client makes the server read without end."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self.refusal().response()(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, str(self.refusal()))  # the route's error handler answers it
+            return message
+
+        await self.app(scope, counted, send)
+
+    def refusal(self) -> APIError:
+        return APIError(413, f"request body over {self.limit} bytes", code="request_too_large")

@@ -17,13 +17,14 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..adapters import DEFAULT_COLLECTION, usage
 from ..engine import AdaSkipEngine
 from ..qa import Library
 from ..streams import AsyncTextStream
-from .admission import Admission, APIError, bad_request
+from .admission import Admission, APIError, BodyLimit, bad_request
 from .metrics import Metrics
 from .openai import (
     ChatRequest,
@@ -41,18 +42,29 @@ STATS_HEADER = "X-AdaSkip-Stats"
 
 
 def create_app(
-    engine: AdaSkipEngine, *, api_key: str | None = None, max_waiting: int = 32, library: Library | None = None
+    engine: AdaSkipEngine,
+    *,
+    api_key: str | None = None,
+    max_waiting: int = 32,
+    library: Library | None = None,
+    max_body_bytes: int = 16 * 2**20,
 ) -> FastAPI:
     """The server's app over ``engine``: ``api_key`` (None: no key asked), ``max_waiting`` (requests beyond the
     engine's batch that may wait for it; more get a 503), ``library`` (Chroma collections the page at ``/`` asks
-    questions of; None: the page says how to give it some)."""
+    questions of; None: the page says how to give it some), ``max_body_bytes`` (a larger request body is a 413)."""
     metrics = Metrics()
     admission = Admission(engine, engine.scheduler.limits.max_batch_size + max_waiting)
     app = FastAPI(title="adaskip-rag", summary="OpenAI-compatible server with adaptive sublayer skipping")
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
         return error.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        return APIError(error.status_code, str(error.detail), kind, headers=error.headers).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
