@@ -64,7 +64,7 @@ def create_app(
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-        return APIError(error.status_code, str(error.detail), kind, headers=error.headers).response()
+        return APIError(error.status_code, str(error.detail), kind, headers=dict(error.headers or {})).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
