@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 from conftest import tiny_model
 from pydantic import BaseModel
+from test_constrained import WEATHER
 
 from adaskip_rag import AdaSkipEngine
 from adaskip_rag.chat_templates import SMOLLM2_TOOLS
@@ -33,19 +34,6 @@ MODEL = "tiny-server"
 QUESTION = [{"role": "user", "content": "Retrieved context: the fox jumps. Question: what jumps?"}]
 # longer than the protected tail (64 tokens), so a learned plan has tokens to skip
 LONG = [{"role": "user", "content": "Retrieved context: " + "the quick brown fox jumps over the lazy dog. " * 36}]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather of a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1}},
-            "required": ["city", "days"],
-            "additionalProperties": False,
-        },
-    },
-}
 
 
 class City(BaseModel):
