@@ -3,7 +3,10 @@ profiles shared through a `chroma run` server started here; real clients against
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -173,3 +176,33 @@ def test_a_serve_config_builds_the_application():
     assert isinstance(ray_app.build(app["args"]), serve.Application)
     with pytest.raises(ValueError, match=r"unknown adaskip-rag Ray options \['replica'\]"):
         ray_app.build({"replica": 2})
+
+
+def test_the_serve_command_starts_replicas_on_a_local_ray_instance(tokenizer, tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "cli-ray")
+    tokenizer.save_pretrained(tmp_path / "cli-ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["--threads", "1", "serve", "--ray", "--replicas", "2", "--model", str(tmp_path / "cli-ray")]
+    argv += ["--port", str(port), "--profiles", str(tmp_path / "p.sqlite")]
+    server = subprocess.Popen([sys.executable, "-m", "adaskip_rag.cli", *argv])
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                replicas = {
+                    client.chat.completions.create(model="cli-ray", messages=QUESTION, max_tokens=2).model_extra[
+                        "adaskip"
+                    ]["replica"]
+                    for _ in range(16)  # both replicas hit, unless routing picked one 16 times (2 in 10^5)
+                }
+                break
+            except (openai.APIConnectionError, openai.NotFoundError, openai.InternalServerError):
+                assert time.monotonic() < deadline and server.poll() is None, "the Ray server did not start"
+                time.sleep(1)
+        assert len(replicas) == 2
+    finally:
+        server.send_signal(signal.SIGINT)  # serve.run's loop stops and the local Ray instance with it
+        server.wait(60)
