@@ -96,6 +96,21 @@ def test_both_replicas_learn_into_the_one_store_exactly(cluster):
     assert profiles == counts  # every answered request counted once, whichever replica answered it
 
 
+def test_a_collection_named_in_the_header_stays_on_one_replica(cluster):
+    url, model, _ = cluster
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+    def replica(collection: str) -> str:
+        answer = client.chat.completions.create(
+            model=model, messages=QUESTION, max_tokens=2, extra_body={"collection": collection},
+            extra_headers={"serve_multiplexed_model_id": collection},
+        )  # fmt: skip
+        return answer.model_extra["adaskip"]["replica"]
+
+    for collection in ("ray-route-a", "ray-route-b", "ray-route-c"):
+        assert len({replica(collection) for _ in range(8)}) == 1  # unrouted, 8 requests would reach both
+
+
 def test_a_killed_replica_fails_cleanly_is_restarted_and_loses_no_update(cluster):
     url, model, chroma = cluster
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -1,7 +1,9 @@
 """adaskip-rag on Ray Serve (the 'ray' extra): replicas of the server's app (one engine each, with its batched
 scheduler) behind one Serve HTTP endpoint, the same OpenAI routes, health and metrics per replica, and every
 answer's ``adaskip`` object naming the replica that served it. Replicas share what they learn through a profile
-store they all reach (``chroma://HOST:PORT``).
+store they all reach (``chroma://HOST:PORT``). A request that also names its collection in the
+``serve_multiplexed_model_id`` header goes, through Serve's model multiplexing, to a replica that served that
+collection before, where its profile is warm.
 
 Start it with ``adaskip-rag serve --ray --replicas N --profiles chroma://HOST:PORT`` (a local Ray instance), or
 ``serve run``/``serve deploy`` of a config whose ``import_path`` is ``adaskip_rag.server.ray_app:build`` (see
@@ -51,7 +53,24 @@ def _replica_app(options: RayOptions) -> Any:
     serving = ServingLimits(max_batch_size=options.max_batch_size)
     _engine = AdaSkipEngine.from_pretrained(options.model, store=store, serving=serving)
     replica = serve.get_replica_context().replica_id.unique_id
-    return create_app(_engine, api_key=options.api_key, max_waiting=options.max_waiting, replica=replica)
+    app = create_app(_engine, api_key=options.api_key, max_waiting=options.max_waiting, replica=replica)
+
+    @app.middleware("http")
+    async def keep_collection(request: Any, call_next: Any) -> Any:
+        """A request with the ``serve_multiplexed_model_id`` header (its collection) marks the collection as this
+        replica's, so Serve sends the collection's next requests here, where its profile is warm."""
+        collection = serve.get_multiplexed_model_id()
+        if collection:
+            await _hold(collection)
+        return await call_next(request)
+
+    return app
+
+
+@serve.multiplexed(max_num_models_per_replica=256)
+async def _hold(collection: str) -> str:
+    """Serve's record that this replica serves ``collection`` (its profile loads with its first request here)."""
+    return collection
 
 
 class Replica:
