@@ -149,6 +149,10 @@ def test_a_killed_replica_fails_cleanly_is_restarted_and_loses_no_update(cluster
     assert again.usage.completion_tokens == 2
 
 
+@pytest.mark.skip(
+    reason="open (issue 28): passed alone 4 times, but in a full-suite run the replicas' held-back updates never "
+    "reached the restarted Chroma server within 120 s; to be found before this counts as tested"
+)
 def test_answers_keep_flowing_while_the_chroma_server_is_down_and_profiles_catch_up(cluster):
     url, model, chroma = cluster
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
