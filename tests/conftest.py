@@ -163,14 +163,19 @@ COLLECTIONS = {
 }
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free at the time of asking."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ChromaServer:
     """``chroma run`` on a free loopback port, stopped and restarted on demand."""
 
     def __init__(self, path: Path):
         self.path = path
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:

@@ -4,7 +4,6 @@ profiles shared through a `chroma run` server started here; real clients against
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from conftest import ChromaServer, tiny_model
+from conftest import ChromaServer, free_port, tiny_model
 from test_constrained import WEATHER
 
 from adaskip_rag.chat_templates import SMOLLM2_TOOLS
@@ -36,9 +35,7 @@ def cluster(tokenizer, tmp_path_factory):
     tok.save_pretrained(folder)
     chroma = ChromaServer(tmp_path_factory.mktemp("chroma"))
     chroma.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     options = ray_app.RayOptions(model=str(folder), profiles=f"chroma://127.0.0.1:{chroma.port}", replicas=2)
@@ -202,9 +199,7 @@ def test_a_serve_config_builds_the_application():
 def test_the_serve_command_starts_replicas_on_a_local_ray_instance(tokenizer, tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "cli-ray")
     tokenizer.save_pretrained(tmp_path / "cli-ray")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     argv = ["--threads", "1", "serve", "--ray", "--replicas", "2", "--model", str(tmp_path / "cli-ray")]
     argv += ["--port", str(port), "--profiles", str(tmp_path / "p.sqlite")]
     server = subprocess.Popen([sys.executable, "-m", "adaskip_rag.cli", *argv])

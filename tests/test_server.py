@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ import jsonschema
 import openai
 import pytest
 import uvicorn
-from conftest import tiny_model
+from conftest import free_port, tiny_model
 from pydantic import BaseModel
 from test_constrained import WEATHER
 
@@ -58,9 +57,7 @@ class Served:
     """A uvicorn server of ``app`` on a free port of 127.0.0.1, in a thread."""
 
     def __init__(self, app) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -382,9 +379,7 @@ def test_llamaindex_openai_like_against_the_server(server):
 def test_the_serve_command_serves_a_model_folder(tokenizer, tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     argv = ["serve", "--model", str(tmp_path / "model"), "--port", str(port), "--profiles", str(tmp_path / "p.sqlite")]
     server = subprocess.Popen([sys.executable, "-m", "adaskip_rag.cli", *argv, "--api-key", "k"])
     try:
