@@ -16,21 +16,19 @@ Targets: the server keeps >= 95 % of in-process throughput at N = 4 and adds < 2
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import openai
 import torch
 from bench_data import items
 
 from adaskip_rag import AdaSkipEngine
 from adaskip_rag.corpora import rag_messages
+from adaskip_rag.server.process import ServerProcess
 
 
 def timed(deltas: Iterator[str], start: float) -> tuple[float, float, int]:
@@ -55,24 +53,6 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
 
 
-def start_server(threads: int, batch: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "adaskip_rag.cli", "--threads", str(threads), "serve", "--port", str(port)]
-    server = subprocess.Popen([*command, "--max-batch-size", str(batch)])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return server, url
-        except httpx.TransportError:
-            time.sleep(0.5)
-    server.kill()
-    raise SystemExit("the server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
@@ -84,8 +64,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = AdaSkipEngine.from_pretrained("default")
-    server, url = start_server(args.threads, max(args.concurrency))
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    server = ServerProcess(["--max-batch-size", str(max(args.concurrency))], cli_args=["--threads", str(args.threads)])
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
     questions = items("squad", args.tokens, max(args.concurrency), engine.tokenizer)
     prompts = [rag_messages(q.document, q.question) for q in questions]
 
@@ -135,8 +115,7 @@ def main() -> None:
                 )
             sys.stdout.flush()
     finally:
-        server.terminate()
-        server.wait(30)
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ Configurations, each at budgets 4, 8, 12, 16 and 24 sublayers (cumulative: each 
 (AdaSkipPolicy()'s defaults are +sink.) "served (default policy)" is a collection served as users get it: an engine
 with the default policy warms up on the calibration questions through ``collection=``, then answers the evaluation
 questions with the plan it learned (refreshes off); --served adds engines with other policies over the same profile
-(budget 12, cost-aware ranking). --probe-check also compares the skip set learned probing every 4th skip request
+(budgets 10 and 12, cost-aware ranking). --probe-check also compares the skip set learned probing every 4th skip request
 (the default) with the one probing every request (two engines, each with its own store).
 and the baselines Early Exit, SkipDecode and Unified Skipping at 4 and 8 layers (8 and 16 sublayers;
 --baseline-layers), the guarded budget (default configuration) and the full model. Per mode:
@@ -80,6 +80,7 @@ QUICK_SETTINGS = ("hotpotqa 2k",)
 GUARD_TARGET = 0.95
 SERVED: dict[str, dict] = {  # a collection served through ``collection=``, with these changes to the default policy
     "served (default policy)": {},
+    "served budget 10": {"budget": 10},
     "served budget 12": {"budget": 12},
     "served cost-aware": {"cost_aware": True},
     "served cost-aware 12": {"cost_aware": True, "budget": 12},

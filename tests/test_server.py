@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +25,7 @@ from adaskip_rag.chat_templates import SMOLLM2_TOOLS
 from adaskip_rag.policies import AdaSkipPolicy
 from adaskip_rag.scheduler import ServingLimits
 from adaskip_rag.server import create_app
+from adaskip_rag.server.process import ServerProcess
 from adaskip_rag.stores import SQLiteProfileStore
 
 MODEL = "tiny-server"
@@ -379,22 +378,9 @@ def test_llamaindex_openai_like_against_the_server(server):
 def test_the_serve_command_serves_a_model_folder(tokenizer, tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    port = free_port()
-    argv = ["serve", "--model", str(tmp_path / "model"), "--port", str(port), "--profiles", str(tmp_path / "p.sqlite")]
-    server = subprocess.Popen([sys.executable, "-m", "adaskip_rag.cli", *argv, "--api-key", "k"])
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+    argv = ["--model", str(tmp_path / "model"), "--profiles", str(tmp_path / "p.sqlite"), "--api-key", "k"]
+    with ServerProcess(argv, timeout=120) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0)
         assert [m.id for m in client.models.list()] == ["model"]
         answer = client.chat.completions.create(model="model", messages=QUESTION, max_tokens=3)
         assert answer.usage.completion_tokens == 3
-    finally:
-        server.terminate()
-        server.wait(30)

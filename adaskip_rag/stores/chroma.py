@@ -5,7 +5,7 @@ the model's global profile, and writes only its own records; a read merges every
 collection and of the global profile. Sums add, so merging is exact and no update can be lost to a concurrent
 writer. Reads are cached for ``cache_seconds``, so a request does not wait on the network. When the server cannot
 be reached, requests go on with the last profiles read (or none, so no skipping), one warning is logged, and the
-unsent totals are written once it is back.
+unsent totals are written once it is back, by a background retry when no request comes.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class ChromaProfileStore(ProfileStore):
         self._seeded_keys: set[tuple[str, str]] = set()  # keys whose records were read
         self._link = _Link(f"{host}:{port}", retry_seconds)
         self._lock = threading.RLock()
+        self._retrying: threading.Thread | None = None  # writes held-back totals once the server is back
 
     @property
     def retry_seconds(self) -> float:  # kept by the link, which uses it
@@ -177,26 +178,50 @@ class ChromaProfileStore(ProfileStore):
             return sum(c != GLOBAL for c in found)
 
     def flush(self) -> bool:
-        """Write this replica's unsent totals; False (and the totals kept) if the server is unreachable."""
+        """Write this replica's unsent totals; False (and the totals kept) if the server is unreachable. Totals
+        left unsent are tried again in the background every ``retry_seconds`` (at least 0.1 s) until they are
+        written, so they reach the server without waiting for this replica's next request."""
         with self._lock:
-            if not self._pending:
-                return True
-            if self._link.waiting():
-                return False
-            for key in [k for k in self._pending if not self._seeded(k)]:
-                self._read(*key)  # first continue this replica's earlier record, never overwrite it
-            keys = [k for k in self._pending if self._seeded(k)]
-            if not keys:
-                return not self._pending
             try:
-                self._records.put(self.replica, [self._own[k] for k in keys])
-            except _UNREACHABLE as exc:
-                self._link.failed(exc)
-                return False
-            self._link.succeeded()
-            for k in keys:
-                self._pending.pop(k, None)
+                return self._write_pending()
+            finally:
+                if self._pending and (self._retrying is None or not self._retrying.is_alive()):
+                    self._retrying = threading.Thread(target=self._retry, name="adaskip-profile-retry", daemon=True)
+                    self._retrying.start()
+
+    def _retry(self) -> None:
+        """Flush until nothing is pending; a fault other than an unreachable server is logged and tried again."""
+        while True:
+            time.sleep(max(self.retry_seconds, 0.1))
+            with self._lock:
+                try:
+                    self._write_pending()
+                except Exception as exc:
+                    log.debug("profile server %s: writing held-back totals failed: %r", self._link.where, exc)
+                if not self._pending:
+                    self._retrying = None
+                    return
+
+    def _write_pending(self) -> bool:
+        """:meth:`flush` without the retry; the caller holds the lock."""
+        if not self._pending:
             return True
+        if self._link.waiting():
+            return False
+        for key in [k for k in self._pending if not self._seeded(k)]:
+            self._read(*key)  # first continue this replica's earlier record, never overwrite it
+        keys = [k for k in self._pending if self._seeded(k)]
+        if not keys:
+            return not self._pending
+        try:
+            self._records.put(self.replica, [self._own[k] for k in keys])
+        except _UNREACHABLE as exc:
+            self._link.failed(exc)
+            return False
+        self._link.succeeded()
+        for k in keys:
+            self._pending.pop(k, None)
+        return True
 
     # ------------------------------------------------------------------ internals
 
