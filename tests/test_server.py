@@ -384,3 +384,10 @@ def test_the_serve_command_serves_a_model_folder(tokenizer, tmp_path):
         assert [m.id for m in client.models.list()] == ["model"]
         answer = client.chat.completions.create(model="model", messages=QUESTION, max_tokens=3)
         assert answer.usage.completion_tokens == 3
+
+
+def test_a_server_process_that_exits_is_reported_at_once():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="adaskip-rag serve exited with status 2"):
+        ServerProcess(["--max-batch-size", "many"], timeout=120)  # argparse refuses it
+    assert time.monotonic() - start < 60  # not the timeout
