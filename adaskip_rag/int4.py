@@ -66,6 +66,12 @@ class Int4Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+def decode_rows(model: nn.Module) -> int | None:
+    """The most tokens a forward step may hold and still read ``model``'s packed weights, as its decode steps do:
+    :data:`MAX_ROWS` where it has :class:`Int4Linear` layers, else None (any number)."""
+    return MAX_ROWS if any(isinstance(m, Int4Linear) for m in model.modules()) else None
+
+
 def grid_planes(weight: torch.Tensor) -> list[Grid] | None:
     """The 4-bit planes whose sum is ``weight`` (fp32, out x in) to fp32 rounding: one where it lies on a Q4_1 grid,
     two on a Q8_0 grid; None on neither."""

@@ -1,6 +1,6 @@
 """The runtime a request's phases run on (``request.py``, ``generation.py``): the model's forward pass in the
-scheduler's batched steps, the prompts, the grammars, the cost model, the context window, the EOS ids and the
-device. The engine builds one and hands it to the phases, which take nothing else from it."""
+scheduler's batched steps, the prompts, the grammars, the cost model, the context window, the EOS ids, the device
+and the teacher-forcing chunk. The engine builds one and hands it to the phases, which take nothing else from it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import loading
+from . import int4, loading
 from .constrained import Grammars, SchemaLimits
 from .costs import CostModel
 from .forward import forward_rows
@@ -44,6 +44,7 @@ class Runtime:
         self.eos_token_ids = loading.eos_token_ids(model, tokenizer)
         self.prompts = ChatPrompts(tokenizer, name, self.config.vocab_size)
         self.schema_limits = schema_limits or SchemaLimits()
+        self.forced_chunk = int4.decode_rows(model)  # teacher forcing reads the weights decode steps read
 
     @functools.cached_property
     def grammars(self) -> Grammars:

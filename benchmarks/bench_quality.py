@@ -201,7 +201,7 @@ def probe_sampling_check(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(DEFAULT_SETTINGS))
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(DEFAULT_CONFIGS))
+    parser.add_argument("--configs", nargs="*", choices=list(CONFIGS), default=list(DEFAULT_CONFIGS))
     parser.add_argument(
         "--baseline-layers",
         nargs="*",
