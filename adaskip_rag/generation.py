@@ -252,9 +252,8 @@ def teacher_forced(
     """Teacher forcing: the logits under ``plan`` at the positions that predict each token of ``answer_ids``
     (shape (len(answer_ids), vocab)), and the seconds the prompt's prefill took.
 
-    A SkipPlan is fed the answer in one chunk (in chunks of ``rt.forced_chunk`` tokens where decode steps read 4-bit
-    weights, so the logits come from the weights the answer was generated with); a PlanSchedule token by token,
-    with each step's plan.
+    A SkipPlan is fed the answer in one chunk (token by token where decode steps read 4-bit weights, so the logits
+    are computed as the answer's were); a PlanSchedule token by token, with each step's plan.
     ``messages``: the chat prompt of ``prompt_ids``, for a plan whose tail is "last_user_turn".
     """
     schedule = StaticSchedule(plan) if isinstance(plan, SkipPlan) else plan
@@ -283,7 +282,7 @@ def force(
     logits = [first]
     if isinstance(plan, SkipPlan):
         fed = list(answer_ids[:-1])
-        step = rt.forced_chunk or max(len(fed), 1)  # 4-bit decode weights: read in chunks as small as decode's
+        step = rt.forced_chunk or max(len(fed), 1)
         for a in range(0, len(fed), step):
             chunk = torch.tensor([fed[a : a + step]])
             rest, _ = rt.forward(chunk, n + a, cache, plan, "decode", logits_to_keep=0, ticket=ticket)

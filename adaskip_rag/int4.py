@@ -66,10 +66,9 @@ class Int4Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def decode_rows(model: nn.Module) -> int | None:
-    """The most tokens a forward step may hold and still read ``model``'s packed weights, as its decode steps do:
-    :data:`MAX_ROWS` where it has :class:`Int4Linear` layers, else None (any number)."""
-    return MAX_ROWS if any(isinstance(m, Int4Linear) for m in model.modules()) else None
+def packed(model: nn.Module) -> bool:
+    """Whether ``model`` has :class:`Int4Linear` layers (its decode steps read 4-bit weights)."""
+    return any(isinstance(m, Int4Linear) for m in model.modules())
 
 
 def grid_planes(weight: torch.Tensor) -> list[Grid] | None:

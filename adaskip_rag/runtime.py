@@ -44,7 +44,8 @@ class Runtime:
         self.eos_token_ids = loading.eos_token_ids(model, tokenizer)
         self.prompts = ChatPrompts(tokenizer, name, self.config.vocab_size)
         self.schema_limits = schema_limits or SchemaLimits()
-        self.forced_chunk = int4.decode_rows(model)  # teacher forcing reads the weights decode steps read
+        # teacher forcing computes as decode steps do: token by token where those read 4-bit weights
+        self.forced_chunk = 1 if int4.packed(model) else None
 
     @functools.cached_property
     def grammars(self) -> Grammars:

@@ -121,12 +121,14 @@ def test_a_bf16_model_on_the_grids_decodes_with_the_packed_weights(tmp_path, tok
     # the prefill's layers read the dense weights, its head (one row) and every decode step the packed ones
     assert rows_read == [1] * (1 + (7 * len(layers) + 1) * steps)
 
-    # teacher forcing reads the packed weights too, in chunks of at most MAX_ROWS answer tokens
+    # teacher forcing reads the packed weights too, token by token as decode steps do
     rows_read.clear()
     long = engine.generate(ids, SkipPlan(), max_new_tokens=11, min_new_tokens=11).token_ids
     rows_read.clear()
     engine.teacher_forced(ids, long, SkipPlan())
-    assert rows_read == [1] + [4] * (7 * len(layers) + 1) * 2 + [2] * (7 * len(layers) + 1)  # head, then 10 fed
+    assert rows_read == [1] + [1] * (7 * len(layers) + 1) * 10  # the prefill's head, then 10 tokens fed
+    forced = engine.teacher_forced(ids, long, SkipPlan())[0]
+    assert forced.argmax(-1).tolist() == long  # computed as the greedy answer was: it agrees with itself exactly
 
     # decode steps fed the answer token by token, against the model in float64 with the packed layers' weights
     reference = AdaSkipEngine.from_pretrained(folder, dtype=torch.float64)
