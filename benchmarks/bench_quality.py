@@ -398,7 +398,8 @@ def plot(results: dict[str, dict[str, dict[str, list[float]]]], out: Path) -> No
             if key == "kl":
                 ax.set_yscale("symlog", linthresh=0.01)
             ax.set_title(setting, fontsize=9)
-            ax.legend(fontsize=6)
+            if lines:
+                ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
