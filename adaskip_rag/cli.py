@@ -6,8 +6,10 @@ import argparse
 import dataclasses
 import json
 import math
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -263,7 +265,8 @@ def serve_command(args: argparse.Namespace) -> int:
 
 def ray_serve(args: argparse.Namespace) -> int:
     """``--replicas`` replicas of the server on Ray Serve (the Ray instance of $RAY_ADDRESS, else a local one),
-    ``--threads`` torch threads each (1 by default), until interrupted."""
+    ``--threads`` torch threads each (1 by default), until SIGINT or SIGTERM: then the application is shut down
+    (answers under way finish) and the Ray instance left."""
     if args.chroma_path or args.chroma_host or args.demo:
         raise ValueError(
             "--ray serves the OpenAI routes; the page's --chroma-path, --chroma-host and --demo are not served"
@@ -277,10 +280,24 @@ def ray_serve(args: argparse.Namespace) -> int:
         model=str(args.model), profiles=args.profiles, threads=args.threads or 1, replicas=args.replicas,
         max_batch_size=args.max_batch_size, max_waiting=args.max_waiting, api_key=args.api_key,
     )  # fmt: skip
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():  # a second one: stop waiting for Serve
+            raise KeyboardInterrupt
+        stop.set()  # not an exception: raised inside Serve's deployment, Serve could swallow it and serve on
+
     ray.init()
-    serve.start(http_options={"host": args.host, "port": args.port})
-    print(f"serving {args.replicas} replicas on http://{args.host}:{args.port}", file=sys.stderr)
-    serve.run(deployment(options), name="adaskip", route_prefix="/", blocking=True)
+    for s in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose SIGTERM handler would abort the process
+        signal.signal(s, on_signal)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(deployment(options), name="adaskip", route_prefix="/")  # returns once the replicas are up
+        print(f"serving {args.replicas} replicas on http://{args.host}:{args.port}", file=sys.stderr)
+        stop.wait()
+        serve.shutdown()  # answers under way finish first
+    finally:
+        ray.shutdown()
     return 0
 
 
