@@ -265,8 +265,8 @@ def serve_command(args: argparse.Namespace) -> int:
 
 def ray_serve(args: argparse.Namespace) -> int:
     """``--replicas`` replicas of the server on Ray Serve (the Ray instance of $RAY_ADDRESS, else a local one),
-    ``--threads`` torch threads each (1 by default), until SIGINT or SIGTERM: then the application is shut down
-    (answers under way finish) and the Ray instance left."""
+    ``--threads`` torch threads each (1 by default), until SIGINT or SIGTERM: then the application is deleted
+    (answers under way finish) and the Ray instance left (a local one stops with it)."""
     if args.chroma_path or args.chroma_host or args.demo:
         raise ValueError(
             "--ray serves the OpenAI routes; the page's --chroma-path, --chroma-host and --demo are not served"
@@ -295,7 +295,7 @@ def ray_serve(args: argparse.Namespace) -> int:
         serve.run(deployment(options), name="adaskip", route_prefix="/")  # returns once the replicas are up
         print(f"serving {args.replicas} replicas on http://{args.host}:{args.port}", file=sys.stderr)
         stop.wait()
-        serve.shutdown()  # answers under way finish first
+        serve.delete("adaskip")  # this application only (a cluster may run others); answers under way finish first
     finally:
         ray.shutdown()
     return 0
