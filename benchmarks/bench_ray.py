@@ -23,12 +23,13 @@ import openai
 import ray
 import torch
 from bench_data import items
-from bench_http import percentile, round_of, start_server, timed
+from bench_http import percentile, round_of, timed
 from ray import serve
 from transformers import AutoTokenizer
 
 from adaskip_rag import loading
 from adaskip_rag.corpora import rag_messages
+from adaskip_rag.server.process import ServerProcess
 from adaskip_rag.server.ray_app import RayOptions, deployment
 
 
@@ -43,14 +44,14 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(loading.default_model_path())
     prompts = [rag_messages(q.document, q.question) for q in items("squad", args.tokens, args.concurrency, tokenizer)]
-    plain, plain_url = start_server(args.threads, args.concurrency)
+    plain = ServerProcess(["--max-batch-size", str(args.concurrency)], cli_args=["--threads", str(args.threads)])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     clients = {
-        "serve": openai.OpenAI(base_url=f"{plain_url}/v1", api_key="-", max_retries=0, timeout=600),
+        "serve": openai.OpenAI(base_url=f"{plain.url}/v1", api_key="-", max_retries=0, timeout=600),
         "Ray": openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=600),
     }
     model = loading.model_label("default")
@@ -86,8 +87,7 @@ def main() -> None:
             f"{statistics.median(ttft['Ray']):.3f} s; Ray adds {added * 1000:.1f} ms, {added / base:.1%} of TTFT "
             "(target: under 10 %)\n"
         )
-        plain.terminate()  # the scaling rounds have the cores to themselves
-        plain.wait(30)
+        plain.stop()  # the scaling rounds have the cores to themselves
         for replicas in (1, 2):
             options = RayOptions(threads=max(1, args.threads // replicas), replicas=replicas)
             serve.delete("adaskip")  # the CPUs go to the new replicas (an update in place would wait for them)
@@ -107,8 +107,8 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-        if plain.poll() is None:
-            plain.terminate()
+        if plain.process.poll() is None:
+            plain.stop()
 
 
 if __name__ == "__main__":
