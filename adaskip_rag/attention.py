@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -42,6 +43,28 @@ def folded_attention(
         attention += weights.sum((0, 1, 2))[: len(attention)]
         out = weights.to(values.dtype) @ values
     return out.view(q.shape)
+
+
+def token_attention(
+    attn: Any,
+    normed: torch.Tensor,
+    cache: DynamicCache,
+    index: int,
+    rotary: tuple[torch.Tensor, ...],
+    window: int | None,
+) -> torch.Tensor:
+    """Attention output (1, d) of layer ``index`` for one token that follows its ``cache`` (its input norm
+    ``normed``, (1, d)), its keys and values added to the cache; ``window``: the layer's sliding window, if any. A
+    decode step's attention as :class:`RowAttention` computes it, in the shapes one token has (no transposes)."""
+    shape = (1, -1, 1, attn.head_dim)  # (1, heads, 1 token, head_dim)
+    q, k, v = attn.q_proj(normed).view(shape), attn.k_proj(normed).view(shape), attn.v_proj(normed).view(shape)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = rope(attn)(q, k, *rotary)
+    keys, values = cache.update(k, v, index)
+    if window is not None:  # the token sees the last ``window`` keys (a sliding-window cache holds no more)
+        keys, values = keys[..., -window:, :], values[..., -window:, :]
+    return attn.o_proj(folded_attention(q, keys, values, False, attn.scaling).view(1, -1))
 
 
 def rewriting_attention(
@@ -95,7 +118,12 @@ def head_attention(layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Tensor,
 
 def layer_types(model: PreTrainedModel) -> list[str]:
     """Attention type of every layer ('full_attention' or 'sliding_attention'), as the model's cache sees it."""
-    return get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))[0]
+    if model not in _LAYER_TYPES:  # reading them from the config takes about a millisecond: once per model
+        _LAYER_TYPES[model] = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))[0]
+    return _LAYER_TYPES[model]
+
+
+_LAYER_TYPES: weakref.WeakKeyDictionary[PreTrainedModel, list[str]] = weakref.WeakKeyDictionary()
 
 
 class AttendingRow(Protocol):
@@ -140,7 +168,7 @@ class RowAttention:
     def __call__(self, i: int, layer: Any, x: torch.Tensor, running: list[int]) -> torch.Tensor:
         """Attention output of layer ``i`` for the tokens ``x`` of the ``running`` rows (packed in that order),
         each row's keys and values added to its cache."""
-        if len(running) == 1 and self.rows[running[0]].appends and (len(x[0]) > 1 or not self.sdpa):
+        if len(running) == 1 and self.rows[running[0]].appends and (x.shape[1] > 1 or not self.sdpa):
             return self._module_attention(i, layer, x, running[0])
         attn = layer.self_attn
         normed = layer.input_layernorm(x)[0]
@@ -168,7 +196,7 @@ class RowAttention:
                 else:
                     out = folded_attention(qr, keys, values, mask, attn.scaling, row.attention)
             outs.append(out[0].transpose(0, 1).reshape(n, -1))
-        return attn.o_proj(torch.cat(outs))[None]
+        return attn.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))[None]
 
     def _rotary_of(self, running: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary embedding (cos, sin) of the tokens of the ``running`` rows, packed in that order."""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .attention import RowAttention, cache_keys_values, head_attention
+from .attention import RowAttention, cache_keys_values, head_attention, layer_types, token_attention
 from .compensation import apply
 from .probes import Phase, Probes, token_stats
 from .skipping import Probe, SkipPlan, Sublayer
@@ -61,6 +61,12 @@ class Row:
         self.attn, self.ffn, self.keep_kv = self.plan.skips(self.phase)
 
     @property
+    def one_token(self) -> bool:
+        """Whether the row is a single token that follows its cache and neither probes nor caches a skipped
+        sublayer's keys: the step an answer takes per token."""
+        return len(self.ids) == 1 and self.appends and self.probes is None and not self.head and not self.keep_kv
+
+    @property
     def appends(self) -> bool:
         """Whether the row's tokens follow its cache and are added to it (the common case)."""
         return self.positions is None and self.attention is None
@@ -90,6 +96,8 @@ def skip_forward(
 def forward_rows(model: PreTrainedModel, rows: Sequence[Row]) -> list[torch.Tensor]:
     """One forward step over ``rows`` (see :class:`Row`), their tokens packed as one sequence (1, tokens, d):
     every row's logits (keep, vocab)."""
+    if len(rows) == 1 and rows[0].one_token and model.config._attn_implementation == "sdpa":
+        return [_token_forward(model, rows[0])]
     base = model.model
     step = _Step(model, rows)
     hidden = base.embed_tokens(torch.cat([r.ids for r in rows]).to(step.device)[None])  # (1, tokens, d)
@@ -102,6 +110,25 @@ def forward_rows(model: PreTrainedModel, rows: Sequence[Row]) -> list[torch.Tens
     picked = torch.cat([torch.arange(k, e, device=step.device) for k, e in zip(keep, ends)])
     logits = model.lm_head(base.norm(hidden[:, picked]))[0]
     return list(logits.split([e - k for k, e in zip(keep, ends)]))
+
+
+def _token_forward(model: PreTrainedModel, row: Row) -> torch.Tensor:
+    """The logits (1, vocab) of a :attr:`Row.one_token` row: what :class:`_Step` computes for it, without its
+    bookkeeping for several rows and probes (at one token, tensor operations and Python cost as much as the matrix
+    products), in (tokens, d) shapes throughout."""
+    base = model.model
+    hidden = base.embed_tokens(row.ids.to(base.embed_tokens.weight.device))  # type: ignore[arg-type]  # (1, d)
+    rotary = base.rotary_emb(hidden, position_ids=torch.tensor([[row.position]], device=hidden.device))
+    types = layer_types(model)
+    for i, layer in enumerate(base.layers):
+        if i in row.attn:
+            hidden = apply(hidden, row.attn[i])
+        else:
+            window = model.config.sliding_window if types[i] == "sliding_attention" else None
+            normed = layer.input_layernorm(hidden)
+            hidden = hidden + token_attention(layer.self_attn, normed, row.cache, i, rotary, window)
+        hidden = apply(hidden, row.ffn[i]) if i in row.ffn else hidden + _ffn(layer, hidden)
+    return model.lm_head(base.norm(hidden))
 
 
 class _Step:

@@ -56,13 +56,14 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", scales.to(like.device, like.dtype), False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[:-1]
-        if rows.numel() > MAX_ROWS:
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a decode step's tensor ops cost as much as its
+        if len(flat) > MAX_ROWS:  # products: none is spent on shapes that are already right
             return F.linear(x, self.weight, self.bias)
-        out = matmul(x.reshape(-1, x.shape[-1]), self.packed, self.scales)
+        out = matmul(flat, self.packed, self.scales)
         if self.planes > 1:
             out = out.view(-1, self.planes, self.out_features).sum(1)
-        out = out.view(*rows, self.out_features)
+        if x.dim() != 2:
+            out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
 

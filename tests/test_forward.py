@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ARCHS, tiny_model
+from transformers.cache_utils import DynamicLayer
 
-from adaskip_rag import SkipPlan, Sublayer
+from adaskip_rag import SkipPlan, Sublayer, forward
 from adaskip_rag.cache import new_cache
 from adaskip_rag.forward import skip_forward
 
@@ -39,6 +40,35 @@ def test_empty_plan_matches_transformers_prefill_and_decode(arch, attn_impl):
         logits, _ = skip_forward(model, token, 40 + step, cache, SkipPlan(), "decode")
         torch.testing.assert_close(logits, ref.logits, atol=ATOL, rtol=0)
         ref_cache, token = ref.past_key_values, ref.logits[:, -1:].argmax(-1)
+
+
+def test_a_token_step_sees_only_the_window_whatever_its_cache_holds():
+    """A sliding-window layer's cache keeps no more than the window, so a one-token step never meets more keys; one
+    that holds every key (a full-attention layer's cache) must give the same logits all the same."""
+    model = tiny_model("mistral", dtype=torch.float64)  # window 16
+    ids = prompt(40)
+    with torch.no_grad():
+        ref = model(ids).logits
+    cache = new_cache(model)
+    cache.layers = [DynamicLayer() for _ in cache.layers]  # full-attention layers: every key kept
+    for t in range(40):
+        logits, _ = skip_forward(model, ids[:, t : t + 1], t, cache, SkipPlan(), "decode")
+        torch.testing.assert_close(logits[:, -1], ref[:, t], atol=ATOL, rtol=0)
+    assert cache.get_seq_length(0) == 40
+
+
+def test_a_decode_token_takes_the_one_token_path(monkeypatch):
+    model = tiny_model("llama")
+    cache = new_cache(model)
+    skip_forward(model, prompt(8), 0, cache, SkipPlan(), "prefill")
+
+    def no_step(*args):
+        raise AssertionError("a one-token row went through the rows' step")
+
+    monkeypatch.setattr(forward, "_Step", no_step)
+    skip_forward(model, prompt(1), 8, cache, SkipPlan(ffn={1: 0.5}), "decode")
+    with pytest.raises(AssertionError, match="rows' step"):  # a probed token measures: it needs the step
+        skip_forward(model, prompt(1), 9, cache, SkipPlan(), "decode", probe=True)
 
 
 EDGE_PLAN = SkipPlan(attn={0: 0.9, 3: 1.1, 5: 1.0}, ffn={2: 0.8, 5: 1.05})
