@@ -16,6 +16,7 @@ transformers does. Nothing request-specific is stored on the model, so one model
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,14 +160,18 @@ class _Step:
             for k in range(len(self.rows)):
                 if k not in running:
                     out[:, self.slices[k]] = self._skipped(sub, layer, k, hidden[:, self.slices[k]])
-        probed = [k for k in running if self.rows[k].probes is not None]
-        if probed:
-            self.measured.append((sub, probed, token_stats(hidden[0], out[0])))
-        for k in probed:
-            row = self.rows[k]
-            if row.probes.fit_moments:  # type: ignore[union-attr]
+        probed = [(k, probes) for k in running if (probes := self.rows[k].probes) is not None]
+        if not probed:
+            return out
+        start = time.perf_counter()
+        self.measured.append((sub, [k for k, _ in probed], token_stats(hidden[0], out[0])))
+        for k, probes in probed:
+            if probes.fit_moments:
                 s = self.slices[k]
-                row.probes.add_moments(sub, hidden[0, s], out[0, s], self.first[k])  # type: ignore[union-attr]
+                probes.add_moments(sub, hidden[0, s], out[0, s], self.first[k])
+        spent = time.perf_counter() - start
+        for _, probes in probed:
+            probes.spent([sub], spent)
         return out
 
     def add_probes(self) -> None:
@@ -174,7 +179,9 @@ class _Step:
         for k, row in enumerate(self.rows):
             ran = [(sub, stats[self.slices[k]]) for sub, rows, stats in self.measured if k in rows]
             if row.probes is not None and ran:
-                row.probes.add([sub for sub, _ in ran], torch.stack([t for _, t in ran]), self.first[k])
+                start, subs = time.perf_counter(), [sub for sub, _ in ran]
+                row.probes.add(subs, torch.stack([t for _, t in ran]), self.first[k])
+                row.probes.spent(subs, time.perf_counter() - start)
 
     def _skipped(self, sub: Sublayer, layer: Any, k: int, x: torch.Tensor) -> torch.Tensor:
         """Row ``k``'s output of a sublayer its plan skips: the compensation of its input ``x``; its protected

@@ -271,8 +271,10 @@ class Learner:
         reason = decision.budget_reason
         delta.state["skip_set"] = skip_set
         if decision.mode == "refresh" and skip_prefill_seconds:
+            # the full prefill as an unprobed one runs: its probes' measuring left out (the plan's is unprobed)
+            measuring = sum(p.seconds for p in (probes or {}).values())
             measured = {
-                "speedup": stats.prefill_seconds / skip_prefill_seconds,
+                "speedup": (stats.prefill_seconds - measuring) / skip_prefill_seconds,
                 "prompt_tokens": stats.prompt_tokens,
                 "budget": decision.scored_budget,
                 "fidelity": fidelity,

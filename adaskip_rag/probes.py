@@ -24,6 +24,12 @@ class Probes:
         # per step: its sublayers and their [sum of cosines, tokens, sum |x|^2, |y|^2, both without the sink]
         self.steps: list[tuple[list[Sublayer], torch.Tensor]] = []
         self.moments: dict[Sublayer, torch.Tensor] = {}
+        self.seconds: dict[Sublayer, float] = {}  # host time spent measuring each sublayer
+
+    def spent(self, subs: list[Sublayer], seconds: float) -> None:
+        """Add ``seconds`` of measuring, shared evenly by the sublayers ``subs``."""
+        for sub in subs:
+            self.seconds[sub] = self.seconds.get(sub, 0.0) + seconds / len(subs)
 
     @classmethod
     def of(cls, plan: SkipPlan, phase: Phase) -> Probes:
@@ -58,7 +64,9 @@ class Probes:
         for sub, (cosines, tokens, sx, sy, sx_ns, sy_ns) in totals.items():
             scale = (sy / sx) ** 0.5 if sx > 0 else 0.0
             no_sink = (sy_ns / sx_ns) ** 0.5 if sx_ns > 0 else scale
-            out[sub] = Probe(cosines / tokens, scale, no_sink, moments=sums.get(sub))
+            out[sub] = Probe(
+                cosines / tokens, scale, no_sink, moments=sums.get(sub), seconds=self.seconds.get(sub, 0.0)
+            )
         return out
 
 

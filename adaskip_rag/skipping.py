@@ -181,9 +181,12 @@ class Probe:
     activations (the attention sink) dominate the whole-tensor norm; equal to ``scale`` without other tokens.
     ``moments``: in a prefill that runs the full model, the sums that compensations are fitted from
     (``compensation.moments``; token 0 of the sequence left out), so fits come from the full model's activations.
+    ``seconds``: the host time measuring it took (its statistics and moments; on a GPU only the launches), so a
+    probed prefill can be timed as an unprobed one would have run.
     """
 
     similarity: float
     scale: float
     scale_no_sink: float
     moments: torch.Tensor | None = field(default=None, compare=False)
+    seconds: float = field(default=0.0, compare=False)

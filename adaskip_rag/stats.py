@@ -13,7 +13,8 @@ class SkipStats:
     served for a collection gets a copy with what it learned).
 
     Speedups are full-model time (or FLOPs) divided by this request's; ``measured_prefill_speedup`` is set
-    only when a full prefill at this context length was timed (refresh requests).
+    only when a full prefill at this context length was timed (refresh requests: the full prefill, less the time
+    its probes took, over the plan's unprobed prefill).
     """
 
     prompt_tokens: int

@@ -1,6 +1,7 @@
 """Exact correctness of the skip-aware forward pass against plain transformers and hand computations."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -180,6 +181,15 @@ def test_probes_equal_independent_computation():
             assert p.similarity == pytest.approx(F.cosine_similarity(x, y, dim=-1).mean().item(), abs=1e-5)
             assert p.scale == pytest.approx((y.norm() / x.norm()).item(), rel=1e-5)
             assert p.scale_no_sink == pytest.approx((y[:, 1:].norm() / x[:, 1:].norm()).item(), rel=1e-5)
+
+
+def test_probes_say_how_long_measuring_each_sublayer_took():
+    model = tiny_model("llama")
+    start = time.perf_counter()
+    _, probes = skip_forward(model, prompt(64), 0, new_cache(model), SkipPlan(ffn={2: 1.0}), "prefill", probe=True)
+    wall = time.perf_counter() - start
+    assert len(probes) == 11 and all(p.seconds > 0 for p in probes.values())
+    assert sum(p.seconds for p in probes.values()) < wall
 
 
 @pytest.mark.parametrize(

@@ -377,6 +377,18 @@ def test_quality_guard_needs_a_measured_speedup_above_one(tmp_path):
     assert "budget 4: agreement 0.950 (0.950-0.950), prefill 0.91x" in learner.decide("docs", 100).budget_reason
 
 
+def test_a_refresh_times_the_full_prefill_without_its_probes(tmp_path):
+    learner, guard = guarded(tmp_path, budget=4, guard_step=2, guard_window=1)
+    decision = learner.decide("docs", 100)
+    assert decision.mode == "refresh"
+    stats = SkipStats(100, 5, [], [], 0, 0, [], [], [], 1.0, 0.1, 0, 1.0, 1.0, "stop")
+    probes = {sub: dataclasses.replace(p, seconds=0.2 / 12) for sub, p in _all_probes().items()}  # 0.2 s in all
+    learned = learner.record(decision, stats, probes, fidelity=0.95, skip_prefill_seconds=0.75)
+    assert learned.measured_prefill_speedup == pytest.approx(0.8 / 0.75)  # 1.0 s probed, 0.8 s unprobed
+    learned = learner.record(learner.decide("docs", 100), stats, probes, fidelity=0.95, skip_prefill_seconds=0.85)
+    assert learned.budget == 4 and learner.decide("docs", 100).budget == 2  # 0.8 / 0.85 < 1: not faster
+
+
 def test_quality_guard_at_zero_scores_the_smallest_budget_and_can_rise_again(tmp_path):
     learner, guard = guarded(tmp_path, budget=7, guard_step=2, guard_window=2)  # budgets 7, 5, 3 and 1
     assert [guard.refresh(0.5) for _ in range(4)] == [5, 3, 1, 0]
