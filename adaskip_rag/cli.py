@@ -256,7 +256,9 @@ def serve_command(args: argparse.Namespace) -> int:
             print(f"added the collection {DEMO_COLLECTION!r}", file=sys.stderr)
     elif args.demo:
         raise ValueError("--demo needs --chroma-path or --chroma-host")
-    engine = AdaSkipEngine.from_pretrained(args.model, store=store, serving=limits)
+    engine = AdaSkipEngine.from_pretrained(args.model, store=store, serving=limits, compile_decode=args.compile_decode)
+    if engine.compiled_decode:
+        print(f"decode step compiled in {engine.compiled_decode.warmup_seconds:.0f} s", file=sys.stderr)
     app = create_app(engine, api_key=args.api_key, max_waiting=args.max_waiting, library=library)
     print(f"serving {engine.name} on http://{args.host}:{args.port} (the page at /)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -279,6 +281,7 @@ def ray_serve(args: argparse.Namespace) -> int:
     options = RayOptions(
         model=str(args.model), profiles=args.profiles, threads=args.threads or 1, replicas=args.replicas,
         max_batch_size=args.max_batch_size, max_waiting=args.max_waiting, api_key=args.api_key,
+        compile_decode=args.compile_decode,
     )  # fmt: skip
     stop = threading.Event()
 
@@ -345,6 +348,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=_count(1), default=8, help="requests answered together")
     serve.add_argument("--max-tokens-in-flight", type=_count(1), help="tokens the answered requests may hold")
     serve.add_argument("--max-waiting", type=_count(0), default=32, help="requests that may wait; more get 503")
+    serve.add_argument(
+        "--compile-decode", action="store_true", help="compile the decode step as the server starts (faster answers)"
+    )
     chroma = serve.add_mutually_exclusive_group()
     chroma.add_argument("--chroma-path", type=Path, help="a Chroma folder the page at / asks questions of")
     chroma.add_argument("--chroma-host", help="a Chroma server the page at / asks questions of")

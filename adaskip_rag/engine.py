@@ -50,6 +50,10 @@ class AdaSkipEngine:
     ``collection="..."`` instead of a plan, it learns what to skip for that collection (``policy`` or the
     collection's entry in ``collection_policies``) and keeps the profile in ``store``; see ``learning.py``.
     ``schema_limits`` bounds the JSON schemas of constrained decoding (see :class:`SchemaLimits`).
+    ``compile_decode``: an answer's decode steps that run every sublayer run as one compiled graph
+    (``torch.compile``; see ``compiled.py``), compiled before the engine returns: ``compiled_decode.warmup_seconds``
+    says how long that took (about 40 s for the default model on a 2-core CPU, less once inductor's on-disk cache
+    has it). Off by default.
     """
 
     def __init__(
@@ -63,14 +67,15 @@ class AdaSkipEngine:
         collection_policies: Mapping[str, AdaSkipPolicy] | None = None,
         serving: ServingLimits | None = None,
         schema_limits: SchemaLimits | None = None,
+        compile_decode: bool = False,
     ):
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-        self.runtime = Runtime(model, tokenizer, self.name, serving, schema_limits)
+        self.runtime = Runtime(model, tokenizer, self.name, serving, schema_limits, compile_decode)
         rt = self.runtime  # what the engine's users read, as attributes of their own
         self.model, self.tokenizer, self.config, self.device = rt.model, rt.tokenizer, rt.config, rt.device
         self.num_layers, self.context_window, self.costs = rt.num_layers, rt.context_window, rt.costs
         self.scheduler, self.eos_token_ids, self.prompts = rt.scheduler, rt.eos_token_ids, rt.prompts
-        self.schema_limits = rt.schema_limits
+        self.schema_limits, self.compiled_decode = rt.schema_limits, rt.compiled
         self.policy = policy or AdaSkipPolicy()
         self.collection_policies = dict(collection_policies or {})
         self._store = store
@@ -104,12 +109,14 @@ class AdaSkipEngine:
         collection_policies: Mapping[str, AdaSkipPolicy] | None = None,
         serving: ServingLimits | None = None,
         schema_limits: SchemaLimits | None = None,
+        compile_decode: bool = False,
     ) -> AdaSkipEngine:
         """Load ``"default"`` (SmolLM2-135M-Instruct, bundled) or a local model folder.
 
         ``dtype``: default bf16 on a GPU and :func:`~adaskip_rag.loading.default_cpu_dtype` on CPU (bf16 where it is
         native and measures faster, else fp32); ``device_map`` is passed to transformers (accelerate); ``int4_decode``:
-        a bf16 model on CPU with 4-bit weights (the default model) reads them packed in decode steps.
+        a bf16 model on CPU with 4-bit weights (the default model) reads them packed in decode steps;
+        ``compile_decode``: see the class.
         """
         model, tokenizer = loading.load(
             name_or_path, device=device, dtype=dtype, device_map=device_map, int4_decode=int4_decode
@@ -124,6 +131,7 @@ class AdaSkipEngine:
             collection_policies=collection_policies,
             serving=serving,
             schema_limits=schema_limits,
+            compile_decode=compile_decode,
         )
 
     @classmethod

@@ -26,6 +26,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from .attention import RowAttention, cache_keys_values, head_attention, layer_types, token_attention
 from .compensation import apply
+from .compiled import CompiledDecode
 from .probes import Phase, Probes, token_stats
 from .skipping import Probe, SkipPlan, Sublayer
 
@@ -94,11 +95,16 @@ def skip_forward(
 
 
 @torch.inference_mode()
-def forward_rows(model: PreTrainedModel, rows: Sequence[Row]) -> list[torch.Tensor]:
+def forward_rows(
+    model: PreTrainedModel, rows: Sequence[Row], compiled: CompiledDecode | None = None
+) -> list[torch.Tensor]:
     """One forward step over ``rows`` (see :class:`Row`), their tokens packed as one sequence (1, tokens, d):
-    every row's logits (keep, vocab)."""
+    every row's logits (keep, vocab). ``compiled``: the model's compiled one-token step, for the steps it serves."""
     if len(rows) == 1 and rows[0].one_token and model.config._attn_implementation == "sdpa":
-        return [_token_forward(model, rows[0])]
+        row = rows[0]
+        if compiled is not None and not row.attn and not row.ffn and compiled.serves(row.cache):
+            return [compiled(row.ids, row.position, row.cache)]
+        return [_token_forward(model, row)]
     base = model.model
     step = _Step(model, rows)
     hidden = base.embed_tokens(torch.cat([r.ids for r in rows]).to(step.device)[None])  # (1, tokens, d)

@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import int4, loading
+from .compiled import CompiledDecode
 from .constrained import Grammars, SchemaLimits
 from .costs import CostModel
 from .forward import forward_rows
@@ -22,7 +23,8 @@ from .skipping import Probe, SkipPlan, Sublayer
 
 
 class Runtime:
-    """One model and tokenizer behind a scheduler of batched steps, with what the phases of a request need."""
+    """One model and tokenizer behind a scheduler of batched steps, with what the phases of a request need;
+    ``compile_decode``: its one-token decode steps run compiled (``compiled.py``), compiled here."""
 
     def __init__(
         self,
@@ -31,6 +33,7 @@ class Runtime:
         name: str,
         serving: ServingLimits | None = None,
         schema_limits: SchemaLimits | None = None,
+        compile_decode: bool = False,
     ):
         loading.check_layers(model)
         self.model = model.eval()
@@ -40,7 +43,10 @@ class Runtime:
         self.context_window: int = model.config.max_position_embeddings
         self.costs = CostModel.from_config(model.config)
         self.device: torch.device = model.get_input_embeddings().weight.device  # type: ignore[assignment]
-        self.scheduler = Scheduler(functools.partial(forward_rows, self.model), serving or ServingLimits())
+        self.compiled = CompiledDecode(self.model) if compile_decode else None
+        self.scheduler = Scheduler(
+            functools.partial(forward_rows, self.model, compiled=self.compiled), serving or ServingLimits()
+        )
         self.eos_token_ids = loading.eos_token_ids(model, tokenizer)
         self.prompts = ChatPrompts(tokenizer, name, self.config.vocab_size)
         self.schema_limits = schema_limits or SchemaLimits()

@@ -85,3 +85,15 @@ def test_bad_import_files_exit_2_with_one_line_and_write_nothing(store_path, tmp
         assert err.count("\n") == 1 and err.startswith("error:"), err
     assert SQLiteProfileStore(other).profiles() == []
     assert main(["profiles", "--store", str(other), "import", str(tmp_path / "missing.json")]) == 2
+
+
+def test_serve_compiles_the_decode_step_before_it_serves(tokenizer, tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    tiny_model().save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    assert main(["serve", "--model", str(tmp_path / "m"), "--compile-decode"]) == 0
+    assert len(served) == 1
+    assert "decode step compiled in" in capsys.readouterr().err

@@ -31,7 +31,8 @@ class RayOptions:
     """One deployment: ``model``, ``profiles`` (a store URL every replica reaches; None: each replica's own default
     store), ``threads`` (torch threads per replica, also the CPUs Ray reserves for it), ``replicas``, or
     autoscaling between ``min_replicas`` and ``max_replicas`` at ``target_ongoing_requests`` per replica when
-    ``max_replicas`` is set; the server's ``max_batch_size``, ``max_waiting`` and ``api_key``."""
+    ``max_replicas`` is set; the server's ``max_batch_size``, ``max_waiting`` and ``api_key``; ``compile_decode``:
+    each replica compiles its decode step as it starts (see :class:`~adaskip_rag.AdaSkipEngine`)."""
 
     model: str = "default"
     profiles: str | None = None
@@ -43,6 +44,7 @@ class RayOptions:
     max_batch_size: int = 8
     max_waiting: int = 32
     api_key: str | None = None
+    compile_decode: bool = False
 
 
 def _replica_app(options: RayOptions) -> Any:
@@ -51,7 +53,9 @@ def _replica_app(options: RayOptions) -> Any:
     torch.set_num_threads(options.threads)
     store = open_store(options.profiles) if options.profiles else None
     serving = ServingLimits(max_batch_size=options.max_batch_size)
-    _engine = AdaSkipEngine.from_pretrained(options.model, store=store, serving=serving)
+    _engine = AdaSkipEngine.from_pretrained(
+        options.model, store=store, serving=serving, compile_decode=options.compile_decode
+    )
     replica = serve.get_replica_context().replica_id.unique_id
     app = create_app(_engine, api_key=options.api_key, max_waiting=options.max_waiting, replica=replica)
 
