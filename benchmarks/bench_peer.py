@@ -7,17 +7,17 @@ checks that llama.cpp's own tokenizer gives the same ids and prints the result. 
   default     the engine as loaded by default here (bf16 where native, the GGUF's 4-bit weights in decode steps);
   learned     the default engine with a learned plan as served (the default policy's schedule from a profile of this
               prompt's full run; prefill only, decode steps run in full);
+  compiled    the default engine with its decode step compiled (``compile_decode=True``; decode only, its prefill is
+              the default's); the seconds compiling took, and the teacher-forced top-1 agreement of its decode
+              steps with the default's greedy answers (bf16 roundings differ once operations are fused);
   llama.cpp   llama-cpp-python on the GGUF file (Q4_1 layers, Q8_0 embedding), threads = --threads.
-With --compile, also what torch.compile buys the decode step: transformers' own forward of the default model (its
-4-bit layers, a static cache) eager against compiled (inductor, default mode), decode tokens/s after the short prompt
-and the seconds the compilation took.
 Printed: prefill seconds at each length (medians of --repeats), decode tokens/s after a short prompt (64 tokens)
 and after each long prompt (32 tokens), and the ratios to llama.cpp; then the hardware bound: the bytes a decode
 step must read and the FLOPs a prefill token takes, over this CPU's measured memory bandwidth and matrix-product
 throughput.
 
     pip install -e ".[peer]"   # llama-cpp-python, built from source with native CPU flags
-    python benchmarks/bench_peer.py [--lengths 1000 2000 4000] [--repeats 3] [--threads 2] [--compile]
+    python benchmarks/bench_peer.py [--lengths 1000 2000 4000] [--repeats 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -29,12 +29,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from bench_data import items
 from llama_cpp import Llama
-from transformers import StaticCache
 
 from adaskip_rag import AdaSkipEngine, SkipPlan, loading
 from adaskip_rag.corpora import rag_messages
@@ -80,33 +78,11 @@ def engine_decode(engine: AdaSkipEngine, ids: list[int], tokens: int) -> float:
     return engine.generate(ids, SkipPlan(), max_new_tokens=tokens + 1, ignore_eos=True).stats.decode_tokens_per_s
 
 
-@torch.inference_mode()
-def static_decode(model: torch.nn.Module, forward: Callable[..., Any], ids: list[int], tokens: int) -> float:
-    """Tokens/s of ``tokens`` greedy steps of ``forward`` (the model's, or compiled) with a static cache."""
-    cache = StaticCache(config=model.config, max_cache_len=len(ids) + tokens + 1)
-    out = model(torch.tensor([ids]), past_key_values=cache, cache_position=torch.arange(len(ids)))
-    token, start = out.logits[:, -1:].argmax(-1), time.perf_counter()
-    for step in range(tokens):
-        out = forward(input_ids=token, past_key_values=cache, cache_position=torch.tensor([len(ids) + step]))
-        token = out.logits[:, -1:].argmax(-1)
-    return tokens / (time.perf_counter() - start)
-
-
-def compiled_decode(model: torch.nn.Module, ids: list[int], repeats: int) -> None:
-    """Print transformers' forward of ``model`` eager against torch.compile'd: decode tokens/s and compile seconds."""
-    start = time.perf_counter()
-    compiled = torch.compile(model.forward)
-    static_decode(model, compiled, ids, 2)  # compiles the prefill-free decode step's graph
-    seconds = time.perf_counter() - start
-    rates: dict[str, list[float]] = {"eager": [], "compiled": []}
-    for _ in range(repeats):
-        rates["eager"].append(static_decode(model, model.forward, ids, 64))
-        rates["compiled"].append(static_decode(model, compiled, ids, 64))
-    eager, fast = (statistics.median(r) for r in rates.values())
-    print(
-        f"\ntransformers' forward, static cache, short prompt, 64 tokens: eager {eager:.1f} tokens/s, "
-        f"torch.compile {fast:.1f} tokens/s ({fast / eager:.2f}x), compiled in {seconds:.0f} s"
-    )
+def agreement(engine: AdaSkipEngine, reference: AdaSkipEngine, ids: list[int], tokens: int) -> float:
+    """Teacher-forced top-1 agreement of ``engine`` with the greedy answer of ``reference`` to ``ids``."""
+    answer = reference.generate(ids, SkipPlan(), max_new_tokens=tokens, ignore_eos=True).token_ids
+    logits, _ = engine.teacher_forced(ids, answer, SkipPlan())
+    return float((logits.argmax(-1) == torch.tensor(answer)).float().mean())
 
 
 def hardware(threads: int) -> tuple[float, float]:
@@ -132,7 +108,6 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000, 4000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engines = {
@@ -141,13 +116,16 @@ def main() -> None:
         "default": AdaSkipEngine.from_pretrained("default"),
     }
     default = engines["default"]
+    compiled = AdaSkipEngine.from_pretrained("default", compile_decode=True)
+    assert compiled.compiled_decode is not None
     peer = Peer(args.threads, context=max(args.lengths) + 512)
     print(f"command: {' '.join(sys.argv)}")
     print(
         f"model: {default.name} ({loading.default_gguf().name}); engine default {default.model.dtype}; "
         f"{args.threads} threads, torch {torch.__version__}, {platform.machine()}, "
-        f"CPU {torch.cpu.get_capabilities().get('cpu_name', '?')}; medians of {args.repeats} interleaved repeats\n"
+        f"CPU {torch.cpu.get_capabilities().get('cpu_name', '?')}; medians of {args.repeats} interleaved repeats"
     )
+    print(f"compiled decode step: compiled in {compiled.compiled_decode.warmup_seconds:.1f} s at load\n")
 
     prompts = {"short": default.encode(SHORT)}
     for n in args.lengths:
@@ -168,24 +146,26 @@ def main() -> None:
         )
         served = functools.partial(AdaSkipPolicy().schedule, profile, len(ids), default.costs, 8, False)
         prefill: dict[str, list[float]] = {m: [] for m in (*engines, "learned", "llama.cpp")}
-        decode: dict[str, list[float]] = {m: [] for m in (*engines, "llama.cpp")}
+        decode: dict[str, list[float]] = {m: [] for m in (*engines, "compiled", "llama.cpp")}
         for _ in range(args.repeats):
             for mode, engine in engines.items():
                 prefill[mode].append(engine_prefill(engine, ids))
                 decode[mode].append(engine_decode(engine, ids, decode_tokens))
+            decode["compiled"].append(engine_decode(compiled, ids, decode_tokens))
             prefill["learned"].append(engine_prefill(default, ids, served))
             prefill["llama.cpp"].append(peer.prefill(ids))
             decode["llama.cpp"].append(peer.decode(ids, decode_tokens))
         ref_prefill, ref_decode = statistics.median(prefill["llama.cpp"]), statistics.median(decode["llama.cpp"])
-        for mode in prefill:
-            p = statistics.median(prefill[mode])
+        for mode in (*engines, "compiled", "learned", "llama.cpp"):
+            p = statistics.median(prefill[mode]) if mode in prefill else None
             d = statistics.median(decode[mode]) if mode in decode else None
+            time_ = f"{p:>9.3f} | {ref_prefill / p:>10.2f}x" if p else f"{'':>9} | {'':>11}"
             rate = f"{d:>12.1f} | {d / ref_decode:>10.2f}x" if d else f"{'':>12} | {'':>11}"
-            print(f"{name:>6} | {len(ids):>6} | {mode:>9} | {p:>9.3f} | {ref_prefill / p:>10.2f}x | {rate}")
+            print(f"{name:>6} | {len(ids):>6} | {mode:>9} | {time_} | {rate}")
+        agreed = agreement(compiled, default, ids, decode_tokens)
+        print(f"{'':>6}   compiled decode's teacher-forced top-1 agreement with the default's answer: {agreed:.3f}")
         sys.stdout.flush()
 
-    if args.compile:
-        compiled_decode(default.model, prompts["short"], args.repeats)
     bandwidth, flops = hardware(args.threads)
     config = default.config
     params = sum(p.numel() for p in default.model.model.layers.parameters())

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import COMMON, tiny_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from adaskip_rag import AdaSkipEngine, SkipPlan
 from adaskip_rag.cache import new_cache
@@ -44,6 +45,21 @@ def test_compiled_decode_steps_match_transformers_as_the_room_grows(arch):
         sizes.add(cache.layers[0].room[0].shape[2])
         ref_cache, token = ref.past_key_values, ref.logits[:, -1:].argmax(-1)
     assert sizes == {82}  # grown once, to twice the tokens it needed, at the first step
+
+
+def test_models_of_the_same_cache_shape_keep_their_own_compiled_steps():
+    """Each compiled step skips the checks on its model's modules, so it must be its own: a second model whose
+    cache has the same shape (only its width differs) gets a step of its own, and both stay right."""
+    wide = LlamaForCausalLM(LlamaConfig(**{**COMMON, "hidden_size": 128, "num_attention_heads": 8})).double().eval()
+    models = [tiny_model("llama", dtype=torch.float64), wide]
+    steps = [CompiledDecode(model) for model in models]
+    for model, compiled in [*zip(models, steps), *zip(models, steps)]:
+        ids = prompt_ids(12)
+        cache = new_cache(model)
+        skip_forward(model, ids, 0, cache, SkipPlan(), "prefill")
+        with torch.no_grad():
+            want = model(torch.cat([ids, torch.tensor([[7]])], 1)).logits[0, -1:]
+        close(compiled(torch.tensor([7]), 12, cache), want)
 
 
 def test_the_engine_decodes_compiled_where_the_plan_runs_every_sublayer(tokenizer, monkeypatch):
