@@ -114,11 +114,14 @@ class AdaSkipPolicy:
     """AdaSkip with the settings of one engine or collection.
 
     ``budget``: sublayers to skip in prefill (count, or fraction of all 2L). ``warmup``: queries a collection
-    runs in full before skipping. ``window``: decoded tokens probed before the online decode skips (0 = none).
+    runs in full before skipping. ``window``: decoded tokens probed before the online decode skips (0 = none), in
+    the requests that probe (see ``probe_every``).
     ``refresh_every``: every n-th query of a collection runs in full to re-measure and time it (0 = never).
     ``probe_every``: once a collection plans from its own profile, a skip request's prefill is probed (the
     sublayers it runs measured for the profile) on every n-th query only (1 = every one): probes cost 3-10 % of a
-    prefill, and the profile's means need few samples. Warm-up and refresh requests are always probed.
+    prefill, and the profile's means need few samples. The other queries skip no more in decode than their plan
+    (their decode steps are not measured, so there are no online decode skips). Warm-up and refresh requests are
+    always probed.
     ``cost_aware``: rank by importance per FLOP saved at the request's context length. ``robust_scale``: scales
     without the attention-sink token 0 (else the paper's whole-prompt ratio). ``quality_target``: if set, a
     teacher-forced top-1 agreement with the full model (0..1) for the quality guard: each refresh scores a budget,
@@ -245,9 +248,11 @@ class AdaSkipPolicy:
         return ranked[budget - 1] if 0 < budget <= len(ranked) else math.inf
 
     def schedule(self, profile: Profile, n: int, costs: CostModel, budget: int, probe: bool = True) -> OnlineSchedule:
-        """The schedule of a skip request: the prefill plan (probed if ``probe``), then the online decode skips."""
+        """The schedule of a skip request: the prefill plan, then the online decode skips; both only if ``probe``
+        (a request that does not measure its prefill does not measure its first ``window`` decode steps either:
+        they cost more than their skips save, and a measured step cannot run compiled, ``compiled.py``)."""
         plan = self.prefill_plan(profile, n, costs, budget)
-        return OnlineSchedule(plan, self.beta(profile, budget), self.window, probe)
+        return OnlineSchedule(plan, self.beta(profile, budget), self.window if probe else 0, probe)
 
 
 # ----------------------------------------------------------------- baselines (whole layers, scale 1)

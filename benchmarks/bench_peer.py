@@ -5,11 +5,14 @@ checks that llama.cpp's own tokenizer gives the same ids and prints the result. 
   fp32        the engine in fp32;
   bf16        the engine in bf16 with dense decode weights;
   default     the engine as loaded by default here (bf16 where native, the GGUF's 4-bit weights in decode steps);
-  learned     the default engine with a learned plan as served (the default policy's schedule from a profile of this
-              prompt's full run; prefill only, decode steps run in full);
   compiled    the default engine with its decode step compiled (``compile_decode=True``; decode only, its prefill is
               the default's); the seconds compiling took, and the teacher-forced top-1 agreement of its decode
               steps with the default's greedy answers (bf16 roundings differ once operations are fused);
+  learned     the default engine with a learned plan as served to 3 requests in 4 (the default policy's unprobed
+              schedule at budget 8, from a profile of this prompt's full run);
+  learned c   the same schedule on the compiled engine (decode only);
+  probed      the default engine with the schedule of the 4th request, which probes its prefill and its first
+              ``window`` decode steps (the online decode skips);
   llama.cpp   llama-cpp-python on the GGUF file (Q4_1 layers, Q8_0 embedding), threads = --threads.
 Printed: prefill seconds at each length (medians of --repeats), decode tokens/s after a short prompt (64 tokens)
 and after each long prompt (32 tokens), and the ratios to llama.cpp; then the hardware bound: the bytes a decode
@@ -74,8 +77,11 @@ def engine_prefill(engine: AdaSkipEngine, ids: list[int], plan: Callable[[], obj
     return time.perf_counter() - start
 
 
-def engine_decode(engine: AdaSkipEngine, ids: list[int], tokens: int) -> float:
-    return engine.generate(ids, SkipPlan(), max_new_tokens=tokens + 1, ignore_eos=True).stats.decode_tokens_per_s
+def engine_decode(
+    engine: AdaSkipEngine, ids: list[int], tokens: int, plan: Callable[[], object] | None = None
+) -> float:
+    result = engine.generate(ids, plan() if plan else SkipPlan(), max_new_tokens=tokens + 1, ignore_eos=True)
+    return result.stats.decode_tokens_per_s
 
 
 def agreement(engine: AdaSkipEngine, reference: AdaSkipEngine, ids: list[int], tokens: int) -> float:
@@ -145,18 +151,24 @@ def main() -> None:
             default.fingerprint, "bench", default.num_layers, profile_run.prefill_probes, len(ids)
         )
         served = functools.partial(AdaSkipPolicy().schedule, profile, len(ids), default.costs, 8, False)
-        prefill: dict[str, list[float]] = {m: [] for m in (*engines, "learned", "llama.cpp")}
-        decode: dict[str, list[float]] = {m: [] for m in (*engines, "compiled", "llama.cpp")}
+        probed = functools.partial(AdaSkipPolicy().schedule, profile, len(ids), default.costs, 8, True)
+        modes = (*engines, "compiled", "learned", "learned c", "probed", "llama.cpp")
+        prefill: dict[str, list[float]] = {m: [] for m in (*engines, "learned", "probed", "llama.cpp")}
+        decode: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(args.repeats):
             for mode, engine in engines.items():
                 prefill[mode].append(engine_prefill(engine, ids))
                 decode[mode].append(engine_decode(engine, ids, decode_tokens))
             decode["compiled"].append(engine_decode(compiled, ids, decode_tokens))
             prefill["learned"].append(engine_prefill(default, ids, served))
+            decode["learned"].append(engine_decode(default, ids, decode_tokens, served))
+            decode["learned c"].append(engine_decode(compiled, ids, decode_tokens, served))
+            prefill["probed"].append(engine_prefill(default, ids, probed))
+            decode["probed"].append(engine_decode(default, ids, decode_tokens, probed))
             prefill["llama.cpp"].append(peer.prefill(ids))
             decode["llama.cpp"].append(peer.decode(ids, decode_tokens))
         ref_prefill, ref_decode = statistics.median(prefill["llama.cpp"]), statistics.median(decode["llama.cpp"])
-        for mode in (*engines, "compiled", "learned", "llama.cpp"):
+        for mode in modes:
             p = statistics.median(prefill[mode]) if mode in prefill else None
             d = statistics.median(decode[mode]) if mode in decode else None
             time_ = f"{p:>9.3f} | {ref_prefill / p:>10.2f}x" if p else f"{'':>9} | {'':>11}"

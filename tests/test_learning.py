@@ -197,7 +197,7 @@ def test_switch_from_full_to_skipping_happens_exactly_at_warmup(tokenizer, tmp_p
 
 
 def test_online_decode_skips_in_the_engine(tokenizer, tmp_path):
-    engine = learning_engine(tokenizer, tmp_path, budget=2, warmup=1, window=2, refresh_every=0)
+    engine = learning_engine(tokenizer, tmp_path, budget=2, warmup=1, window=2, refresh_every=0, probe_every=1)
     engine.generate(QUESTIONS[0], collection="docs", max_new_tokens=2)
     profile = engine.learner.store.get(engine.fingerprint, "docs")
     beta = AdaSkipPolicy.beta(profile, 2)
@@ -519,3 +519,16 @@ def test_skip_requests_probe_every_nth_query_and_learn_the_same_plan(tokenizer, 
     assert skip_sets[1] == skip_sets[4]
     with pytest.raises(ValueError, match="probe_every"):
         AdaSkipPolicy(probe_every=0)
+
+
+def test_only_requests_that_probe_measure_their_decode_window(tokenizer, tmp_path):
+    """The online decode skips need the request's first ``window`` decode steps measured: a request that does not
+    probe its prefill skips in decode what its plan skips, its steps unmeasured (so they can run compiled)."""
+    engine = learning_engine(tokenizer, tmp_path, budget=3, warmup=3, window=2, refresh_every=0, probe_every=4)
+    results = [engine.generate(QUESTIONS[i % 3], collection="docs", max_new_tokens=6) for i in range(11)]
+    for i, result in enumerate(results[3:], start=3):
+        probed = (i + 1) % 4 == 0
+        assert (result.prefill_probes is not None) == probed
+        assert len(result.decode_probes) == (2 if probed else 0)
+        if not probed:
+            assert result.stats.skipped_ffn_decode == result.stats.skipped_ffn_prefill
