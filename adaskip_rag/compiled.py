@@ -44,7 +44,10 @@ class CompiledDecode:
             },
         )
         start = time.perf_counter()
-        self._warm_up()
+        try:
+            self._warm_up()
+        except Exception as e:  # inductor's own errors: no C++ compiler on a CPU machine, an unsupported module
+            raise RuntimeError(f"compile_decode: the decode step did not compile ({type(e).__name__}: {e})") from e
         self.warmup_seconds = time.perf_counter() - start
 
     @staticmethod

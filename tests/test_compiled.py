@@ -99,3 +99,17 @@ def test_a_room_holds_zeros_past_its_tokens():
     for capacity_left in (3, 20):  # the room as made, then grown
         keys, values = cache.layers[0].reserve(capacity_left)
         assert keys[:, :, 5:].eq(0).all() and values[:, :, 5:].eq(0).all()
+
+
+def test_a_step_that_does_not_compile_is_a_clear_error(monkeypatch):
+    """Where inductor fails (no C++ compiler on the machine, say), the error says it was the compiled decode step."""
+
+    def failing(fn, **options):
+        def step(*args):
+            raise OSError("no C++ compiler found")
+
+        return step
+
+    monkeypatch.setattr(torch, "compile", failing)
+    with pytest.raises(RuntimeError, match=r"compile_decode: the decode step did not compile \(OSError: no C\+\+"):
+        CompiledDecode(tiny_model("llama"))
