@@ -56,15 +56,24 @@ def token_attention(
     """Attention output (1, d) of layer ``index`` for one token that follows its ``cache`` (its input norm
     ``normed``, (1, d)), its keys and values added to the cache; ``window``: the layer's sliding window, if any. A
     decode step's attention as :class:`RowAttention` computes it, in the shapes one token has (no transposes)."""
-    shape = (1, -1, 1, attn.head_dim)  # (1, heads, 1 token, head_dim)
-    q, k, v = attn.q_proj(normed).view(shape), attn.k_proj(normed).view(shape), attn.v_proj(normed).view(shape)
-    if getattr(attn, "q_norm", None) is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = rope(attn)(q, k, *rotary)
+    q, k, v = token_qkv(attn, normed, rotary)
     keys, values = cache.update(k, v, index)
     if window is not None:  # the token sees the last ``window`` keys (a sliding-window cache holds no more)
         keys, values = keys[..., -window:, :], values[..., -window:, :]
     return attn.o_proj(folded_attention(q, keys, values, False, attn.scaling).view(1, -1))
+
+
+def token_qkv(
+    attn: Any, normed: torch.Tensor, rotary: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values (1, heads, 1, head_dim) of one token from its input norm ``normed`` (1, d): the
+    projections, the model's Q and K norms if it has them, and the rotary."""
+    shape = (1, -1, 1, attn.head_dim)
+    q, k, v = attn.q_proj(normed).view(shape), attn.k_proj(normed).view(shape), attn.v_proj(normed).view(shape)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = rope(attn)(q, k, *rotary)
+    return q, k, v
 
 
 def rewriting_attention(

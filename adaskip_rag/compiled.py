@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .attention import rope
+from .attention import token_qkv
 from .cache import RoomyLayer, new_cache
 
 
@@ -103,12 +103,7 @@ def token_step(
     mask = (torch.arange(rooms[0][0].shape[2], device=ids.device) <= filled).view(1, 1, 1, -1)
     for layer, (keys, values) in zip(base.layers, rooms):
         attn: Any = layer.self_attn
-        normed = layer.input_layernorm(hidden)
-        shape = (1, -1, 1, attn.head_dim)
-        q, k, v = attn.q_proj(normed).view(shape), attn.k_proj(normed).view(shape), attn.v_proj(normed).view(shape)
-        if getattr(attn, "q_norm", None) is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = rope(attn)(q, k, *rotary)
+        q, k, v = token_qkv(attn, layer.input_layernorm(hidden), rotary)
         keys.index_copy_(2, at, k)
         values.index_copy_(2, at, v)
         folded = q.view(1, keys.shape[1], -1, attn.head_dim)  # query heads that share a KV head: its queries
