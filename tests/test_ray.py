@@ -201,22 +201,22 @@ def test_the_serve_command_starts_replicas_on_a_local_ray_instance(tokenizer, tm
     port = free_port()
     argv = ["--threads", "1", "serve", "--ray", "--replicas", "2", "--model", str(tmp_path / "cli-ray")]
     argv += ["--port", str(port), "--profiles", str(tmp_path / "p.sqlite")]
-    server = subprocess.Popen([sys.executable, "-m", "adaskip_rag.cli", *argv])
+    log = tmp_path / "serve.log"
+    with log.open("w") as stderr:
+        server = subprocess.Popen([sys.executable, "-m", "adaskip_rag.cli", *argv], stderr=stderr)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         deadline = time.monotonic() + 180
-        while True:
-            try:
-                replicas = {
-                    client.chat.completions.create(model="cli-ray", messages=QUESTION, max_tokens=2).model_extra[
-                        "adaskip"
-                    ]["replica"]
-                    for _ in range(16)  # both replicas hit, unless routing picked one 16 times (2 in 10^5)
-                }
-                break
-            except (openai.APIConnectionError, openai.NotFoundError, openai.InternalServerError):
-                assert time.monotonic() < deadline and server.poll() is None, "the Ray server did not start"
-                time.sleep(1)
+        # the proxy answers once one replica runs; the command reports when both do
+        while f"serving 2 replicas on http://127.0.0.1:{port}" not in log.read_text():
+            assert time.monotonic() < deadline and server.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        replicas = {
+            client.chat.completions.create(model="cli-ray", messages=QUESTION, max_tokens=2).model_extra["adaskip"][
+                "replica"
+            ]
+            for _ in range(16)  # both replicas hit, unless routing picked one 16 times (2 in 10^5)
+        }
         assert len(replicas) == 2
     finally:
         server.send_signal(signal.SIGINT)  # even one sent while Serve still deploys: it shuts down once up
