@@ -618,8 +618,9 @@ print(json.dumps({"seconds": seconds, "events": asyncio.run(events())}))
 
 
 def test_importing_the_package_costs_other_chains_nothing():
-    """A retriever chain with another chat model: its first 12 calls take as long, and its events come in the same
-    order, with and without the import (each variant run twice, alternately, in fresh interpreters)."""
+    """A retriever chain with another chat model: its first 12 calls take as long, and it sends the same events
+    (first and last the same), with and without the import (each variant run twice, alternately, in fresh
+    interpreters)."""
     import json
     import subprocess
     import sys
@@ -633,7 +634,10 @@ def test_importing_the_package_costs_other_chains_nothing():
     for _ in range(2):
         for variant in runs:
             runs[variant].append(run(variant))
-    assert runs["with"][0]["events"] == runs["without"][0]["events"]
+    with_import, without = runs["with"][0]["events"], runs["without"][0]["events"]
+    # the retriever and the passthrough run concurrently: their events may interleave either way in both variants
+    assert sorted(with_import) == sorted(without)
+    assert (with_import[0], with_import[-1]) == (without[0], without[-1])
     assert "on_retriever_end" in {event for event, _ in runs["with"][0]["events"]}
     extra = min(r["seconds"] for r in runs["with"]) - min(r["seconds"] for r in runs["without"])
     assert extra < 0.030, runs
