@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 REWRITE_BLOCK = 64  # tokens of a rewriting row (evidence recompute) attended together, see rewriting_attention
+LOCAL_BLOCK = 128  # queries of a local-attention sublayer attended together, see local_attention
 
 
 def folded_attention(
@@ -91,6 +92,24 @@ def rewriting_attention(
     return torch.cat(outs, 2)
 
 
+def local_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int, window: int, scale: float
+) -> torch.Tensor:
+    """Attention of queries ``q`` (1, heads, n, head_dim) at positions ``first`` .. ``first + n - 1`` over the
+    cached ``keys`` and ``values`` (1, kv_heads, first + n, head_dim), each query seeing the attention sink (key 0)
+    and the keys of the last ``window`` positions up to its own (``SkipPlan.local``): in blocks of
+    :data:`LOCAL_BLOCK` queries, each over the sink and the keys its block's queries see."""
+    outs = []
+    for a in range(first, first + q.shape[2], LOCAL_BLOCK):
+        b = min(a + LOCAL_BLOCK, first + q.shape[2])
+        seen = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(max(1, a - window + 1), b)]).to(q.device)
+        at = torch.arange(a, b, device=q.device)[:, None]
+        mask = (seen <= at) & ((seen == 0) | (at - seen < window))
+        kv = (keys[:, :, seen], values[:, :, seen])
+        outs.append(folded_attention(q[:, :, a - first : b - first], *kv, mask[None, None], scale))
+    return torch.cat(outs, 2)
+
+
 def rope(attn: Any) -> Any:
     """The model's own ``apply_rotary_pos_emb``, from the module of its attention class."""
     return sys.modules[type(attn).__module__].apply_rotary_pos_emb
@@ -143,6 +162,8 @@ class AttendingRow(Protocol):
     cache: DynamicCache
     positions: torch.Tensor | None
     attention: torch.Tensor | None
+    local: set[int]
+    local_window: int
 
     @property
     def appends(self) -> bool: ...
@@ -177,7 +198,8 @@ class RowAttention:
     def __call__(self, i: int, layer: Any, x: torch.Tensor, running: list[int]) -> torch.Tensor:
         """Attention output of layer ``i`` for the tokens ``x`` of the ``running`` rows (packed in that order),
         each row's keys and values added to its cache."""
-        if len(running) == 1 and self.rows[running[0]].appends and (x.shape[1] > 1 or not self.sdpa):
+        first = self.rows[running[0]]
+        if len(running) == 1 and first.appends and (x.shape[1] > 1 or not self.sdpa) and not self._local(i, first):
             return self._module_attention(i, layer, x, running[0])
         attn = layer.self_attn
         normed = layer.input_layernorm(x)[0]
@@ -196,6 +218,8 @@ class RowAttention:
             keys, values = self._keys_values(i, r, k[:, :, part], v[:, :, part])
             if row.positions is not None:
                 out = rewriting_attention(qr, keys, values, self.position_ids[r][0], row.positions, attn.scaling)
+            elif self._local(i, row):
+                out = local_attention(qr, keys, values, row.position, row.local_window, attn.scaling)
             else:
                 mask = self._row_mask(i, r, keys.shape[-2])
                 if mask is True:  # a prompt without a past: the plain causal mask
@@ -206,6 +230,10 @@ class RowAttention:
                     out = folded_attention(qr, keys, values, mask, attn.scaling, row.attention)
             outs.append(out[0].transpose(0, 1).reshape(n, -1))
         return attn.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))[None]
+
+    def _local(self, i: int, row: AttendingRow) -> bool:
+        """Whether the row's tokens attend locally at layer ``i`` (a sliding-window layer already does)."""
+        return i in row.local and self.types[i] == "full_attention"
 
     def _rotary_of(self, running: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary embedding (cos, sin) of the tokens of the ``running`` rows, packed in that order."""

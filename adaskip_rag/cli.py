@@ -49,6 +49,11 @@ def ask(engine: AdaSkipEngine, document: str, question: str, budget: int, max_ne
     print(f"  {skip.text.strip()}")
     print(f"\n  skipped attention: {skip.stats.skipped_attention} (KV cache kept, run in decode)")
     print(f"  skipped FFN:       {skip.stats.skipped_ffn_prefill}")
+    if skip.stats.local_attention:
+        print(
+            f"  local attention:   {skip.stats.local_attention} (each prompt token saw the sink and the last "
+            f"{skip.stats.local_window} tokens; full in decode)"
+        )
     print(
         f"  the first {skip.stats.protected_head} and last {skip.stats.protected_tail} prompt tokens (the "
         "attention sink; the question) ran every sublayer"

@@ -11,6 +11,8 @@ An attention sublayer skipped in prefill that keeps its KV cache still pays its 
 head is left out there. A protected tail of m prompt tokens runs every sublayer that has a cache, each of its
 tokens seeing about n keys; a protected head runs them too (counted at the average prefill cost per token).
 Evidence recompute runs the tail once more (looking) and its recomputed prompt tokens like head tokens.
+A local attention sublayer (``SkipPlan.local``) scores each block of b prefill queries against the w + b keys the
+block sees (w the window), c * n * d becoming 4 (w + b) d.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
+from .attention import LOCAL_BLOCK
 from .skipping import SkipPlan
 
 
@@ -45,6 +48,11 @@ class CostModel:
         c = 2 if phase == "prefill" else 4
         return 4 * self.hidden**2 * (1 + self.kv_ratio) + c * n * self.hidden
 
+    def local_attention(self, n: int, window: int) -> float:
+        """Prefill attention of a token over the attention sink and the last ``window`` keys (``SkipPlan.local``),
+        its query scored with its block's against the keys the block sees."""
+        return 4 * self.hidden**2 * (1 + self.kv_ratio) + 4 * min(window + LOCAL_BLOCK, n) * self.hidden
+
     def keys_values(self) -> float:
         """K and V projections of one token: what a skipped attention sublayer that keeps its cache still costs."""
         return 4 * self.hidden**2 * self.kv_ratio
@@ -63,13 +71,22 @@ class CostModel:
         return 2 * self.hidden * self.vocab if phase == "decode" else 0.0
 
     def flops(
-        self, n: int, skipped_attn: int = 0, skipped_ffn: int = 0, phase: str = "prefill", kept_kv: int = 0
+        self,
+        n: int,
+        skipped_attn: int = 0,
+        skipped_ffn: int = 0,
+        phase: str = "prefill",
+        kept_kv: int = 0,
+        local: int = 0,
+        window: int = 0,
     ) -> float:
         """FLOPs per token at context length n with the given numbers of sublayers skipped, ``kept_kv`` of the
-        skipped attention sublayers still computing their keys and values."""
+        skipped attention sublayers still computing their keys and values, and ``local`` attention sublayers over
+        a ``window`` (prefill)."""
         attn, ffn = self.attention(n, phase), self.ffn()
         return (
-            (self.layers - skipped_attn) * attn
+            (self.layers - skipped_attn - local) * attn
+            + (local * self.local_attention(n, window) if local else 0.0)
             + kept_kv * self.keys_values()
             + (self.layers - skipped_ffn) * ffn
             + self.head(phase)
@@ -86,13 +103,15 @@ class CostModel:
         head: int = 0,
         protected_skipped_attn: int = 0,
         recomputed: int = 0,
+        local: int = 0,
+        window: int = 0,
     ) -> float:
         """Full-model FLOPs divided by the FLOPs left after skipping the given numbers of sublayers; in prefill the
         first ``head`` and last ``tail`` of the n tokens run every sublayer but ``protected_skipped_attn``
-        attention sublayers (those without a cache), and so do ``recomputed`` tokens (after the tail looked once).
-        Infinite when nothing is left to compute."""
+        attention sublayers (those without a cache), and so do ``recomputed`` tokens (after the tail looked once);
+        ``local`` attention sublayers attend over a ``window`` in prefill. Infinite when nothing is left to compute."""
         full = self.flops(n, 0, 0, phase)
-        left = self.flops(n, skipped_attn, skipped_ffn, phase, kept_kv)
+        left = self.flops(n, skipped_attn, skipped_ffn, phase, kept_kv, local, window)
         if phase == "prefill" and (tail or head):
             tail = min(tail, n)
             head = min(head, n - tail)
@@ -119,4 +138,6 @@ class CostModel:
             head=plan.head,
             protected_skipped_attn=len(attn) - len(kept_kv),
             recomputed=plan.recomputed_tokens(n - tail) if tail else 0,
+            local=len(plan.local),
+            window=plan.local_window,
         )

@@ -61,12 +61,15 @@ class Row:
     def __post_init__(self) -> None:
         self.head = min(self.plan.head, len(self.ids)) if self.phase == "prefill" and self.position == 0 else 0
         self.attn, self.ffn, self.keep_kv = self.plan.skips(self.phase)
+        self.local = set(self.plan.local) if self.phase == "prefill" and self.appends else set()
+        self.local_window = self.plan.local_window
 
     @property
     def one_token(self) -> bool:
         """Whether the row is a single token that follows its cache and neither probes nor caches a skipped
         sublayer's keys: the step an answer takes per token."""
-        return len(self.ids) == 1 and self.appends and self.probes is None and not self.head and not self.keep_kv
+        one = len(self.ids) == 1 and self.appends and self.probes is None
+        return one and not self.head and not self.keep_kv and not self.local
 
     @property
     def appends(self) -> bool:
@@ -166,7 +169,12 @@ class _Step:
             for k in range(len(self.rows)):
                 if k not in running:
                     out[:, self.slices[k]] = self._skipped(sub, layer, k, hidden[:, self.slices[k]])
-        probed = [(k, probes) for k in running if (probes := self.rows[k].probes) is not None]
+        # a local attention sublayer is not the one the profile measures
+        probed = [
+            (k, probes)
+            for k in running
+            if (probes := self.rows[k].probes) is not None and not (kind == "attn" and i in self.rows[k].local)
+        ]
         if not probed:
             return out
         start = time.perf_counter()

@@ -342,6 +342,8 @@ class PlanRecord:
             skipped_ffn_prefill=self.ffn,
             skipped_attention_decode=sorted(self.decode_attn),
             skipped_ffn_decode=sorted(self.decode_ffn),
+            local_attention=list(self.prefill_plan.local),
+            local_window=self.prefill_plan.local_window if self.prefill_plan.local else 0,
             estimated_prefill_speedup=self.costs.prefill_speedup(self.prefill_plan, self.n, self.tail),
             estimated_decode_speedup=full * len(self.decode_flops) / sum(self.decode_flops),
             skipped_every_sublayer=len(self.attn) == len(self.ffn) == self.costs.layers,

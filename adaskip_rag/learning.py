@@ -99,7 +99,8 @@ class Decision:
 
 
 def _skip_set(plan: SkipPlan) -> list[str]:
-    return [f"attn.{i}" for i in sorted({**plan.attn, **plan.prefill_attn})] + [f"ffn.{i}" for i in plan.ffn]
+    skipped = [f"attn.{i}" for i in sorted({**plan.attn, **plan.prefill_attn})] + [f"ffn.{i}" for i in plan.ffn]
+    return skipped + [f"local.{i}" for i in plan.local]
 
 
 class Learner:

@@ -144,6 +144,13 @@ class AdaSkipPolicy:
     and the protected tokens weigh less; ``budget`` holds up to half that length, and in between the budget grows
     linearly (None: ``budget`` at every length).
 
+    ``local_attention``: how many attention sublayers, the most skippable after those the budget skips, attend
+    over a local window in prefill (``SkipPlan.local``: each prompt token before the tail sees the attention sink
+    and the last ``local_window`` tokens; the tail and decode attend in full), at prompt lengths where that costs
+    less than full attention, in plans that skip (a budget of 0, which the quality guard never serves, runs in
+    full). A local sublayer runs, so it changes the hidden state far less than a skip does, and at 4k tokens it
+    costs about half of a full one (``costs.py``).
+
     ``min_gain``: a prompt is skipped in only where the cost model estimates at least this prefill speedup for its
     plan at the prompt's length (the protected head and integer tail, the K/V projections of skipped attention and
     any recompute counted); shorter prompts, where these cost more than the skips save, run in full (0 = always
@@ -169,6 +176,8 @@ class AdaSkipPolicy:
     min_gain: float = 1.05
     long_budget: int | float | None = None
     long_prompt: int = 4096
+    local_attention: int = 0
+    local_window: int = 256
 
     def __post_init__(self) -> None:
         if self.compensation not in MODES:
@@ -190,6 +199,8 @@ class AdaSkipPolicy:
         if self.long_budget is not None:
             budget_count(self.long_budget, 10**6)
         check_int("long_prompt", self.long_prompt, 2)
+        check_int("local_attention", self.local_attention, 0)
+        check_int("local_window", self.local_window, 1)
 
     def budget_for(self, n: int, num_layers: int) -> int:
         """The budget (a sublayer count) of a prompt of ``n`` tokens: ``budget`` up to ``long_prompt / 2`` tokens,
@@ -220,10 +231,14 @@ class AdaSkipPolicy:
         else:
             score = profile.mean("similarity")
         ranking = costs if self.cost_aware else None
-        chosen = rank(score, ranking, n, self.keep_kv)[:budget]  # only the chosen sublayers are fitted
+        ranked = rank(score, ranking, n, self.keep_kv)
+        chosen = ranked[:budget]  # only the chosen sublayers are fitted
         plan = top_k_plan(score, {sub: compensation(sub) for sub in chosen}, budget, ranking, n, self.keep_kv)
         if self.keep_kv:
             plan = SkipPlan(prefill_attn=plan.attn, ffn=plan.ffn)
+        if self.local_attention and budget and costs.local_attention(n, self.local_window) < costs.attention(n):
+            local = [sub.layer for sub in ranked[budget:] if sub.kind == "attn"][: self.local_attention]
+            plan = dataclasses.replace(plan, local=tuple(local), local_window=self.local_window)
         if plan.is_empty:
             return plan
         plan = dataclasses.replace(plan, tail=self.tail, head=self.head, recompute=self.recompute)

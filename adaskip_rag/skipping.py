@@ -22,7 +22,7 @@ class Sublayer(NamedTuple):
 
 
 SKIP_FIELDS = ("attn", "prefill_attn", "ffn", "decode_ffn")
-PROTECTION = ("tail", "head", "recompute")
+PROTECTION = ("tail", "head", "recompute", "local", "local_window")
 Tail = int | Literal["last_user_turn"]
 
 
@@ -60,6 +60,11 @@ class SkipPlan:
     ``"last_user_turn"``, those from the start of the last user message of a chat prompt) run every sublayer
     that has a cache, after the rest of the prompt, attending to the whole cache. ``head``: likewise the first
     ``head`` prompt tokens (token 0 is the attention sink, which every later token attends to).
+
+    ``local``: attention sublayers that run in prefill over a local window: each prompt token before the tail
+    sees the attention sink (token 0) and the last ``local_window`` tokens up to itself only. They compute and cache
+    every token's keys and values, and the tail and decode run them in full. A token's attention then costs
+    ``local_window`` keys instead of all the tokens before it (sliding-window layers, local already, run as they are).
     """
 
     attn: Mapping[int, Compensation] = field(default_factory=dict)
@@ -69,6 +74,8 @@ class SkipPlan:
     tail: Tail = 0
     head: int = 0
     recompute: float = 0.0
+    local: tuple[int, ...] = ()
+    local_window: int = 256
 
     def __post_init__(self) -> None:
         for name in SKIP_FIELDS:
@@ -87,19 +94,35 @@ class SkipPlan:
             raise ValueError(f"SkipPlan.recompute must be a fraction in [0, 1), got {r!r}")
         if r and not self.tail:
             raise ValueError("SkipPlan.recompute picks the tokens the protected tail attends to: it needs a tail")
+        local = self.local
+        if (
+            not isinstance(local, (tuple, list, set, frozenset))
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in local)
+            or len(set(local)) != len(local)
+        ):
+            raise ValueError(f"SkipPlan.local must list distinct attention layer indices, got {local!r}")
+        local = tuple(sorted(local))
+        object.__setattr__(self, "local", local)
+        both = sorted(set(local) & (set(self.attn) | set(self.prefill_attn)))
+        if both:
+            raise ValueError(f"SkipPlan: attention layers {both} are both skipped and local; list each once")
+        w = self.local_window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"SkipPlan.local_window must be a token count >= 1, got {w!r}")
 
     @property
     def is_empty(self) -> bool:
-        return not any(getattr(self, name) for name in SKIP_FIELDS)
+        """Whether the plan runs the full model: nothing skipped, no local attention."""
+        return not self.local and not any(getattr(self, name) for name in SKIP_FIELDS)
 
     def check(self, num_layers: int, hidden: int | None = None) -> None:
         """Raise ValueError if a layer index is outside ``0 .. num_layers - 1`` or a per-channel compensation does
         not have ``hidden`` channels."""
-        for name in SKIP_FIELDS:
+        for name in (*SKIP_FIELDS, "local"):
             bad = [layer for layer in getattr(self, name) if not 0 <= layer < num_layers]
             if bad:
                 raise ValueError(f"SkipPlan.{name}: layer indices {bad} out of range for a {num_layers}-layer model")
-            if hidden is None:
+            if hidden is None or name == "local":
                 continue
             wrong = [layer for layer, c in getattr(self, name).items() if isinstance(c, Affine) and c.hidden != hidden]
             if wrong:
@@ -136,7 +159,8 @@ class SkipPlan:
             return {"scale": c.scale.tolist(), "bias": c.bias.tolist()} if isinstance(c, Affine) else c
 
         out: dict[str, Any] = {name: {str(k): value(v) for k, v in getattr(self, name).items()} for name in SKIP_FIELDS}
-        return {**out, "tail": self.tail, "head": self.head, "recompute": self.recompute}
+        protection = {"tail": self.tail, "head": self.head, "recompute": self.recompute}
+        return {**out, **protection, "local": list(self.local), "local_window": self.local_window}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SkipPlan:

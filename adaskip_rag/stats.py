@@ -50,6 +50,8 @@ class SkipStats:
     skipped_every_sublayer: bool = False  # prefill ran no sublayer; its estimated speedup is unbounded (None)
     waited_seconds: float = 0.0  # before the engine admitted the request (its serving limits were full)
     batch_sizes: list[int] = field(default_factory=list)  # requests in each forward step this one ran in
+    local_attention: list[int] = field(default_factory=list)  # attended over a local window in prefill
+    local_window: int = 0  # the tokens each prompt token saw in them, besides the attention sink
 
     @property
     def skipped_sublayers(self) -> int:
@@ -86,6 +88,8 @@ class SkipStats:
             tail += f", {self.recomputed_tokens} they attend to most recomputed"
         if self.skipped_every_sublayer:
             tail += "; every sublayer skipped in prefill"
+        if self.local_attention:
+            tail += f"; local attention {self.local_attention} (window {self.local_window})"
         return where + (
             f"{self.prompt_tokens} prompt tokens, {self.generated_tokens} generated; skipped attention "
             f"{self.skipped_attention or '-'}{kept}, FFN {self.skipped_ffn_prefill or '-'} (decode FFN "

@@ -22,8 +22,9 @@ Configurations, each at budgets 4, 8, 12, 16 and 24 sublayers (cumulative: each 
 (AdaSkipPolicy()'s defaults are +sink.) "served (default policy)" is a collection served as users get it: an engine
 with the default policy warms up on the calibration questions through ``collection=``, then answers the evaluation
 questions with the plan it learned (refreshes off); --served adds engines with other policies over the same profile
-(budgets 10 and 12, cost-aware ranking). --probe-check also compares the skip set learned probing every 4th skip request
-(the default) with the one probing every request (two engines, each with its own store).
+(budgets 10 and 12, cost-aware ranking, local attention in the next 8 / 12 / 16 attention sublayers).
+--probe-check also compares the skip set learned probing every 4th skip request (the default) with the one
+probing every request (two engines, each with its own store).
 and the baselines Early Exit, SkipDecode and Unified Skipping at 4 and 8 layers (8 and 16 sublayers;
 --baseline-layers), the guarded budget (default configuration) and the full model. Per mode:
 
@@ -84,6 +85,10 @@ SERVED: dict[str, dict] = {  # a collection served through ``collection=``, with
     "served budget 12": {"budget": 12},
     "served cost-aware": {"cost_aware": True},
     "served cost-aware 12": {"cost_aware": True, "budget": 12},
+    "served local 8": {"local_attention": 8},
+    "served local 12": {"local_attention": 12},
+    "served local 16": {"local_attention": 16},
+    "served budget 4 local 16": {"budget": 4, "local_attention": 16},
 }
 PAPER = dict(compensation="scalar", keep_kv=False, tail=0, head=0)
 CONFIGS: dict[str, dict] = {  # cumulative

@@ -213,7 +213,7 @@ def ask(args: argparse.Namespace, engine: AdaSkipEngine | None = None) -> list[d
         )
         print(
             f"  skipped attention {stats['skipped_attention'] or '-'}, FFN {stats['skipped_ffn_prefill'] or '-'}"
-            f" (decode FFN {stats['skipped_ffn_decode'] or '-'})"
+            f" (decode FFN {stats['skipped_ffn_decode'] or '-'}); local attention {stats['local_attention'] or '-'}"
         )
         measured = stats["measured_prefill_speedup"]
         print(
@@ -257,7 +257,8 @@ def side_by_side(args: argparse.Namespace, engine: AdaSkipEngine, question: str,
     ratio, s = t_full / t_plan, skipped.stats
     print(
         f"\nSame question, same {n}-token prompt: the full model, then the plan learned for {args.collection!r} "
-        f"(profile from {decision.source}; skips attention {s.skipped_attention}, FFN {s.skipped_ffn_prefill})"
+        f"(profile from {decision.source}; skips attention {s.skipped_attention}, FFN {s.skipped_ffn_prefill}; "
+        f"local attention {s.local_attention or '-'})"
     )
     for name, r in (("full model", full), ("learned plan", skipped)):
         print(f"  {name:<12} {r.text.strip()!r}")

@@ -23,7 +23,7 @@ LAYERS = 6  # of the tiny models
 
 def plans(hidden: int) -> list[SkipPlan]:
     """Different plans: attention skipped in layer 0 and in the last layer, KV-keeping skips with a protected head,
-    FFN skips with an affine compensation, decode-only skips, and the empty plan."""
+    FFN skips with an affine compensation, decode-only skips, local attention, and the empty plan."""
     affine = Affine(torch.linspace(0.8, 1.1, hidden), torch.full((hidden,), 0.02))
     return [
         SkipPlan(attn={0: 1.0}),
@@ -32,7 +32,7 @@ def plans(hidden: int) -> list[SkipPlan]:
         SkipPlan(),
         SkipPlan(ffn={0: affine, LAYERS - 1: 1.0}, decode_ffn={3: 1.0}),
         SkipPlan(attn={2: 1.0, 4: 1.0}, ffn={4: 0.95}),
-        SkipPlan(prefill_attn={0: 1.0, LAYERS - 1: 1.0}, head=1),
+        SkipPlan(prefill_attn={0: 1.0, LAYERS - 1: 1.0}, head=1, local=(2, 3), local_window=5),
         SkipPlan(decode_ffn={1: 1.0, 2: 1.0}),
     ]
 
@@ -75,7 +75,8 @@ def test_rows_with_different_plans_in_one_step_equal_each_row_alone(arch):
 def test_chunked_prefill_gives_the_logits_and_probes_of_one_chunk(arch):
     model = tiny_model(arch, dtype=torch.float64)
     ids = ids_of(40, 7)
-    for plan in (SkipPlan(), *plans(model.config.hidden_size)[:3]):
+    some = plans(model.config.hidden_size)
+    for plan in (SkipPlan(), *some[:3], some[6]):
         whole_probes = Probes.of(plan, "prefill")
         (whole,) = forward_rows(model, [Row(ids, 0, new_cache(model), plan, "prefill", whole_probes, 0)])
         cache, probes, parts = new_cache(model), Probes.of(plan, "prefill"), []
