@@ -176,7 +176,7 @@ class AdaSkipPolicy:
     min_gain: float = 1.05
     long_budget: int | float | None = None
     long_prompt: int = 4096
-    local_attention: int = 0
+    local_attention: int = 16
     local_window: int = 256
 
     def __post_init__(self) -> None:
