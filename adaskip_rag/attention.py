@@ -102,7 +102,8 @@ def local_attention(
     outs = []
     for a in range(first, first + q.shape[2], LOCAL_BLOCK):
         b = min(a + LOCAL_BLOCK, first + q.shape[2])
-        seen = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(max(1, a - window + 1), b)]).to(q.device)
+        near = torch.arange(max(1, a - window + 1), b, device=q.device)
+        seen = torch.cat([torch.zeros(1, dtype=torch.long, device=q.device), near])  # the sink, then near keys
         at = torch.arange(a, b, device=q.device)[:, None]
         mask = (seen <= at) & ((seen == 0) | (at - seen < window))
         kv = (keys[:, :, seen], values[:, :, seen])

@@ -86,7 +86,7 @@ class CostModel:
         attn, ffn = self.attention(n, phase), self.ffn()
         return (
             (self.layers - skipped_attn - local) * attn
-            + (local * self.local_attention(n, window) if local else 0.0)
+            + local * self.local_attention(n, window)
             + kept_kv * self.keys_values()
             + (self.layers - skipped_ffn) * ffn
             + self.head(phase)

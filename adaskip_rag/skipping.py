@@ -22,7 +22,7 @@ class Sublayer(NamedTuple):
 
 
 SKIP_FIELDS = ("attn", "prefill_attn", "ffn", "decode_ffn")
-PROTECTION = ("tail", "head", "recompute", "local", "local_window")
+PLAIN_FIELDS = ("tail", "head", "recompute", "local", "local_window")  # the fields that are not layer maps
 Tail = int | Literal["last_user_turn"]
 
 
@@ -164,10 +164,10 @@ class SkipPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SkipPlan:
-        unknown = set(data) - {*SKIP_FIELDS, *PROTECTION}
+        unknown = set(data) - {*SKIP_FIELDS, *PLAIN_FIELDS}
         if unknown:
             raise ValueError(f"SkipPlan: unknown fields {sorted(unknown)}")
-        fields: dict[str, Any] = {k: v if k in PROTECTION else dict(v) for k, v in data.items()}
+        fields: dict[str, Any] = {k: v if k in PLAIN_FIELDS else dict(v) for k, v in data.items()}
         return cls(**fields)
 
 
