@@ -89,6 +89,11 @@ SERVED: dict[str, dict] = {  # a collection served through ``collection=``, with
     "served local 12": {"local_attention": 12},
     "served local 16": {"local_attention": 16},
     "served budget 4 local 16": {"budget": 4, "local_attention": 16},
+    "served local 16 window 128": {"local_window": 128},
+    "served budget 2 local 16": {"budget": 2, "local_attention": 16},
+    "served budget 2 local 24": {"budget": 2, "local_attention": 24},
+    "served budget 4 local 24": {"budget": 4, "local_attention": 24},
+    "served budget 4 local 24 window 512": {"budget": 4, "local_attention": 24, "local_window": 512},
 }
 PAPER = dict(compensation="scalar", keep_kv=False, tail=0, head=0)
 CONFIGS: dict[str, dict] = {  # cumulative
@@ -333,12 +338,20 @@ def main() -> None:
     print(f"plot: {args.plot}")
 
 
-def interval(values: list[float], statistic: Callable[[list[float]], float], level: float = 0.9) -> str:
-    """``statistic`` of ``values`` with its bootstrap ``level`` interval over the questions (2,000 resamples)."""
+def bootstrap(
+    values: list[float], statistic: Callable[[list[float]], float], level: float = 0.9
+) -> tuple[float, float, float]:
+    """``statistic`` of ``values`` and the bounds of its bootstrap ``level`` interval over the questions (2,000
+    resamples)."""
     rng, rounds = random.Random(0), 2000
     resampled = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(rounds))
-    low, high = resampled[int((1 - level) / 2 * rounds)], resampled[int((1 + level) / 2 * rounds) - 1]
-    return f"{statistic(values):.3f} [{low:.2f}, {high:.2f}]"
+    return statistic(values), resampled[int((1 - level) / 2 * rounds)], resampled[int((1 + level) / 2 * rounds) - 1]
+
+
+def interval(values: list[float], statistic: Callable[[list[float]], float], level: float = 0.9) -> str:
+    """``statistic`` of ``values`` with its bootstrap ``level`` interval, as text."""
+    value, low, high = bootstrap(values, statistic, level)
+    return f"{value:.3f} [{low:.2f}, {high:.2f}]"
 
 
 def print_table(setting: str, metrics: dict[str, dict[str, list[float]]], guard_reason: str) -> None:
@@ -376,8 +389,8 @@ def print_frontier(metrics: dict[str, dict[str, list[float]]], configs: list[str
 
 
 def plot(results: dict[str, dict[str, dict[str, list[float]]]], out: Path) -> None:
-    """Agreement and KL vs measured prefill speedup per setting: a line per configuration over its budgets, the
-    baselines as crosses."""
+    """Agreement and KL vs measured prefill speedup per setting, with their 90 % bootstrap intervals as error bars:
+    a line per configuration over its budgets, the other modes as crosses."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -389,13 +402,25 @@ def plot(results: dict[str, dict[str, dict[str, list[float]]]], out: Path) -> No
             ax = axes[row][col]
             lines: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
             for name, m in metrics.items():
-                point = (statistics.median(m["prefill"]), statistics.fmean(m[key]))
+                x, x_low, x_high = bootstrap(m["prefill"], statistics.median)
+                y, y_low, y_high = bootstrap(m[key], statistics.fmean)
                 config, _, budget = name.rpartition(" ")
-                if config in CONFIGS and budget.isdigit():
-                    lines[config].append(point)
+                lined = config in CONFIGS and budget.isdigit()
+                ax.errorbar(
+                    x,
+                    y,
+                    xerr=[[x - x_low], [x_high - x]],
+                    yerr=[[y - y_low], [y_high - y]],
+                    fmt="none",
+                    ecolor="grey",
+                    elinewidth=0.6,
+                    alpha=0.6,
+                )
+                if lined:
+                    lines[config].append((x, y))
                 else:
-                    ax.scatter(*point, marker="x" if name != "full" else "o", color="black")
-                    ax.annotate(name, point, fontsize=6, xytext=(3, 3), textcoords="offset points")
+                    ax.scatter(x, y, marker="x" if name != "full" else "o", color="black")
+                    ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
             for config, points in lines.items():
                 ax.plot(*zip(*sorted(points)), marker="o", label=config)
             ax.set_xlabel("measured prefill speedup (x)")
