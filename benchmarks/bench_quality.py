@@ -43,6 +43,7 @@ budget), and writes a plot: agreement and KL vs measured prefill speedup, one li
 
     python benchmarks/bench_quality.py [--quick] [--threads 2] [--plot quality_vs_speed.png] [--questions 8]
         [--max-new-tokens 24] [--configs ...] [--budgets ...] [--baseline-layers 4 8] [--guard-budget 24]
+        [--guard-passes 2]
 """
 
 from __future__ import annotations
@@ -134,11 +135,11 @@ def f1(prediction: str, answers: list[str]) -> float:
 
 
 def guarded_budget(
-    engine: AdaSkipEngine, calibration: list[Item], tmp: str, start: int, target: float
+    engine: AdaSkipEngine, calibration: list[Item], tmp: str, start: int, target: float, passes: int = 2
 ) -> tuple[int, str]:
-    """The budget the quality guard serves (default configuration) after two passes over the ``calibration``
-    questions, each a refresh that scores the plan it serves (windows of 3 refreshes), starting from ``start``,
-    for the quality ``target``."""
+    """The budget the quality guard serves (default configuration) after ``passes`` passes over the
+    ``calibration`` questions, each a refresh that scores the plan it serves (windows of 3 refreshes), starting
+    from ``start``, for the quality ``target``."""
     policy = AdaSkipPolicy(budget=start, warmup=0, refresh_every=1, quality_target=target, guard_step=2, guard_window=3)
     guard = AdaSkipEngine(
         engine.model,
@@ -148,7 +149,7 @@ def guarded_budget(
         store=SQLiteProfileStore(Path(tmp) / f"guard-{len(calibration)}-{id(calibration)}.sqlite"),
     )
     trail = [policy.budget]
-    for item in calibration * 2:
+    for item in calibration * passes:
         guard.generate(rag_messages(item.document, item.question), collection="calibration", max_new_tokens=16)
         state = guard.learner.store.get(guard.fingerprint, "calibration").state
         trail.append(state.get("guard", {}).get("budget", trail[-1]))  # unchanged by a refresh that scored nothing
@@ -223,6 +224,9 @@ def main() -> None:
         "--guard-budget", type=int, default=24, help="the budget the quality guard starts from (0: no guard)"
     )
     parser.add_argument(
+        "--guard-passes", type=int, default=2, help="passes over the calibration questions the guard refreshes on"
+    )
+    parser.add_argument(
         "--guard-target", type=float, default=GUARD_TARGET, help="the quality guard's teacher-forced agreement target"
     )
     parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
@@ -268,7 +272,7 @@ def main() -> None:
                     Profile.from_probes(engine.fingerprint, setting, L, r.prefill_probes, r.stats.prompt_tokens)
                 )
             guard_budget, guard_reason = (
-                guarded_budget(engine, calibration, tmp, args.guard_budget, args.guard_target)
+                guarded_budget(engine, calibration, tmp, args.guard_budget, args.guard_target, args.guard_passes)
                 if args.guard_budget
                 else (0, "quality guard: not run")
             )
