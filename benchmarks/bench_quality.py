@@ -18,11 +18,13 @@ Configurations, each at budgets 4, 8, 12, 16 and 24 sublayers (cumulative: each 
   +evidence r +error, and the r % (5, 10, 20) of the other prompt tokens the tail attends to most recomputed
               through every sublayer before the tail runs (only with --configs)
   +error tail t  +error with the last t (128, 256) prompt tokens protected (only with --configs)
+  default     AdaSkipPolicy()'s defaults: +sink with local attention in the attention sublayers ranked next after
+              the skipped ones; "default +evidence r" adds evidence recompute (both only with --configs)
 
-(AdaSkipPolicy()'s defaults are +sink.) "served (default policy)" is a collection served as users get it: an engine
-with the default policy warms up on the calibration questions through ``collection=``, then answers the evaluation
-questions with the plan it learned (refreshes off); --served adds engines with other policies over the same profile
-(budgets 10 and 12, cost-aware ranking, local attention in the next 8 / 12 / 16 attention sublayers).
+The configurations before "default" run no local attention. "served (default policy)" is a collection served as
+users get it: an engine with the default policy warms up on the calibration questions through ``collection=``,
+then answers the evaluation questions with the plan it learned (refreshes off); --served adds engines with other
+policies over the same profile (other budgets, cost-aware ranking, other local attention counts and windows).
 --probe-check also compares the skip set learned probing every 4th skip request (the default) with the one
 probing every request (two engines, each with its own store).
 and the baselines Early Exit, SkipDecode and Unified Skipping at 4 and 8 layers (8 and 16 sublayers;
@@ -96,20 +98,23 @@ SERVED: dict[str, dict] = {  # a collection served through ``collection=``, with
     "served budget 4 local 24": {"budget": 4, "local_attention": 24},
     "served budget 4 local 24 window 512": {"budget": 4, "local_attention": 24, "local_window": 512},
 }
-PAPER = dict(compensation="scalar", keep_kv=False, tail=0, head=0)
-CONFIGS: dict[str, dict] = {  # cumulative
+PAPER = dict(compensation="scalar", keep_kv=False, tail=0, head=0, local_attention=0)
+SINK = dict(compensation="affine", keep_kv=True, tail=64, head=1, local_attention=0)
+CONFIGS: dict[str, dict] = {  # cumulative, without local attention but in "default" and its variants
     "paper": PAPER,
     "+bias": {**PAPER, "compensation": "bias"},
     "+affine": {**PAPER, "compensation": "affine"},
     "+kv": {**PAPER, "compensation": "affine", "keep_kv": True},
-    "+tail": {"compensation": "affine", "keep_kv": True, "tail": 64, "head": 0},
-    "+sink": {"compensation": "affine", "keep_kv": True, "tail": 64, "head": 1},
-    "+error": {"compensation": "affine", "keep_kv": True, "tail": 64, "head": 1, "rank_by": "error"},
-    "tail 256": {"compensation": "affine", "keep_kv": True, "tail": 256, "head": 1},
+    "+tail": {**SINK, "head": 0},
+    "+sink": SINK,
+    "+error": {**SINK, "rank_by": "error"},
+    "tail 256": {**SINK, "tail": 256},
+    "default": {},
 }
 ERROR = CONFIGS["+error"]
-for _r in (5, 10, 20):  # question-aware evidence recompute of r % of the body, over +error
+for _r in (5, 10, 20):  # question-aware evidence recompute of r % of the body, over +error and over the default
     CONFIGS[f"+evidence {_r}"] = {**ERROR, "recompute": _r / 100}
+    CONFIGS[f"default +evidence {_r}"] = {"recompute": _r / 100}
 for _t in (128, 256):
     CONFIGS[f"+error tail {_t}"] = {**ERROR, "tail": _t}
 DEFAULT_CONFIGS = ("paper", "+bias", "+affine", "+kv", "+tail", "+sink", "+error")
