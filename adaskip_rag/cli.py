@@ -320,7 +320,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--file", type=Path, help="a text file")
     source.add_argument("--squad", metavar="TITLE", help="a built-in SQuAD v2 dev article")
     for p in (ask_p, sub.add_parser("demo", help=f"ask about the built-in article {DEMO_ARTICLE}")):
-        p.add_argument("--budget", type=_count(0), default=8, help="sublayers to skip (default 8)")
+        p.add_argument("--budget", type=_count(0), default=4, help="sublayers to skip (default 4, the policy's)")
         p.add_argument("--max-new-tokens", type=_count(1), default=48)
 
     prof = sub.add_parser("profiles", help="inspect and manage the learned per-collection profiles")
@@ -335,7 +335,9 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("show", "plot"):
         a = actions.add_parser(name, help=f"{name} one collection's profile")
         a.add_argument("collection")
-        a.add_argument("--budget", type=_budget, default=8, help="mark the sublayers skipped at this budget")
+        a.add_argument(
+            "--budget", type=_budget, default=4, help="mark the sublayers skipped at this budget (default 4)"
+        )
         if name == "plot":
             a.add_argument("-o", "--output", type=Path, default=Path("heatmap.png"))
     export = actions.add_parser("export", help="profiles as JSON")

@@ -157,7 +157,7 @@ class AdaSkipPolicy:
     skip, as planned).
     """
 
-    budget: int | float = 8
+    budget: int | float = 4
     warmup: int = 20
     window: int = 20
     refresh_every: int = 10
@@ -176,7 +176,7 @@ class AdaSkipPolicy:
     min_gain: float = 1.05
     long_budget: int | float | None = None
     long_prompt: int = 4096
-    local_attention: int = 16
+    local_attention: int = 24
     local_window: int = 256
 
     def __post_init__(self) -> None:

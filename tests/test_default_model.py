@@ -73,7 +73,7 @@ def test_new_collection_starts_from_the_shipped_profile(default_engine, tmp_path
         default_engine.name,
         store=SQLiteProfileStore(tmp_path / "p.sqlite"),
     )
-    ((doc, question),) = squad_questions(1, paragraphs=4)  # long enough for the default plan to pay
+    ((doc, question),) = squad_questions(1, paragraphs=8)  # long enough for the default plan to pay (~1.3k tokens)
     stats = engine.generate(rag_messages(doc, question), collection="fresh", max_new_tokens=8).stats
     assert stats.profile_source == "shipped" and stats.mode == "skip" and not stats.warming_up
     assert stats.skipped_sublayers == engine.policy.budget
