@@ -19,7 +19,8 @@ Configurations, each at budgets 4, 8, 12, 16 and 24 sublayers (cumulative: each 
               through every sublayer before the tail runs (only with --configs)
   +error tail t  +error with the last t (128, 256) prompt tokens protected (only with --configs)
   default     AdaSkipPolicy()'s defaults: +sink with local attention in the attention sublayers ranked next after
-              the skipped ones; "default +evidence r" adds evidence recompute (both only with --configs)
+              the skipped ones; "default +evidence r" adds evidence recompute, "default tail t" protects the last t
+              (128, 256) prompt tokens (all only with --configs)
 
 The configurations before "default" run no local attention. "served (default policy)" is a collection served as
 users get it: an engine with the default policy warms up on the calibration questions through ``collection=``,
@@ -117,6 +118,7 @@ for _r in (5, 10, 20):  # question-aware evidence recompute of r % of the body, 
     CONFIGS[f"default +evidence {_r}"] = {"recompute": _r / 100}
 for _t in (128, 256):
     CONFIGS[f"+error tail {_t}"] = {**ERROR, "tail": _t}
+    CONFIGS[f"default tail {_t}"] = {"tail": _t}
 DEFAULT_CONFIGS = ("paper", "+bias", "+affine", "+kv", "+tail", "+sink", "+error")
 BUDGETS = (4, 8, 12, 16, 24)
 
