@@ -320,7 +320,12 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--file", type=Path, help="a text file")
     source.add_argument("--squad", metavar="TITLE", help="a built-in SQuAD v2 dev article")
     for p in (ask_p, sub.add_parser("demo", help=f"ask about the built-in article {DEMO_ARTICLE}")):
-        p.add_argument("--budget", type=_count(0), default=4, help="sublayers to skip (default 4, the policy's)")
+        p.add_argument(
+            "--budget",
+            type=_count(0),
+            default=AdaSkipPolicy.budget,
+            help="sublayers to skip (default %(default)s, the policy's)",
+        )
         p.add_argument("--max-new-tokens", type=_count(1), default=48)
 
     prof = sub.add_parser("profiles", help="inspect and manage the learned per-collection profiles")
@@ -336,7 +341,7 @@ def _parser() -> argparse.ArgumentParser:
         a = actions.add_parser(name, help=f"{name} one collection's profile")
         a.add_argument("collection")
         a.add_argument(
-            "--budget", type=_budget, default=4, help="mark the sublayers skipped at this budget (default 4)"
+            "--budget", type=_budget, default=AdaSkipPolicy.budget, help="mark the sublayers skipped at this budget"
         )
         if name == "plot":
             a.add_argument("-o", "--output", type=Path, default=Path("heatmap.png"))

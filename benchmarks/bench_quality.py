@@ -142,7 +142,7 @@ def f1(prediction: str, answers: list[str]) -> float:
 
 
 def guarded_budget(
-    engine: AdaSkipEngine, calibration: list[Item], tmp: str, start: int, target: float, passes: int = 2
+    engine: AdaSkipEngine, calibration: list[Item], tmp: str, start: int, target: float, passes: int
 ) -> tuple[int, str]:
     """The budget the quality guard serves (default configuration) after ``passes`` passes over the
     ``calibration`` questions, each a refresh that scores the plan it serves (windows of 3 refreshes), starting
